@@ -1,0 +1,22 @@
+"""obcache: KV-cache eviction with OBCache output-aware scores for Hugging Face transformers.
+
+    import obcache
+    model, tokenizer = obcache.load_model()          # SmolLM2-135M-Instruct, offline
+    policy = obcache.SnapKV(score="obc-joint", budget=0.1)
+    result = obcache.generate(model, tokenizer, context, question, policy=policy)
+    with policy.attach(model):                        # or evict inside model.generate
+        model.generate(**inputs)
+"""
+
+from obcache.cache import EvictableCache
+from obcache.generation import GenerationResult, generate
+from obcache.loading import load_model, load_tokenizer
+from obcache.policies import H2O, POLICIES, TOVA, Policy, SnapKV, StreamingLLM, make_policy, paper_preset
+from obcache.scores import SCORE_KINDS, saliency
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "EvictableCache", "GenerationResult", "H2O", "POLICIES", "Policy", "SCORE_KINDS", "SnapKV", "StreamingLLM",
+    "TOVA", "generate", "load_model", "load_tokenizer", "make_policy", "paper_preset", "saliency",
+]

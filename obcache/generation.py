@@ -1,0 +1,156 @@
+"""Answer a question about a long context, evicting the cache after prefill.
+
+One readable path: tokenize (context | question), prefill, evict (inside the
+hooks), feed the question if it was not part of the compressed prompt, then
+decode greedily token by token on the shrunken cache.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+
+from obcache.cache import EvictableCache
+from obcache.policies.base import Policy
+
+
+@dataclass
+class GenerationResult:
+    """The answer and what eviction did.
+
+    kept_per_layer: tokens per KV head in each layer right after eviction.
+    cache_bytes_full / cache_bytes_kept: KV bytes before and after eviction.
+    """
+
+    text: str
+    token_ids: list[int]
+    context_tokens: int
+    question_tokens: int
+    kept_per_layer: list[int]
+    cache_bytes_full: int
+    cache_bytes_kept: int
+    prefill_seconds: float
+    eviction_seconds: float
+    decode_seconds: float
+    policy: str = "full cache"
+
+    @property
+    def tokens_seen(self) -> int:
+        """Tokens of the prompt the model saw (context + question)."""
+        return self.context_tokens + self.question_tokens
+
+    def summary(self) -> str:
+        """One line describing the eviction."""
+        kept = self.kept_per_layer[0] if self.kept_per_layer else 0
+        compressed = self.context_tokens if self.cache_bytes_full and kept < self.context_tokens else None
+        ratio = f"{self.cache_bytes_kept / self.cache_bytes_full:.1%}" if self.cache_bytes_full else "100%"
+        what = f"kept {kept}/{compressed} tokens per head" if compressed else "kept all tokens"
+        return (
+            f"{self.policy}: {what}, cache {self.cache_bytes_full / 2**20:.1f} -> {self.cache_bytes_kept / 2**20:.1f} MiB "
+            f"({ratio}); prefill {self.prefill_seconds:.2f}s (eviction {self.eviction_seconds:.3f}s), "
+            f"decode {len(self.token_ids)} tokens in {self.decode_seconds:.2f}s"
+        )
+
+
+def build_prompt(tokenizer, context: str, question: str | None, *, chat_template: bool = True, answer_prefix: str = "") -> tuple[list[int], list[int]]:
+    """Token ids of (context part, question part), split where the question starts.
+
+    With the chat template the context part ends inside the user turn; the
+    question part holds the question, the end of the turn, the assistant header
+    and `answer_prefix`. Both modes (query-aware or not) use the same ids.
+    """
+    question = question or ""
+    separator = "\n\n" if question else ""
+    if chat_template:
+        marker = "\x00OBCACHE_QUESTION\x00"
+        rendered = tokenizer.apply_chat_template(
+            [{"role": "user", "content": context + separator + marker}], tokenize=False, add_generation_prompt=True
+        )
+        head, tail = rendered.split(marker)
+        context_text, question_text = head, question + tail + answer_prefix
+    else:
+        context_text, question_text = context + separator, question + ("\n" + answer_prefix if answer_prefix else "")
+    context_ids = tokenizer(context_text, add_special_tokens=not chat_template)["input_ids"]
+    question_ids = tokenizer(question_text, add_special_tokens=False)["input_ids"] if question_text else []
+    return context_ids, question_ids
+
+
+@torch.no_grad()
+def generate(
+    model,
+    tokenizer,
+    context: str,
+    question: str | None = None,
+    *,
+    policy: Policy | None = None,
+    query_aware: bool = False,
+    max_new_tokens: int = 64,
+    chat_template: bool = True,
+    answer_prefix: str = "",
+) -> GenerationResult:
+    """Prefill `context` (plus `question` if `query_aware`), evict with `policy`, then answer greedily.
+
+    Query-agnostic (default): the question comes after compression, so the kept
+    tokens cannot depend on it (the cache could serve any question).
+    """
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    context_ids, question_ids = build_prompt(tokenizer, context, question, chat_template=chat_template, answer_prefix=answer_prefix)
+    prefill_ids = context_ids + question_ids if query_aware else context_ids
+    rest_ids = [] if query_aware else question_ids
+    if policy is not None:
+        policy.check_prompt([len(prefill_ids)])
+    device = model.device
+    cache = EvictableCache(config=model.config)
+
+    def forward(ids: list[int]) -> torch.Tensor:
+        tensor = torch.tensor([ids], device=device)
+        positions = cache.positions_for(len(ids), device)
+        return model(input_ids=tensor, position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+
+    hooks = policy.attach(model) if policy is not None else nullcontext()
+    with hooks:
+        start = time.perf_counter()
+        logits = forward(prefill_ids)
+        prefill_seconds = time.perf_counter() - start
+        kept_per_layer = cache.kept_tokens()
+        bytes_kept = cache.nbytes()
+        bytes_full = cache.full_bytes or bytes_kept
+        start = time.perf_counter()
+        if rest_ids:
+            logits = forward(rest_ids)
+        eos = _eos_ids(model, tokenizer)
+        generated: list[int] = []
+        for _ in range(max_new_tokens):
+            token = int(logits.argmax(-1))
+            if token in eos:
+                break
+            generated.append(token)
+            if len(generated) == max_new_tokens:
+                break
+            logits = forward([token])
+        decode_seconds = time.perf_counter() - start
+    return GenerationResult(
+        text=tokenizer.decode(generated, skip_special_tokens=True),
+        token_ids=generated,
+        context_tokens=len(context_ids),
+        question_tokens=len(question_ids),
+        kept_per_layer=kept_per_layer,
+        cache_bytes_full=bytes_full,
+        cache_bytes_kept=bytes_kept,
+        prefill_seconds=prefill_seconds,
+        eviction_seconds=cache.eviction_seconds,
+        decode_seconds=decode_seconds,
+        policy=repr(policy) if policy is not None else "full cache",
+    )
+
+
+def _eos_ids(model, tokenizer) -> set[int]:
+    eos = model.generation_config.eos_token_id if model.generation_config is not None else None
+    ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids

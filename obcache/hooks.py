@@ -1,0 +1,115 @@
+"""Attach a policy to a transformers model with forward hooks.
+
+Two hooks, removed on exit:
+
+1. before the decoder's forward: give it an `EvictableCache` (replacing an
+   empty `DynamicCache`), check the prompt (left padding only, long enough for
+   the policy) before any work, and on later calls translate the logical 2-D
+   attention mask to the shorter physical cache and fill in true positions;
+2. after each attention module's prefill forward: rebuild the window queries,
+   let the policy choose the kept tokens, and shrink that layer's cache at once
+   (so the full cache of all layers never coexists with scoring temporaries).
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+
+import torch
+from torch import nn
+from transformers import DynamicCache
+
+from obcache.cache import EvictableCache
+from obcache.models import attention_layers, check_attention_implementation, check_supported_config
+from obcache.policies.base import LayerState, Policy
+
+
+class EvictionHooks:
+    """Context manager returned by `policy.attach(model)`; safe to re-enter."""
+
+    def __init__(self, model: nn.Module, policy: Policy):
+        self.adapter = check_supported_config(model.config)
+        check_attention_implementation(model)
+        self.model = model
+        self.policy = policy
+        self.decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
+        self.attentions = attention_layers(self.decoder)
+        self._signature = inspect.signature(self.decoder.forward)
+        self._handles: list = []
+
+    def __enter__(self) -> "EvictionHooks":
+        self._handles.append(self.decoder.register_forward_pre_hook(self._before_forward, with_kwargs=True))
+        for attention in self.attentions:
+            self._handles.append(attention.register_forward_hook(self._after_attention, with_kwargs=True))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    # -- hook 1: the decoder's forward --
+
+    def _before_forward(self, module, args, kwargs):
+        kwargs = dict(self._signature.bind_partial(*args, **kwargs).arguments)
+        kwargs.update(kwargs.pop("kwargs", {}))
+        inputs = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs.get("inputs_embeds")
+        query_length = inputs.shape[1]
+        cache = kwargs.get("past_key_values")
+        use_cache = kwargs.get("use_cache")
+        if use_cache is None:
+            use_cache = self.model.config.use_cache
+        if cache is None and not use_cache:
+            return (), kwargs
+        if cache is None or (type(cache) is DynamicCache and cache.get_seq_length() == 0):
+            cache = kwargs["past_key_values"] = EvictableCache(config=self.model.config)
+        if not isinstance(cache, EvictableCache):
+            raise TypeError(
+                f"obcache needs an EvictableCache or an empty DynamicCache, got a filled {type(cache).__name__}"
+            )
+        mask = kwargs.get("attention_mask")
+        if mask is not None and mask.ndim != 2:
+            raise ValueError("obcache needs a 2-D attention mask (batch, tokens), not a prepared 4-D mask")
+        if cache.seen_tokens == 0:
+            cache.start(mask)
+            lengths = mask.sum(-1).tolist() if mask is not None else [query_length] * inputs.shape[0]
+            self.policy.check_prompt(lengths)
+        else:
+            kwargs["attention_mask"] = cache.attention_mask_for(mask, query_length)
+            if kwargs.get("position_ids") is None:
+                kwargs["position_ids"] = cache.positions_for(query_length, inputs.device)
+        return (), kwargs
+
+    # -- hook 2: each attention module, after its forward --
+
+    def _after_attention(self, module, args, kwargs, output):
+        cache = kwargs.get("past_key_values")
+        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        layer_idx = module.layer_idx
+        if not isinstance(cache, EvictableCache) or layer_idx in cache.evicted_layers:
+            return
+        layer_cache = cache.layers[layer_idx]
+        if layer_cache.get_seq_length() != hidden.shape[1]:
+            return  # not the forward that filled this layer: nothing to evict
+        start = time.perf_counter()
+        cos, sin = kwargs["position_embeddings"]
+
+        def queries(first: int, last: int) -> torch.Tensor:
+            return self.adapter.queries(module, hidden[:, first:last], cos[:, first:last], sin[:, first:last])
+
+        state = LayerState(
+            keys=layer_cache.keys,
+            values=layer_cache.values,
+            scaling=module.scaling,
+            query_heads=module.config.num_attention_heads,
+            key_mask=cache.prompt_mask,
+            queries=queries,
+        )
+        with torch.no_grad():
+            indices = self.policy.select(state)
+        if indices is None:
+            cache.mark_kept_all(layer_idx)
+        else:
+            cache.keep(layer_idx, indices)
+        cache.eviction_seconds += time.perf_counter() - start

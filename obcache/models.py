@@ -1,0 +1,99 @@
+"""Model-family adapters: how to rebuild an attention layer's queries.
+
+Eviction needs the post-RoPE queries of a window of prompt positions. They are
+not kept by the model, so they are recomputed from the attention module's input
+hidden states, exactly as the module's own forward does it. Each supported
+family registers one small adapter here; nothing else in the library knows
+about model classes.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+
+class UnsupportedModelError(ValueError):
+    """The model's family or attention layout cannot be evicted by obcache."""
+
+
+@dataclass(frozen=True)
+class FamilyAdapter:
+    """How one model family computes its queries.
+
+    `query_norm` is the name of a per-head norm applied to queries before RoPE
+    (Qwen3's `q_norm`), or None.
+    """
+
+    query_norm: str | None = None
+
+    def queries(
+        self, attention: nn.Module, hidden_states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> torch.Tensor:
+        """Post-RoPE queries [B, Hq, W, d] of hidden states [B, W, hidden]."""
+        batch, width, _ = hidden_states.shape
+        q = attention.q_proj(hidden_states).view(batch, width, -1, attention.head_dim)
+        if self.query_norm is not None:
+            q = getattr(attention, self.query_norm)(q)
+        q = q.transpose(1, 2)
+        rotate = _rotary_function(attention)
+        q, _ = rotate(q, q, cos, sin)
+        return q
+
+
+FAMILIES: dict[str, FamilyAdapter] = {
+    "llama": FamilyAdapter(),
+    "mistral": FamilyAdapter(),
+    "qwen2": FamilyAdapter(),
+    "qwen3": FamilyAdapter(query_norm="q_norm"),
+}
+
+
+def _rotary_function(attention: nn.Module) -> Callable:
+    """The model file's own `apply_rotary_pos_emb`, so RoPE variants stay exact."""
+    module = sys.modules[type(attention).__module__]
+    return module.apply_rotary_pos_emb
+
+
+def check_supported_config(config) -> FamilyAdapter:
+    """Return the family adapter for a transformers config, or raise a clear error.
+
+    Rejected: families without an adapter, and models with sliding-window
+    attention layers (their cache drops tokens on its own).
+    """
+    text_config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    model_type = getattr(text_config, "model_type", None)
+    if model_type not in FAMILIES:
+        raise UnsupportedModelError(
+            f"model family {model_type!r} is not supported; supported families: {', '.join(sorted(FAMILIES))}"
+        )
+    layer_types = getattr(text_config, "layer_types", None) or []
+    if any(kind != "full_attention" for kind in layer_types) or (
+        not layer_types and getattr(text_config, "sliding_window", None) is not None
+    ):
+        raise UnsupportedModelError(
+            f"{model_type} model with sliding-window attention layers is not supported; "
+            "obcache evicts full-attention caches only (set sliding_window=None / use_sliding_window=False)"
+        )
+    return FAMILIES[model_type]
+
+
+def attention_layers(model: nn.Module) -> list[nn.Module]:
+    """The self-attention modules of a decoder model, in layer order."""
+    layers = [m for m in model.modules() if hasattr(m, "q_proj") and hasattr(m, "layer_idx")]
+    if not layers:
+        raise UnsupportedModelError(f"no attention layers with q_proj/layer_idx found in {type(model).__name__}")
+    return sorted(layers, key=lambda m: m.layer_idx)
+
+
+def check_attention_implementation(model: nn.Module) -> None:
+    """Only attention implementations that take the standard 4-D/2-D masks are supported."""
+    implementation = model.config._attn_implementation
+    if implementation not in ("sdpa", "eager"):
+        raise UnsupportedModelError(
+            f"attention implementation {implementation!r} is not supported; use 'sdpa' (default) or 'eager'"
+        )

@@ -1,0 +1,63 @@
+"""H2O: heavy hitters plus recent tokens (Zhang et al., 2023, arXiv 2306.14048).
+
+Scores are accumulated over the last `window` prompt queries (or, with
+`full_history`, over every prompt query, computed in query chunks so that no
+L x L matrix is ever formed); the last `window` tokens are always kept.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from obcache.policies.base import LayerState, Policy, _check_count
+from obcache.scores import saliency
+
+
+@dataclass
+class H2O(Policy):
+    """H2O with any score. window: query window and protected recent tokens.
+
+    chunk_elements bounds each chunk's [B, Hq, chunk, L] score temporaries in
+    the full-history mode.
+    """
+
+    name: ClassVar[str] = "h2o"
+    window: int = 16
+    full_history: bool = False
+    chunk_elements: int = 1 << 21
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_count("window", self.window, minimum=1)
+        _check_count("chunk_elements", self.chunk_elements, minimum=1)
+
+    @property
+    def window_protected(self) -> int:
+        return self.window
+
+    @property
+    def min_context(self) -> int:
+        return self.window
+
+    def token_scores(self, layer: LayerState) -> torch.Tensor:
+        length = layer.length
+        if not self.full_history:
+            return saliency(
+                layer.queries(length - self.window, length), layer.keys, layer.values, self.score,
+                scaling=layer.scaling, key_mask=layer.key_mask,
+            )
+        batch, kv_heads = layer.keys.shape[:2]
+        chunk = max(1, self.chunk_elements // (batch * layer.query_heads * length))
+        total = torch.zeros(batch, kv_heads, length, device=layer.keys.device)
+        for start in range(0, length, chunk):
+            # Queries start..end-1 see keys 0..end-1: they are the last of keys[:end].
+            end = min(length, start + chunk)
+            mask = layer.key_mask[:, :end] if layer.key_mask is not None else None
+            total[..., :end] += saliency(
+                layer.queries(start, end), layer.keys[:, :, :end], layer.values[:, :, :end], self.score,
+                scaling=layer.scaling, key_mask=mask,
+            )
+        return total

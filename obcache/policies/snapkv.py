@@ -1,0 +1,61 @@
+"""SnapKV: an observation window votes for the prefix (Li et al., 2024, arXiv 2404.14469).
+
+The last `window` prompt queries score the tokens before them; the scores are
+pooled over neighbouring positions (1-D max-pool, kernel 7, by default) so that
+whole spans survive; the window itself is always kept.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from obcache.policies.base import LayerState, Policy, _check_count
+from obcache.scores import saliency
+
+POOLINGS = ("max", "avg", "none")
+
+
+@dataclass
+class SnapKV(Policy):
+    """SnapKV with any score. pooling: "max" | "avg" | "none" over `kernel` positions (odd)."""
+
+    name: ClassVar[str] = "snapkv"
+    window: int = 16
+    pooling: str = "max"
+    kernel: int = 7
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_count("window", self.window, minimum=1)
+        _check_count("kernel", self.kernel, minimum=1)
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"unknown pooling {self.pooling!r}; allowed: {', '.join(POOLINGS)}")
+        if self.kernel % 2 == 0:
+            raise ValueError(f"kernel must be odd so pooling keeps positions aligned, got {self.kernel}")
+
+    @property
+    def window_protected(self) -> int:
+        return self.window
+
+    @property
+    def min_context(self) -> int:
+        return self.window
+
+    def token_scores(self, layer: LayerState) -> torch.Tensor:
+        length = layer.length
+        scores = saliency(
+            layer.queries(length - self.window, length), layer.keys, layer.values, self.score,
+            scaling=layer.scaling, key_mask=layer.key_mask,
+        )
+        prefix = scores[..., : length - self.window]
+        if self.pooling == "none" or prefix.shape[-1] == 0:
+            return scores
+        batch, kv_heads, width = prefix.shape
+        flat = prefix.reshape(batch * kv_heads, 1, width)
+        pool = F.max_pool1d if self.pooling == "max" else F.avg_pool1d
+        pooled = pool(flat, self.kernel, stride=1, padding=self.kernel // 2).view(batch, kv_heads, width)
+        return torch.cat([pooled, scores[..., length - self.window :]], dim=-1)

@@ -1,0 +1,29 @@
+"""TOVA: token omission via attention (Oren et al., 2024, arXiv 2401.06104).
+
+Tokens are scored by the last prompt query alone; nothing is protected beyond
+optional sinks, so the whole budget goes to the scored tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from obcache.policies.base import LayerState, Policy
+from obcache.scores import saliency
+
+
+@dataclass
+class TOVA(Policy):
+    """TOVA with any score: the window is the last query."""
+
+    name: ClassVar[str] = "tova"
+
+    def token_scores(self, layer: LayerState) -> torch.Tensor:
+        length = layer.length
+        return saliency(
+            layer.queries(length - 1, length), layer.keys, layer.values, self.score,
+            scaling=layer.scaling, key_mask=layer.key_mask,
+        )

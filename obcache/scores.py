@@ -1,0 +1,253 @@
+"""Per-token saliency scores for KV-cache eviction (OBCache, arXiv 2510.07651).
+
+One layer at a time: given the post-RoPE queries of a window of W prompt
+positions and the cached keys/values of L positions, score every cached token
+of every KV head (higher = more important = keep). With, per query head,
+z_ip = scaling * q_i.k_p (causal), A_ip = softmax_p(z_ip), o_i = sum_p A_ip v_p:
+
+    attention      sum_i A_ip
+    obc-value      sum_i A_ip^2 ||v_p||^2
+    obc-key        sum_i A_ip^2 z_ip^2 ||v_p - o_i||^2
+    obc-joint      sum_i A_ip^2 ||(1 + z_ip) v_p - z_ip o_i||^2
+    exact-removal  sum_i A_ip^2 ||v_p - o_i||^2 / (1 - A_ip)^2   (extension, not OBCache)
+
+The OBCache scores are the squared first-order change of the window's
+attention outputs when the token's value row, key row or both are zeroed
+(Optimal Brain Damage with the Gauss-Newton Hessian); `exact-removal` is the
+exact squared output change of deleting the token (softmax renormalised).
+A KV head's score sums over the W queries and the G query heads sharing it.
+Pure torch; costs O(G*W*L*d) per KV head and never builds an L x L matrix
+(unless W = L).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+SCORE_KINDS: dict[str, str] = {
+    "attention": "attention received, sum_i A_ip (the H2O / TOVA / SnapKV baseline)",
+    "obc-value": "OBCache, value row pruned: sum_i A_ip^2 ||v_p||^2",
+    "obc-key": "OBCache, key row pruned: sum_i A_ip^2 z_ip^2 ||v_p - o_i||^2",
+    "obc-joint": "OBCache, key and value rows pruned: sum_i A_ip^2 ||(1+z_ip) v_p - z_ip o_i||^2",
+    "exact-removal": "extension (not OBCache): exact output change of deleting the token, "
+    "sum_i A_ip^2 ||v_p - o_i||^2 / (1-A_ip)^2",
+}
+
+#: Lower clamp of 1 - A_ip in the `exact-removal` score.
+EXACT_REMOVAL_EPS = 1e-6
+
+
+def check_score_kind(kind: str) -> str:
+    """Return `kind` if it names a score in SCORE_KINDS, else raise ValueError listing them."""
+    if not isinstance(kind, str) or kind not in SCORE_KINDS:
+        raise ValueError(f"unknown score kind {kind!r}; allowed kinds: {', '.join(SCORE_KINDS)}")
+    return kind
+
+
+def saliency(
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    kind: str,
+    *,
+    scaling: float,
+    query_positions: torch.Tensor | Sequence[int] | None = None,
+    key_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Score each cached token of each KV head; float32 [B, Hkv, L].
+
+    queries: [B, Hq, W, d] post-RoPE window queries; query head h uses KV head
+        h // G with G = Hq // Hkv (transformers' repeat_kv layout).
+    keys: [B, Hkv, L, d] post-RoPE; values: [B, Hkv, L, dv].
+    kind: a key of SCORE_KINDS (formulas in the module docstring).
+    scaling: the attention module's logit scale, z = scaling * q.k.
+    query_positions: [W] integer positions in [0, L); query j sees keys p <= its
+        position. Default: the last W positions (L - W + j).
+    key_mask: [B, L] bool (or 0/1 integer); False marks padding keys, never attended.
+
+    Computed in float32 whatever the input dtype. Returns, per KV head, the sum
+    over the W queries and its G query heads. Keys that no window query can see
+    score exactly 0. For `exact-removal`, a query's only visible key contributes
+    ||v_p||^2 / EXACT_REMOVAL_EPS^2 (deleting it empties the softmax).
+    """
+    check_score_kind(kind)
+    batch, heads_kv, group, width, length = _check_shapes(queries, keys, values)
+    if isinstance(scaling, bool) or not isinstance(scaling, (int, float)) or not math.isfinite(scaling):
+        raise ValueError(f"scaling must be a finite number, got {scaling!r}")
+    device = keys.device
+    positions = _check_positions(query_positions, width, length, device)
+    key_mask = _check_key_mask(key_mask, batch, length, device)
+
+    # Keys < lo are visible to every query, keys >= hi to none: mask only [lo, hi).
+    if positions is None:
+        lo, hi = length - width + 1, length
+        positions = torch.arange(length - width, length, device=device)
+    else:
+        lo, hi = (int(x) + 1 for x in torch.stack([positions.min(), positions.max()]).tolist())
+    if key_mask is not None:
+        if bool(key_mask[:, :hi].all()):
+            key_mask = None
+        else:
+            lo = 0
+    columns = torch.arange(lo, hi, device=device)
+    visible = (columns[None, :] <= positions[:, None]).unsqueeze(0)  # [1, W, hi - lo]
+    if key_mask is not None:
+        visible = visible & key_mask[:, None, lo:hi]  # [B, W, hi - lo]
+    hidden = ~visible[:, None, None]  # broadcasts over [B, Hkv, G, W, hi - lo]
+
+    rows = group * width
+    f32 = torch.float32
+    q = queries.to(f32).reshape(batch, heads_kv, rows, -1) * scaling  # [B, Hkv, G*W, d]
+    k = keys[:, :, :hi].to(f32)  # [B, Hkv, hi, d]
+    v = values[:, :, :hi].to(f32)  # [B, Hkv, hi, dv]
+
+    z = torch.matmul(q, k.transpose(-1, -2))  # [B, Hkv, G*W, hi] logits
+    z_masked = z.view(batch, heads_kv, group, width, hi)[..., lo:hi]
+    z_masked.masked_fill_(hidden, float("-inf"))
+    weights = torch.softmax(z, dim=-1)  # A
+    if key_mask is not None:
+        empty = ~visible.any(-1)  # [B, W]: queries that see no key at all (NaN rows)
+        if bool(empty.any()):
+            weights.view(batch, heads_kv, group, width, hi).masked_fill_(empty[:, None, None, :, None], 0.0)
+
+    if kind == "attention":
+        return _pad(weights.sum(-2), length)
+
+    value_norms = v.square().sum(-1)  # [B, Hkv, hi]
+    if kind == "obc-value":
+        return _pad(weights.square_().sum(-2).mul_(value_norms), length)
+
+    outputs = torch.matmul(weights, v)  # [B, Hkv, G*W, dv] o_i
+    output_norms = outputs.square().sum(-1)  # [B, Hkv, G*W]
+
+    if kind == "obc-joint":
+        # ||a v_p - y o_i||^2 with y = A z, a = A (1 + z):
+        # S_p = ||v_p||^2 sum_i a^2 - 2 v_p . sum_i a y o_i + sum_i y^2 ||o_i||^2
+        z_masked.masked_fill_(hidden, 0.0)
+        y = z.mul_(weights)
+        a = weights.add_(y)
+        ay = a * y
+        scores = a.square_().sum(-2).mul_(value_norms)
+        scores += _rowdot(torch.matmul(ay.transpose(-1, -2), outputs.mul_(-2.0)), v)
+        del ay
+        scores += torch.matmul(output_norms.unsqueeze(-2), y.square_()).squeeze(-2)
+        return _pad(scores.clamp_min_(0.0), length)
+
+    if kind == "obc-key":
+        z_masked.masked_fill_(hidden, 0.0)
+        coefficient = z.mul_(weights)  # y = A z
+    else:  # exact-removal
+        del z
+        denominator = torch.rsub(weights, 1.0).clamp_min_(EXACT_REMOVAL_EPS)
+        coefficient = weights.div_(denominator)  # A / (1 - A)
+        del denominator
+    # sum_i c^2 ||v_p - o_i||^2 = sum_i c^2 (||v_p||^2 - 2 <v_p, o_i> + ||o_i||^2), one matmul:
+    # [sum_i c^2 (-2 o_i), sum_i c^2, sum_i c^2 ||o_i||^2] . [v_p, ||v_p||^2, 1]
+    ones = torch.ones_like(output_norms).unsqueeze(-1)
+    right = torch.cat([outputs.mul_(-2.0), ones, output_norms.unsqueeze(-1)], dim=-1)
+    left = torch.cat([v, value_norms.unsqueeze(-1), torch.ones_like(value_norms).unsqueeze(-1)], dim=-1)
+    scores = _rowdot(torch.matmul(coefficient.square_().transpose(-1, -2), right), left)
+    if kind == "exact-removal":
+        _add_sole_key_scores(scores, value_norms, positions, key_mask, group)
+    return _pad(scores.clamp_min_(0.0), length)
+
+
+def _rowdot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Row-wise dot product over the last dimension: [..., n, m] x [..., n, m] -> [..., n]."""
+    return (x * y).sum(-1)
+
+
+def _pad(scores: torch.Tensor, length: int) -> torch.Tensor:
+    """Zero-extend [B, Hkv, hi] scores to [B, Hkv, L] (keys after every query)."""
+    if scores.shape[-1] == length:
+        return scores
+    out = scores.new_zeros(*scores.shape[:-1], length)
+    out[..., : scores.shape[-1]] = scores
+    return out
+
+
+def _add_sole_key_scores(
+    scores: torch.Tensor,
+    value_norms: torch.Tensor,
+    positions: torch.Tensor,
+    key_mask: torch.Tensor | None,
+    group: int,
+) -> None:
+    """exact-removal: add ||v_p||^2 / eps^2 per query head whose only visible key is p (in place).
+
+    scores, value_norms: [B, Hkv, hi]; positions: [W]; key_mask: [B, L] or None.
+    """
+    if key_mask is None:
+        count = (positions == 0).sum().to(scores.dtype).expand(scores.shape[0])  # [B]
+        first = torch.zeros(scores.shape[0], dtype=torch.long, device=scores.device)
+    else:
+        seen = key_mask.to(torch.int32).cumsum(-1)[:, positions]  # [B, W] visible keys per query
+        count = (seen == 1).sum(-1).to(scores.dtype)
+        first = key_mask.to(torch.int32).argmax(-1)  # the only visible key of those queries
+    index = first[:, None, None].expand(-1, scores.shape[1], 1)
+    extra = value_norms.gather(-1, index) * (count * group / EXACT_REMOVAL_EPS**2)[:, None, None]
+    scores.scatter_add_(-1, index, extra)
+
+
+def _check_shapes(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> tuple[int, int, int, int, int]:
+    """Validate shapes and dtypes; return (B, Hkv, G, W, L)."""
+    for name, tensor in (("queries", queries), ("keys", keys), ("values", values)):
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+        if tensor.dim() != 4:
+            raise ValueError(f"{name} must be 4-D [batch, heads, tokens, head_dim], got shape {tuple(tensor.shape)}")
+        if not tensor.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point tensor, got {tensor.dtype}")
+    batch, heads_q, width, dim = queries.shape
+    _, heads_kv, length, key_dim = keys.shape
+    if keys.shape[0] != batch or values.shape[0] != batch:
+        raise ValueError(
+            f"batch sizes differ: queries {batch}, keys {keys.shape[0]}, values {values.shape[0]}"
+        )
+    if values.shape[:3] != keys.shape[:3]:
+        raise ValueError(
+            f"values {tuple(values.shape)} must match keys {tuple(keys.shape)} in batch, heads and length"
+        )
+    if key_dim != dim:
+        raise ValueError(f"head_dim mismatch: queries have {dim}, keys have {key_dim}")
+    if heads_kv == 0 or heads_q % heads_kv != 0 or heads_q == 0:
+        raise ValueError(f"query heads ({heads_q}) must be a positive multiple of KV heads ({heads_kv})")
+    if width == 0:
+        raise ValueError("the query window is empty (W = 0)")
+    return batch, heads_kv, heads_q // heads_kv, width, length
+
+
+def _check_positions(
+    query_positions: torch.Tensor | Sequence[int] | None, width: int, length: int, device: torch.device
+) -> torch.Tensor | None:
+    """Validate query positions; None means the default last-W window (needs W <= L)."""
+    if query_positions is None:
+        if width > length:
+            raise ValueError(f"window of {width} queries is longer than the {length} cached keys")
+        return None
+    positions = torch.as_tensor(query_positions, device=device)
+    if positions.dtype == torch.bool or positions.is_floating_point() or positions.is_complex():
+        raise ValueError(f"query_positions must be integers, got {positions.dtype}")
+    if positions.shape != (width,):
+        raise ValueError(f"query_positions must have shape ({width},), got {tuple(positions.shape)}")
+    positions = positions.long()
+    low, high = torch.stack([positions.min(), positions.max()]).tolist()
+    if low < 0 or high >= length:
+        raise ValueError(f"query_positions must lie in [0, {length - 1}], got range [{low}, {high}]")
+    return positions
+
+
+def _check_key_mask(key_mask: torch.Tensor | None, batch: int, length: int, device: torch.device) -> torch.Tensor | None:
+    """Validate a [B, L] keep mask (bool or 0/1 integers); return it as bool."""
+    if key_mask is None:
+        return None
+    if not isinstance(key_mask, torch.Tensor):
+        raise TypeError(f"key_mask must be a torch.Tensor, got {type(key_mask).__name__}")
+    if key_mask.shape != (batch, length):
+        raise ValueError(f"key_mask must have shape ({batch}, {length}), got {tuple(key_mask.shape)}")
+    if key_mask.is_floating_point() or key_mask.is_complex():
+        raise ValueError(f"key_mask must be bool (True = real token), got {key_mask.dtype}")
+    return key_mask.to(device=device, dtype=torch.bool)

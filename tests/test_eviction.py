@@ -1,0 +1,282 @@
+"""Eviction on real transformers models (tiny random weights): cache, positions, padding, families."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+from transformers import AttentionInterface, DynamicCache
+
+from obcache import H2O, TOVA, EvictableCache, SnapKV, StreamingLLM
+from obcache.policies.base import LayerState
+from tests.conftest import tiny_model
+
+PROMPT_LENGTH = 40
+
+
+def prompt(batch: int = 1, length: int = PROMPT_LENGTH, seed: int = 1) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(1, 512, (batch, length), generator=generator)
+
+
+@dataclass
+class Recording(SnapKV):
+    """SnapKV that remembers what it saw and chose, per layer."""
+
+    chosen: list = field(default_factory=list, repr=False)
+    states: list = field(default_factory=list, repr=False)
+
+    def select(self, layer: LayerState):
+        indices = super().select(layer)
+        self.states.append(layer)
+        self.chosen.append(indices)
+        return indices
+
+
+# ---------------------------------------------------------------- the cache shrinks
+
+
+@pytest.mark.parametrize("budget,kept", [(0.25, 10), (13, 13)])
+def test_cache_shrinks_to_budget_per_kv_head(budget, kept):
+    model = tiny_model()
+    cache = EvictableCache(config=model.config)
+    with SnapKV(budget=budget, window=4, score="obc-joint").attach(model), torch.no_grad():
+        model(input_ids=prompt(), past_key_values=cache)
+    assert cache.kept_tokens() == [kept, kept]
+    for layer in cache.layers:
+        assert layer.keys.shape == (1, 2, kept, 8)  # 2 KV heads: never repeated to the 6 query heads
+        assert layer.values.shape == (1, 2, kept, 8)
+        # a compact copy, not a view of the full-length storage: the memory is released
+        assert layer.keys.untyped_storage().nbytes() == layer.keys.nbytes
+    assert cache.full_bytes == 2 * 2 * (1 * 2 * PROMPT_LENGTH * 8 * 4)
+    assert cache.nbytes() == cache.full_bytes * kept // PROMPT_LENGTH
+    assert cache.seen_tokens == PROMPT_LENGTH
+
+
+def test_kept_positions_are_sorted_and_protect_window_and_sinks():
+    model = tiny_model()
+    policy = Recording(budget=12, window=5, sinks=2, score="obc-key")
+    with policy.attach(model), torch.no_grad():
+        model(input_ids=prompt(batch=2))
+    for indices in policy.chosen:
+        assert indices.shape == (2, 2, 12)
+        assert torch.equal(indices, indices.sort(-1).values)
+        for position in [0, 1, *range(PROMPT_LENGTH - 5, PROMPT_LENGTH)]:
+            assert (indices == position).any(-1).all()
+
+
+def test_streaming_llm_keeps_sinks_and_most_recent():
+    model = tiny_model()
+    with torch.no_grad():
+        full = model(input_ids=prompt(), use_cache=True).past_key_values  # no hooks: the full cache
+    cache = EvictableCache(config=model.config)
+    with StreamingLLM(budget=10, sinks=4).attach(model), torch.no_grad():
+        model(input_ids=prompt(), past_key_values=cache)
+    expected = torch.tensor([0, 1, 2, 3, *range(PROMPT_LENGTH - 6, PROMPT_LENGTH)])
+    for layer, full_layer in zip(cache.layers, full.layers):
+        torch.testing.assert_close(layer.keys, full_layer.keys[:, :, expected], rtol=0, atol=0)
+        torch.testing.assert_close(layer.values, full_layer.values[:, :, expected], rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------- queries, scaling, normalisation
+
+
+def test_recomputed_window_queries_reproduce_the_layer_output(family):
+    """softmax(scaling * q k^T) v of the policy's view equals the module's own attention output."""
+    model = tiny_model(family)
+    for attention in model.model.layers:
+        attention.self_attn.scaling = 0.37  # the module's own scaling must be used, not 1/sqrt(d)
+    captured = {}
+
+    def capture(module, args):
+        captured[module] = args[0].detach()
+
+    handles = [layer.self_attn.o_proj.register_forward_pre_hook(capture) for layer in model.model.layers]
+    policy = Recording(budget=1.0, window=6)
+    with policy.attach(model), torch.no_grad():
+        model(input_ids=prompt(), past_key_values=EvictableCache(config=model.config))
+    for handle in handles:
+        handle.remove()
+    # budget 1.0 keeps all: select returns None but the layer states were recorded
+    for layer, state in zip(model.model.layers, policy.states):
+        q = state.queries(PROMPT_LENGTH - 6, PROMPT_LENGTH).double()  # [1, 6, 6, 8]
+        k = state.keys.double().repeat_interleave(3, dim=1)
+        v = state.values.double().repeat_interleave(3, dim=1)
+        logits = 0.37 * q @ k.transpose(-1, -2)
+        causal = torch.arange(PROMPT_LENGTH)[None, :] > torch.arange(PROMPT_LENGTH - 6, PROMPT_LENGTH)[:, None]
+        out = logits.masked_fill(causal, float("-inf")).softmax(-1) @ v  # [1, Hq, 6, d]
+        actual = captured[layer.self_attn.o_proj][:, -6:].view(1, 6, 6, 8).transpose(1, 2)
+        torch.testing.assert_close(out.float(), actual, atol=1e-5, rtol=1e-4)
+
+
+# ---------------------------------------------------------------- generation
+
+
+def greedy(model, ids, steps, attention_mask=None):
+    return model.generate(
+        input_ids=ids, attention_mask=attention_mask, max_new_tokens=steps, do_sample=False, pad_token_id=0
+    )
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_full_budget_generation_matches_plain_generate(family, attn):
+    model = tiny_model(family, attn=attn)
+    ids = prompt()
+    plain = greedy(model, ids, 8)
+    with SnapKV(budget=1.0, window=4, score="obc-joint").attach(model):
+        hooked = greedy(model, ids, 8)
+    assert torch.equal(plain, hooked)
+
+
+def test_hooks_are_removed_on_exit():
+    model = tiny_model()
+    with H2O(budget=5, window=2).attach(model):
+        pass
+    out = model(input_ids=prompt(), use_cache=True)
+    assert type(out.past_key_values) is DynamicCache
+    assert out.past_key_values.get_seq_length() == PROMPT_LENGTH
+
+
+def masked_reference(model, ids, chosen, steps):
+    """Greedy decoding with the FULL cache, masking (per KV head) the prompt tokens eviction dropped.
+
+    Uses a hand-written attention function, so it shares no code with obcache's cache or positions.
+    """
+    prompt_length = ids.shape[1]
+    drop = []
+    for indices in chosen:
+        keep = torch.zeros(indices.shape[0], indices.shape[1], prompt_length, dtype=torch.bool)
+        keep.scatter_(-1, indices, True)
+        drop.append(~keep)
+
+    def attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+        groups = query.shape[1] // key.shape[1]
+        q_len, kv_len = query.shape[2], key.shape[2]
+        logits = scaling * query @ key.repeat_interleave(groups, 1).transpose(-1, -2)
+        future = torch.arange(kv_len)[None, :] > (torch.arange(q_len) + kv_len - q_len)[:, None]
+        mask = future[None, None].expand(logits.shape).clone()
+        if kv_len > prompt_length:  # decoding: the evicted prompt tokens are invisible
+            dropped = drop[module.layer_idx].repeat_interleave(groups, 1)[:, :, None, :]
+            mask[..., :prompt_length] |= dropped
+        weights = logits.masked_fill(mask, float("-inf")).softmax(-1)
+        return (weights @ value.repeat_interleave(groups, 1)).transpose(1, 2).contiguous(), None
+
+    AttentionInterface.register("obcache_masked_reference", attention)
+    original = model.config._attn_implementation
+    model.set_attn_implementation("obcache_masked_reference")
+    try:
+        return greedy(model, ids, steps), model(input_ids=greedy(model, ids, steps)).logits[:, -steps - 1 : -1]
+    finally:
+        model.set_attn_implementation(original)
+
+
+def test_tokens_after_eviction_get_true_positions(family):
+    """Evicted cache + true positions == full cache with the dropped tokens masked out."""
+    model = tiny_model(family)
+    ids = prompt()
+    policy = Recording(budget=12, window=4, score="obc-joint")
+    with policy.attach(model):
+        evicted = model.generate(
+            input_ids=ids, max_new_tokens=6, do_sample=False, pad_token_id=0,
+            output_scores=True, return_dict_in_generate=True,
+        )
+    reference_tokens, _ = masked_reference(model, ids, policy.chosen, 6)
+    assert torch.equal(evicted.sequences, reference_tokens)
+
+
+def test_evicted_logits_match_masked_reference_step_by_step():
+    model = tiny_model()
+    ids = prompt()
+    policy = Recording(budget=10, window=4, score="obc-value")
+    cache = EvictableCache(config=model.config)
+    steps, tokens, logits = 5, [], []
+    with policy.attach(model), torch.no_grad():
+        out = model(input_ids=ids, past_key_values=cache, logits_to_keep=1)
+        for _ in range(steps):
+            token = out.logits[:, -1].argmax(-1, keepdim=True)
+            tokens.append(token)
+            out = model(input_ids=token, past_key_values=cache)  # positions filled in by the hooks
+            logits.append(out.logits[:, -1])
+    assert cache.seen_tokens == PROMPT_LENGTH + steps
+    assert cache.kept_tokens() == [10 + steps] * 2
+    reference_tokens, _ = masked_reference(model, ids, policy.chosen, steps)
+    assert torch.equal(torch.cat(tokens, 1), reference_tokens[:, PROMPT_LENGTH:])
+
+
+def test_left_padded_batch_matches_rows_alone(family):
+    model = tiny_model(family)
+    long, short = prompt(length=PROMPT_LENGTH, seed=2)[0], prompt(length=PROMPT_LENGTH - 9, seed=3)[0]
+    ids = torch.stack([long, torch.cat([torch.zeros(9, dtype=torch.long), short])])
+    mask = torch.ones_like(ids)
+    mask[1, :9] = 0
+    # full budget: identical to plain generate on the padded batch
+    plain = greedy(model, ids, 6, mask)
+    with H2O(budget=1.0, window=4, score="obc-key").attach(model):
+        assert torch.equal(greedy(model, ids, 6, mask), plain)
+    # real eviction: each row as if alone (same token budget)
+    policy = H2O(budget=14, window=4, score="obc-joint")
+    with policy.attach(model):
+        batched = greedy(model, ids, 6, mask)
+        alone_long = greedy(model, long[None], 6)
+        alone_short = greedy(model, short[None], 6)
+    assert torch.equal(batched[0, PROMPT_LENGTH:], alone_long[0, PROMPT_LENGTH:])
+    assert torch.equal(batched[1, PROMPT_LENGTH:], alone_short[0, PROMPT_LENGTH - 9 :])
+
+
+def test_padding_is_never_kept_over_real_tokens():
+    model = tiny_model()
+    ids = prompt(batch=2)
+    mask = torch.ones_like(ids)
+    mask[1, :30] = 0  # row 1 has only 10 real tokens, fewer than the budget
+    policy = Recording(budget=14, window=4, score="attention")
+    cache = EvictableCache(config=model.config)
+    with policy.attach(model), torch.no_grad():
+        model(input_ids=ids, attention_mask=mask, past_key_values=cache)
+    for indices in policy.chosen:
+        row = indices[1]  # [Hkv, 14]: the 10 real tokens (30..39) + 4 padding slots first
+        assert torch.equal(row[:, 4:], torch.arange(30, 40).expand(2, -1))
+    assert torch.equal(cache.slot_mask[1], torch.tensor([False] * 4 + [True] * 10))
+
+
+def test_tova_and_h2o_full_history_run_on_every_family(family):
+    model = tiny_model(family)
+    for policy in (TOVA(budget=8, score="obc-joint"), H2O(budget=8, window=2, full_history=True, chunk_elements=64)):
+        cache = EvictableCache(config=model.config)
+        with policy.attach(model), torch.no_grad():
+            model(input_ids=prompt(), past_key_values=cache)
+        assert cache.kept_tokens() == [8, 8]
+
+
+# ---------------------------------------------------------------- bad input, before any work
+
+
+def test_right_padding_is_rejected_before_work():
+    model = tiny_model()
+    ids = prompt(batch=2)
+    mask = torch.ones_like(ids)
+    mask[1, -5:] = 0
+    with H2O(budget=10, window=2).attach(model), pytest.raises(ValueError, match="left padding"):
+        model(input_ids=ids, attention_mask=mask)
+
+
+def test_context_shorter_than_window_is_rejected():
+    model = tiny_model()
+    with SnapKV(budget=0.5, window=64).attach(model), pytest.raises(ValueError, match="shorter than the policy's query window"):
+        model(input_ids=prompt())
+
+
+def test_budget_below_protected_tokens_is_rejected():
+    model = tiny_model()
+    with SnapKV(budget=3, window=8).attach(model), pytest.raises(ValueError, match="protected"):
+        model(input_ids=prompt())
+
+
+def test_unsupported_model_family_is_rejected():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from obcache.models import UnsupportedModelError
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50))
+    with pytest.raises(UnsupportedModelError, match="llama, mistral, qwen2, qwen3"):
+        SnapKV().attach(model)
