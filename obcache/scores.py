@@ -70,23 +70,21 @@ def saliency(
 
     Computed in float32 whatever the input dtype. Returns, per KV head, the sum
     over the W queries and its G query heads. Keys that no window query can see
-    score exactly 0. For `exact-removal`, a query's only visible key contributes
-    ||v_p||^2 / EXACT_REMOVAL_EPS^2 (deleting it empties the softmax).
+    score exactly 0. For `exact-removal`, 1 - A_ip is clamped at EXACT_REMOVAL_EPS,
+    a query's only visible key contributes ||v_p||^2 / EXACT_REMOVAL_EPS^2 (deleting
+    it empties the softmax), and precision degrades as A_ip -> 1 (float32 error
+    ~1e-7 ||v_p||^2 / (1 - A_ip)^2 from expanding ||v_p - o_i||^2).
     """
     check_score_kind(kind)
     batch, heads_kv, group, width, length = _check_shapes(queries, keys, values)
     if isinstance(scaling, bool) or not isinstance(scaling, (int, float)) or not math.isfinite(scaling):
         raise ValueError(f"scaling must be a finite number, got {scaling!r}")
     device = keys.device
-    positions = _check_positions(query_positions, width, length, device)
+    positions, first, last = _check_positions(query_positions, width, length, device)
     key_mask = _check_key_mask(key_mask, batch, length, device)
 
     # Keys < lo are visible to every query, keys >= hi to none: mask only [lo, hi).
-    if positions is None:
-        lo, hi = length - width + 1, length
-        positions = torch.arange(length - width, length, device=device)
-    else:
-        lo, hi = (int(x) + 1 for x in torch.stack([positions.min(), positions.max()]).tolist())
+    lo, hi = first + 1, last + 1
     if key_mask is not None:
         if bool(key_mask[:, :hi].all()):
             key_mask = None
@@ -114,50 +112,44 @@ def saliency(
             weights.view(batch, heads_kv, group, width, hi).masked_fill_(empty[:, None, None, :, None], 0.0)
 
     if kind == "attention":
-        return _pad(weights.sum(-2), length)
+        return _pad(_sum_rows(weights), length)
 
-    value_norms = v.square().sum(-1)  # [B, Hkv, hi]
+    value_norms = torch.linalg.vector_norm(v, dim=-1).square_()  # [B, Hkv, hi] ||v_p||^2
     if kind == "obc-value":
-        return _pad(weights.square_().sum(-2).mul_(value_norms), length)
+        return _pad(_sum_rows(weights.square_()).mul_(value_norms), length)
 
     outputs = torch.matmul(weights, v)  # [B, Hkv, G*W, dv] o_i
-    output_norms = outputs.square().sum(-1)  # [B, Hkv, G*W]
+    output_norms = outputs.square().sum(-1)  # [B, Hkv, G*W] ||o_i||^2
+    if kind == "exact-removal":
+        del z, z_masked
+        denominator = torch.rsub(weights, 1.0).clamp_min_(EXACT_REMOVAL_EPS)
+        y = weights.div_(denominator)  # A / (1 - A)
+        del denominator
+    else:
+        z_masked.masked_fill_(hidden, 0.0)
+        y = z.mul_(weights)  # A z
+    inner = torch.matmul(outputs.mul_(-2.0), v.transpose(-1, -2))  # [B, Hkv, G*W, hi] -2 <o_i, v_p>
 
     if kind == "obc-joint":
-        # ||a v_p - y o_i||^2 with y = A z, a = A (1 + z):
-        # S_p = ||v_p||^2 sum_i a^2 - 2 v_p . sum_i a y o_i + sum_i y^2 ||o_i||^2
-        z_masked.masked_fill_(hidden, 0.0)
-        y = z.mul_(weights)
+        # A^2 ||(1+z) v - z o||^2 = a^2 ||v||^2 - 2 a y <o, v> + y^2 ||o||^2 with a = A (1 + z), y = A z
         a = weights.add_(y)
-        ay = a * y
-        scores = a.square_().sum(-2).mul_(value_norms)
-        scores += _rowdot(torch.matmul(ay.transpose(-1, -2), outputs.mul_(-2.0)), v)
-        del ay
-        scores += torch.matmul(output_norms.unsqueeze(-2), y.square_()).squeeze(-2)
-        return _pad(scores.clamp_min_(0.0), length)
-
-    if kind == "obc-key":
-        z_masked.masked_fill_(hidden, 0.0)
-        coefficient = z.mul_(weights)  # y = A z
-    else:  # exact-removal
-        del z
-        denominator = torch.rsub(weights, 1.0).clamp_min_(EXACT_REMOVAL_EPS)
-        coefficient = weights.div_(denominator)  # A / (1 - A)
-        del denominator
-    # sum_i c^2 ||v_p - o_i||^2 = sum_i c^2 (||v_p||^2 - 2 <v_p, o_i> + ||o_i||^2), one matmul:
-    # [sum_i c^2 (-2 o_i), sum_i c^2, sum_i c^2 ||o_i||^2] . [v_p, ||v_p||^2, 1]
-    ones = torch.ones_like(output_norms).unsqueeze(-1)
-    right = torch.cat([outputs.mul_(-2.0), ones, output_norms.unsqueeze(-1)], dim=-1)
-    left = torch.cat([v, value_norms.unsqueeze(-1), torch.ones_like(value_norms).unsqueeze(-1)], dim=-1)
-    scores = _rowdot(torch.matmul(coefficient.square_().transpose(-1, -2), right), left)
-    if kind == "exact-removal":
-        _add_sole_key_scores(scores, value_norms, positions, key_mask, group)
+        inner.mul_(y).addcmul_(a, value_norms.unsqueeze(-2)).mul_(a)
+        scores = _sum_rows(inner).add_(_sum_rows(y.square_(), output_norms))
+    else:
+        # c^2 ||v - o||^2 = c^2 (||v||^2 - 2 <o, v> + ||o||^2) with c = A z (obc-key) or A / (1 - A)
+        c2 = y.square_()
+        sums = torch.matmul(torch.stack([torch.ones_like(output_norms), output_norms], dim=-2), c2)
+        scores = _sum_rows(inner.mul_(c2)).add_(sums[..., 1, :]).addcmul_(sums[..., 0, :], value_norms)
+        if kind == "exact-removal":
+            _add_sole_key_scores(scores, value_norms, positions, key_mask, group)
     return _pad(scores.clamp_min_(0.0), length)
 
 
-def _rowdot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Row-wise dot product over the last dimension: [..., n, m] x [..., n, m] -> [..., n]."""
-    return (x * y).sum(-1)
+def _sum_rows(x: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """sum_i w_i x_ip over the rows of x [..., R, n] -> [..., n] (w [..., R], default 1), as a matmul."""
+    if weights is None:
+        weights = x.new_ones(x.shape[-2])
+    return torch.matmul(weights.unsqueeze(-2), x).squeeze(-2)
 
 
 def _pad(scores: torch.Tensor, length: int) -> torch.Tensor:
@@ -222,12 +214,12 @@ def _check_shapes(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tenso
 
 def _check_positions(
     query_positions: torch.Tensor | Sequence[int] | None, width: int, length: int, device: torch.device
-) -> torch.Tensor | None:
-    """Validate query positions; None means the default last-W window (needs W <= L)."""
+) -> tuple[torch.Tensor, int, int]:
+    """Validate query positions (None: the last W, needs W <= L); return ([W] long, min, max)."""
     if query_positions is None:
         if width > length:
             raise ValueError(f"window of {width} queries is longer than the {length} cached keys")
-        return None
+        return torch.arange(length - width, length, device=device), length - width, length - 1
     positions = torch.as_tensor(query_positions, device=device)
     if positions.dtype == torch.bool or positions.is_floating_point() or positions.is_complex():
         raise ValueError(f"query_positions must be integers, got {positions.dtype}")
@@ -237,10 +229,12 @@ def _check_positions(
     low, high = torch.stack([positions.min(), positions.max()]).tolist()
     if low < 0 or high >= length:
         raise ValueError(f"query_positions must lie in [0, {length - 1}], got range [{low}, {high}]")
-    return positions
+    return positions, low, high
 
 
-def _check_key_mask(key_mask: torch.Tensor | None, batch: int, length: int, device: torch.device) -> torch.Tensor | None:
+def _check_key_mask(
+    key_mask: torch.Tensor | None, batch: int, length: int, device: torch.device
+) -> torch.Tensor | None:
     """Validate a [B, L] keep mask (bool or 0/1 integers); return it as bool."""
     if key_mask is None:
         return None

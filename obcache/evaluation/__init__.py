@@ -1,0 +1,1 @@
+"""Evaluation: offline long-context tasks, filler text and scoring."""
