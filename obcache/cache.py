@@ -110,6 +110,24 @@ class EvictableCache(DynamicCache):
             # number of padding slots, so head 0 gives the row's slot mask.
             self.slot_mask = self.prompt_mask.gather(1, indices[:, 0])
 
+    def subset(self, indices: list[torch.Tensor | None]) -> "EvictableCache":
+        """A new cache holding, per layer, the tokens at `indices[layer]` (None = all) of this full cache.
+
+        Lets one prefill serve many policies: record each policy's choice, then
+        build each one's evicted cache from the shared full cache.
+        """
+        evicted = EvictableCache()
+        evicted.prompt_mask = evicted.slot_mask = self.prompt_mask
+        evicted.left_padding = self.left_padding
+        for layer_idx, (layer, chosen) in enumerate(zip(self.layers, indices)):
+            evicted.update(layer.keys, layer.values, layer_idx)
+            if chosen is None:
+                evicted.mark_kept_all(layer_idx)
+            else:
+                evicted.keep(layer_idx, chosen)
+        evicted.seen_tokens = self.seen_tokens
+        return evicted
+
     def mark_kept_all(self, layer_idx: int) -> None:
         """Record that layer `layer_idx` was visited and kept every token."""
         layer = self.layers[layer_idx]

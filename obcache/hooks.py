@@ -21,7 +21,7 @@ from torch import nn
 from transformers import DynamicCache
 
 from obcache.cache import EvictableCache
-from obcache.models import attention_layers, check_attention_implementation, check_supported_config
+from obcache.models import FamilyAdapter, attention_layers, check_attention_implementation, check_supported_config
 from obcache.policies.base import LayerState, Policy
 
 
@@ -85,31 +85,43 @@ class EvictionHooks:
 
     def _after_attention(self, module, args, kwargs, output):
         cache = kwargs.get("past_key_values")
-        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-        layer_idx = module.layer_idx
-        if not isinstance(cache, EvictableCache) or layer_idx in cache.evicted_layers:
+        state = prefill_layer_state(self.adapter, module, args, kwargs)
+        if state is None:
             return
-        layer_cache = cache.layers[layer_idx]
-        if layer_cache.get_seq_length() != hidden.shape[1]:
-            return  # not the forward that filled this layer: nothing to evict
         start = time.perf_counter()
-        cos, sin = kwargs["position_embeddings"]
-
-        def queries(first: int, last: int) -> torch.Tensor:
-            return self.adapter.queries(module, hidden[:, first:last], cos[:, first:last], sin[:, first:last])
-
-        state = LayerState(
-            keys=layer_cache.keys,
-            values=layer_cache.values,
-            scaling=module.scaling,
-            query_heads=module.config.num_attention_heads,
-            key_mask=cache.prompt_mask,
-            queries=queries,
-        )
         with torch.no_grad():
             indices = self.policy.select(state)
         if indices is None:
-            cache.mark_kept_all(layer_idx)
+            cache.mark_kept_all(module.layer_idx)
         else:
-            cache.keep(layer_idx, indices)
+            cache.keep(module.layer_idx, indices)
         cache.eviction_seconds += time.perf_counter() - start
+
+
+def prefill_layer_state(adapter: FamilyAdapter, module: nn.Module, args, kwargs) -> LayerState | None:
+    """The policy's view of an attention layer right after the forward that filled its cache.
+
+    None if the cache is not an `EvictableCache`, was already evicted, or held
+    tokens before this forward (only the prefill is evicted).
+    """
+    cache = kwargs.get("past_key_values")
+    hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+    layer_idx = module.layer_idx
+    if not isinstance(cache, EvictableCache) or layer_idx in cache.evicted_layers:
+        return None
+    layer_cache = cache.layers[layer_idx]
+    if layer_cache.get_seq_length() != hidden.shape[1]:
+        return None
+    cos, sin = kwargs["position_embeddings"]
+
+    def queries(first: int, last: int) -> torch.Tensor:
+        return adapter.queries(module, hidden[:, first:last], cos[:, first:last], sin[:, first:last])
+
+    return LayerState(
+        keys=layer_cache.keys,
+        values=layer_cache.values,
+        scaling=module.scaling,
+        query_heads=module.config.num_attention_heads,
+        key_mask=cache.prompt_mask,
+        queries=queries,
+    )

@@ -3,7 +3,7 @@
 Run once, by hand, when the shipped text must be regenerated:
 
     apt-get install jargon-text
-    python obcache/evaluation/data/build_jargon.py /usr/share/doc/jargon-text/jargon.txt.gz
+    python scripts/build_jargon.py /usr/share/doc/jargon-text/jargon.txt.gz
 
 Keeps prose paragraphs only (no headwords, tables, tables of contents, code or
 cartoon captions), joins each paragraph onto one line, drops the `{cross-reference}`

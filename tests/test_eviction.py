@@ -280,3 +280,25 @@ def test_unsupported_model_family_is_rejected():
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50))
     with pytest.raises(UnsupportedModelError, match="llama, mistral, qwen2, qwen3"):
         SnapKV().attach(model)
+
+
+def test_one_prefill_serves_many_policies_via_subset():
+    """Recording choices on a full prefill and taking `subset` equals evicting inside the prefill."""
+    from obcache.hooks import EvictionHooks
+
+    model = tiny_model()
+    ids = prompt(batch=2)
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    policy = Recording(budget=12, window=4, score="obc-joint")
+    evicted = EvictableCache(config=model.config)
+    with policy.attach(model), torch.no_grad():
+        model(input_ids=ids, attention_mask=mask, past_key_values=evicted)
+    full = EvictableCache(config=model.config)
+    with EvictionHooks(model, SnapKV(budget=1.0, window=4)), torch.no_grad():
+        model(input_ids=ids, attention_mask=mask, past_key_values=full)
+    subset = full.subset(policy.chosen)
+    assert subset.seen_tokens == evicted.seen_tokens == PROMPT_LENGTH
+    assert torch.equal(subset.slot_mask, evicted.slot_mask)
+    for a, b in zip(subset.layers, evicted.layers):
+        assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
