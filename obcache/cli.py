@@ -120,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="the main job: one needle question, full cache vs policies x scores")
     demo.add_argument("--length", type=int, default=2048, help="context tokens (default 2048)")
-    demo.add_argument("--budget", type=parse_budget, default=0.1, help="kept per KV head (default 0.1)")
+    demo.add_argument("--budget", type=parse_budget, default=0.2, help="kept per KV head (default 0.2)")
     demo.add_argument("--query-agnostic", action="store_true", help="ask the question after compression")
     add_model_arguments(demo)
     demo.set_defaults(run=command_demo)

@@ -25,7 +25,7 @@ def run_demo(
     model_name: str | None = None,
     *,
     length: int = 2048,
-    budget: float | int = 0.1,
+    budget: float | int = 0.2,
     query_aware: bool = True,
     device: str | None = None,
     dtype: str | None = None,
