@@ -103,35 +103,17 @@ def generate(
     rest_ids = [] if query_aware else question_ids
     if policy is not None:
         policy.check_prompt([len(prefill_ids)])
-    device = model.device
     cache = EvictableCache(config=model.config)
-
-    def forward(ids: list[int]) -> torch.Tensor:
-        tensor = torch.tensor([ids], device=device)
-        positions = cache.positions_for(len(ids), device)
-        return model(input_ids=tensor, position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
-
     hooks = policy.attach(model) if policy is not None else nullcontext()
     with hooks:
         start = time.perf_counter()
-        logits = forward(prefill_ids)
+        logits = forward_tokens(model, cache, prefill_ids)
         prefill_seconds = time.perf_counter() - start
         kept_per_layer = cache.kept_tokens()
         bytes_kept = cache.nbytes()
         bytes_full = cache.full_bytes or bytes_kept
         start = time.perf_counter()
-        if rest_ids:
-            logits = forward(rest_ids)
-        eos = _eos_ids(model, tokenizer)
-        generated: list[int] = []
-        for _ in range(max_new_tokens):
-            token = int(logits.argmax(-1))
-            if token in eos:
-                break
-            generated.append(token)
-            if len(generated) == max_new_tokens:
-                break
-            logits = forward([token])
+        generated = continue_greedy(model, cache, logits, rest_ids, eos=eos_token_ids(model, tokenizer), max_new_tokens=max_new_tokens)
         decode_seconds = time.perf_counter() - start
     return GenerationResult(
         text=tokenizer.decode(generated, skip_special_tokens=True),
@@ -148,7 +130,45 @@ def generate(
     )
 
 
-def _eos_ids(model, tokenizer) -> set[int]:
+def forward_tokens(model, cache: EvictableCache, ids: list[int], *, every_position: bool = False) -> torch.Tensor:
+    """Feed `ids` on top of `cache` at their true (logical) positions (batch 1).
+
+    Returns the next-token logits [1, V], or with `every_position` the logits
+    [n, V] of every fed token (teacher forcing).
+    """
+    tensor = torch.tensor([ids], device=model.device)
+    positions = cache.positions_for(len(ids), model.device)
+    logits = model(
+        input_ids=tensor, position_ids=positions, past_key_values=cache, use_cache=True,
+        logits_to_keep=0 if every_position else 1,
+    ).logits
+    return logits[0] if every_position else logits[:, -1]
+
+
+@torch.no_grad()
+def continue_greedy(
+    model, cache: EvictableCache, logits: torch.Tensor, rest_ids: list[int], *, eos: set[int], max_new_tokens: int
+) -> list[int]:
+    """After a prefill that gave `logits` [1, V]: feed `rest_ids` (if any), then decode greedily.
+
+    Stops at an `eos` token (not returned) or after `max_new_tokens` tokens; grows `cache`.
+    """
+    if rest_ids:
+        logits = forward_tokens(model, cache, rest_ids)
+    generated: list[int] = []
+    for _ in range(max_new_tokens):
+        token = int(logits.argmax(-1))
+        if token in eos:
+            break
+        generated.append(token)
+        if len(generated) == max_new_tokens:
+            break
+        logits = forward_tokens(model, cache, [token])
+    return generated
+
+
+def eos_token_ids(model, tokenizer) -> set[int]:
+    """End-of-sequence ids of the model's generation config and of the tokenizer."""
     eos = model.generation_config.eos_token_id if model.generation_config is not None else None
     ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
     if tokenizer.eos_token_id is not None:

@@ -9,6 +9,12 @@ Two hooks, removed on exit:
 2. after each attention module's prefill forward: rebuild the window queries,
    let the policy choose the kept tokens, and shrink that layer's cache at once
    (so the full cache of all layers never coexists with scoring temporaries).
+   A pre-hook on the module's output projection (`o_proj`) hands the per-head
+   attention outputs the model just computed to the scores, so `obc-key` /
+   `obc-joint` need not recompute o_i = sum_p A_ip v_p.
+
+Per decoding step the hooks cost a few dictionary look-ups (no signature
+binding when the model is called with keyword arguments, as transformers does).
 """
 
 from __future__ import annotations
@@ -37,23 +43,41 @@ class EvictionHooks:
         self.attentions = attention_layers(self.decoder)
         self._signature = inspect.signature(self.decoder.forward)
         self._handles: list = []
+        # Attention outputs (o_proj inputs [B, q, Hq * d]) of the current forward, per layer index;
+        # each is dropped by the attention module's own post-hook right after.
+        self._outputs: dict[int, torch.Tensor] = {}
 
     def __enter__(self) -> "EvictionHooks":
         self._handles.append(self.decoder.register_forward_pre_hook(self._before_forward, with_kwargs=True))
         for attention in self.attentions:
             self._handles.append(attention.register_forward_hook(self._after_attention, with_kwargs=True))
+            projection = getattr(attention, self.adapter.output_projection, None)
+            if projection is not None:
+                self._handles.append(projection.register_forward_pre_hook(self._capture(attention.layer_idx)))
         return self
 
     def __exit__(self, *exc) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        self._outputs.clear()
+
+    def _capture(self, layer_idx: int):
+        outputs = self._outputs
+
+        def hook(module, args):
+            outputs[layer_idx] = args[0]
+
+        return hook
 
     # -- hook 1: the decoder's forward --
 
     def _before_forward(self, module, args, kwargs):
-        kwargs = dict(self._signature.bind_partial(*args, **kwargs).arguments)
-        kwargs.update(kwargs.pop("kwargs", {}))
+        if args:  # positional arguments: name them (transformers itself passes keywords only)
+            kwargs = dict(self._signature.bind_partial(*args, **kwargs).arguments)
+            kwargs.update(kwargs.pop("kwargs", {}))
+        else:
+            kwargs = dict(kwargs)
         inputs = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs.get("inputs_embeds")
         query_length = inputs.shape[1]
         cache = kwargs.get("past_key_values")
@@ -84,11 +108,14 @@ class EvictionHooks:
     # -- hook 2: each attention module, after its forward --
 
     def _after_attention(self, module, args, kwargs, output):
+        outputs = self._outputs.pop(module.layer_idx, None)
         cache = kwargs.get("past_key_values")
-        state = prefill_layer_state(self.adapter, module, args, kwargs)
+        if not isinstance(cache, EvictableCache) or module.layer_idx in cache.evicted_layers:
+            return  # decoding steps end here
+        start = time.perf_counter()
+        state = prefill_layer_state(self.adapter, module, args, kwargs, outputs=outputs)
         if state is None:
             return
-        start = time.perf_counter()
         with torch.no_grad():
             indices = self.policy.select(state)
         if indices is None:
@@ -98,11 +125,16 @@ class EvictionHooks:
         cache.eviction_seconds += time.perf_counter() - start
 
 
-def prefill_layer_state(adapter: FamilyAdapter, module: nn.Module, args, kwargs) -> LayerState | None:
+def prefill_layer_state(
+    adapter: FamilyAdapter, module: nn.Module, args, kwargs, *, outputs: torch.Tensor | None = None
+) -> LayerState | None:
     """The policy's view of an attention layer right after the forward that filled its cache.
 
     None if the cache is not an `EvictableCache`, was already evicted, or held
-    tokens before this forward (only the prefill is evicted).
+    tokens before this forward (only the prefill is evicted). `outputs`, if
+    given, is the input of the module's output projection in that forward,
+    [B, L, Hq * d] (per-head attention outputs, heads side by side); the state
+    then serves them sliced per head instead of letting the scores recompute them.
     """
     cache = kwargs.get("past_key_values")
     hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
@@ -114,14 +146,25 @@ def prefill_layer_state(adapter: FamilyAdapter, module: nn.Module, args, kwargs)
         return None
     cos, sin = kwargs["position_embeddings"]
 
+    query_heads = module.config.num_attention_heads
+
     def queries(first: int, last: int) -> torch.Tensor:
         return adapter.queries(module, hidden[:, first:last], cos[:, first:last], sin[:, first:last])
+
+    window_outputs = None
+    if outputs is not None and outputs.shape[:2] == hidden.shape[:2]:
+
+        def window_outputs(first: int, last: int) -> torch.Tensor:
+            # [B, W, Hq * dv] -> [B, Hq, W, dv]: the layout of the attention before its reshape (a view).
+            rows = outputs[:, first:last]
+            return rows.view(rows.shape[0], rows.shape[1], query_heads, -1).transpose(1, 2)
 
     return LayerState(
         keys=layer_cache.keys,
         values=layer_cache.values,
         scaling=module.scaling,
-        query_heads=module.config.num_attention_heads,
+        query_heads=query_heads,
         key_mask=cache.prompt_mask,
         queries=queries,
+        outputs=window_outputs,
     )

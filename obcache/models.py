@@ -26,10 +26,14 @@ class FamilyAdapter:
     """How one model family computes its queries.
 
     `query_norm` is the name of a per-head norm applied to queries before RoPE
-    (Qwen3's `q_norm`), or None.
+    (Qwen3's `q_norm`), or None. `output_projection` names the linear layer
+    whose input is the per-head attention output, heads side by side
+    ([B, q, Hq * d], query head h in columns h*d:(h+1)*d); None if the family
+    has no such layer (the scores then recompute the outputs).
     """
 
     query_norm: str | None = None
+    output_projection: str | None = "o_proj"
 
     def queries(
         self, attention: nn.Module, hidden_states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor

@@ -56,6 +56,7 @@ def saliency(
     scaling: float,
     query_positions: torch.Tensor | Sequence[int] | None = None,
     key_mask: torch.Tensor | None = None,
+    outputs: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Score each cached token of each KV head; float32 [B, Hkv, L].
 
@@ -67,6 +68,11 @@ def saliency(
     query_positions: [W] integer positions in [0, L); query j sees keys p <= its
         position. Default: the last W positions (L - W + j).
     key_mask: [B, L] bool (or 0/1 integer); False marks padding keys, never attended.
+    outputs: [B, Hq, W, dv], optional: the window queries' attention outputs
+        o_i = sum_p A_ip v_p as the model computed them (e.g. captured at the
+        input of its output projection). Saves one W x L product for `obc-key`,
+        `obc-joint` and `exact-removal`; they are recomputed when None. Rows of
+        queries that see no key are ignored.
 
     Computed in float32 whatever the input dtype. Returns, per KV head, the sum
     over the W queries and its G query heads. Keys that no window query can see
@@ -82,6 +88,8 @@ def saliency(
     device = keys.device
     positions, first, last = _check_positions(query_positions, width, length, device)
     key_mask = _check_key_mask(key_mask, batch, length, device)
+    if outputs is not None:
+        _check_outputs(outputs, queries, values)
 
     # Keys < lo are visible to every query, keys >= hi to none: mask only [lo, hi).
     lo, hi = first + 1, last + 1
@@ -106,10 +114,13 @@ def saliency(
     z_masked = z.view(batch, heads_kv, group, width, hi)[..., lo:hi]
     z_masked.masked_fill_(hidden, float("-inf"))
     weights = torch.softmax(z, dim=-1)  # A
+    empty = None
     if key_mask is not None:
         empty = ~visible.any(-1)  # [B, W]: queries that see no key at all (NaN rows)
         if bool(empty.any()):
             weights.view(batch, heads_kv, group, width, hi).masked_fill_(empty[:, None, None, :, None], 0.0)
+        else:
+            empty = None
 
     if kind == "attention":
         return _pad(_sum_rows(weights), length)
@@ -118,7 +129,13 @@ def saliency(
     if kind == "obc-value":
         return _pad(_sum_rows(weights.square_()).mul_(value_norms), length)
 
-    outputs = torch.matmul(weights, v)  # [B, Hkv, G*W, dv] o_i
+    if outputs is None:
+        outputs = torch.matmul(weights, v)  # [B, Hkv, G*W, dv] o_i
+    else:
+        outputs = outputs.to(f32).reshape(batch, heads_kv, rows, -1)  # a copy only if not float32
+        if empty is not None:  # the model's output for a query that sees nothing is arbitrary
+            outputs = outputs.view(batch, heads_kv, group, width, -1).masked_fill(empty[:, None, None, :, None], 0.0)
+            outputs = outputs.view(batch, heads_kv, rows, -1)
     output_norms = outputs.square().sum(-1)  # [B, Hkv, G*W] ||o_i||^2
     if kind == "exact-removal":
         del z, z_masked
@@ -128,7 +145,7 @@ def saliency(
     else:
         z_masked.masked_fill_(hidden, 0.0)
         y = z.mul_(weights)  # A z
-    inner = torch.matmul(outputs.mul_(-2.0), v.transpose(-1, -2))  # [B, Hkv, G*W, hi] -2 <o_i, v_p>
+    inner = torch.matmul(outputs * -2.0, v.transpose(-1, -2))  # [B, Hkv, G*W, hi] -2 <o_i, v_p>
 
     if kind == "obc-joint":
         # A^2 ||(1+z) v - z o||^2 = a^2 ||v||^2 - 2 a y <o, v> + y^2 ||o||^2 with a = A (1 + z), y = A z
@@ -210,6 +227,17 @@ def _check_shapes(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tenso
     if width == 0:
         raise ValueError("the query window is empty (W = 0)")
     return batch, heads_kv, heads_q // heads_kv, width, length
+
+
+def _check_outputs(outputs: torch.Tensor, queries: torch.Tensor, values: torch.Tensor) -> None:
+    """Validate captured attention outputs [B, Hq, W, dv]."""
+    if not isinstance(outputs, torch.Tensor):
+        raise TypeError(f"outputs must be a torch.Tensor, got {type(outputs).__name__}")
+    expected = (*queries.shape[:3], values.shape[-1])
+    if tuple(outputs.shape) != expected:
+        raise ValueError(f"outputs must have shape {expected} [batch, query heads, window, value dim], got {tuple(outputs.shape)}")
+    if not outputs.is_floating_point():
+        raise ValueError(f"outputs must be a floating-point tensor, got {outputs.dtype}")
 
 
 def _check_positions(

@@ -110,6 +110,33 @@ def test_recomputed_window_queries_reproduce_the_layer_output(family):
         torch.testing.assert_close(out.float(), actual, atol=1e-5, rtol=1e-4)
 
 
+def test_captured_outputs_equal_recomputed_in_float64(family):
+    """The o_proj inputs the hooks hand to the scores are softmax(z) v over the full causal prefix."""
+    model = tiny_model(family).double()
+    policy = Recording(budget=1.0, window=6, score="obc-joint")
+    with policy.attach(model), torch.no_grad():
+        model(input_ids=prompt(batch=2), past_key_values=EvictableCache(config=model.config))
+    for state in policy.states:
+        assert state.outputs is not None
+        q, outputs = state.window(PROMPT_LENGTH - 6, PROMPT_LENGTH)
+        k = state.keys.repeat_interleave(3, dim=1)
+        v = state.values.repeat_interleave(3, dim=1)
+        causal = torch.arange(PROMPT_LENGTH)[None, :] > torch.arange(PROMPT_LENGTH - 6, PROMPT_LENGTH)[:, None]
+        expected = (state.scaling * q @ k.transpose(-1, -2)).masked_fill(causal, float("-inf")).softmax(-1) @ v
+        torch.testing.assert_close(outputs, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_eviction_with_captured_outputs_keeps_the_same_tokens(family):
+    """Hooks (captured o) and a policy fed recomputed o choose the same tokens."""
+    model = tiny_model(family)
+    policy = Recording(budget=0.3, window=6, score="obc-joint")
+    with policy.attach(model), torch.no_grad():
+        model(input_ids=prompt(batch=2), past_key_values=EvictableCache(config=model.config))
+    for state, chosen in zip(policy.states, policy.chosen):
+        recomputed = LayerState(state.keys, state.values, state.scaling, state.query_heads, state.key_mask, state.queries)
+        assert torch.equal(SnapKV.select(policy, recomputed), chosen)
+
+
 # ---------------------------------------------------------------- generation
 
 

@@ -317,3 +317,34 @@ def test_validation_errors(change, message):
     kwargs = {"scaling": SCALE, **extra}
     with pytest.raises(ValueError, match=message):
         saliency(q, k, v, "obc-joint", **kwargs)
+
+
+# ---------------------------------------------------------------- captured attention outputs
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_given_outputs_equal_recomputed(kind):
+    """Scores from the model's own outputs o_i (captured) equal those recomputing o = A v."""
+    q, k, v = make(seed=7)
+    positions = torch.tensor([3, 7, 9, 11])
+    key_mask = torch.ones(B, L, dtype=torch.bool)
+    key_mask[1, :4] = False  # left padding: query 0 of row 1 (position 3) sees nothing
+    mask = torch.stack([causal_mask(positions, key_mask[b], L) for b in range(B)])  # [B, W, L]
+    logits = SCALE * q.double() @ k.double().repeat_interleave(G, 1).transpose(-1, -2)
+    weights = logits.masked_fill(~mask[:, None], float("-inf")).softmax(-1)
+    outputs = weights @ v.double().repeat_interleave(G, 1)  # NaN rows where a query sees nothing, as a model may give
+    expected = saliency(q, k, v, kind, scaling=SCALE, query_positions=positions, key_mask=key_mask)
+    actual = saliency(q, k, v, kind, scaling=SCALE, query_positions=positions, key_mask=key_mask, outputs=outputs.float())
+    assert torch.isfinite(actual).all()
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+    assert_matches(actual, brute_force(q, k, v, kind, positions, key_mask))
+
+
+def test_given_outputs_are_validated_and_left_untouched():
+    q, k, v = make()
+    outputs = torch.randn(B, HKV * G, W, D)
+    copy = outputs.clone()
+    saliency(q, k, v, "obc-joint", scaling=SCALE, outputs=outputs)
+    assert torch.equal(outputs, copy)
+    with pytest.raises(ValueError, match="outputs must have shape"):
+        saliency(q, k, v, "obc-joint", scaling=SCALE, outputs=outputs[:, :, :-1])

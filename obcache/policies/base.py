@@ -32,6 +32,9 @@ class LayerState:
     key_mask: [B, L] bool, False for left padding; None if no padding.
     queries: queries(start, end) -> [B, Hq, end - start, d], post-RoPE queries of
         prompt positions start..end-1, recomputed on demand.
+    outputs: outputs(start, end) -> [B, Hq, end - start, dv], the attention
+        outputs o_i the model computed for those positions (captured during the
+        forward), or None: the scores then recompute them.
     """
 
     keys: torch.Tensor
@@ -40,6 +43,11 @@ class LayerState:
     query_heads: int
     key_mask: torch.Tensor | None
     queries: Callable[[int, int], torch.Tensor]
+    outputs: Callable[[int, int], torch.Tensor] | None = None
+
+    def window(self, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(queries, outputs or None) of prompt positions start..end-1."""
+        return self.queries(start, end), self.outputs(start, end) if self.outputs is not None else None
 
     @property
     def length(self) -> int:
@@ -129,7 +137,8 @@ class Policy:
         Top-k of the scores; protected tokens are always kept and padding only
         fills slots a short row cannot fill with real tokens.
         """
-        kept = self.kept_tokens(int(layer.real_lengths().max()))
+        longest = layer.length if layer.key_mask is None else int(layer.real_lengths().max())  # no device sync
+        kept = self.kept_tokens(longest)
         if kept >= layer.length:
             return None
         scores = self.token_scores(layer).float()

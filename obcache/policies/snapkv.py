@@ -47,9 +47,10 @@ class SnapKV(Policy):
 
     def token_scores(self, layer: LayerState) -> torch.Tensor:
         length = layer.length
+        queries, outputs = layer.window(length - self.window, length)
         scores = saliency(
-            layer.queries(length - self.window, length), layer.keys, layer.values, self.score,
-            scaling=layer.scaling, key_mask=layer.key_mask,
+            queries, layer.keys, layer.values, self.score,
+            scaling=layer.scaling, key_mask=layer.key_mask, outputs=outputs,
         )
         prefix = scores[..., : length - self.window]
         if self.pooling == "none" or prefix.shape[-1] == 0:

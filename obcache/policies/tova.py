@@ -23,7 +23,8 @@ class TOVA(Policy):
 
     def token_scores(self, layer: LayerState) -> torch.Tensor:
         length = layer.length
+        queries, outputs = layer.window(length - 1, length)
         return saliency(
-            layer.queries(length - 1, length), layer.keys, layer.values, self.score,
-            scaling=layer.scaling, key_mask=layer.key_mask,
+            queries, layer.keys, layer.values, self.score,
+            scaling=layer.scaling, key_mask=layer.key_mask, outputs=outputs,
         )

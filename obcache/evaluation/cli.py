@@ -1,0 +1,113 @@
+"""`obcache eval` and `obcache report`: `register(commands)` adds them to the CLI's subparsers."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Callable
+
+from obcache.cli import EPILOG, add_model_arguments, parse_budget
+from obcache.evaluation.runner import ALL_TASKS, EvalSpec
+from obcache.policies import POLICIES
+from obcache.scores import SCORE_KINDS
+
+TASK_HELP = "tasks:\n" + "\n".join(f"  {name:19s} {text}" for name, text in ALL_TASKS.items())
+
+
+def comma_list(item: Callable, allowed: dict | None = None, what: str = "value") -> Callable[[str], tuple]:
+    """An argparse type: 'a,b,c' -> (item(a), item(b), item(c)), each checked against `allowed`."""
+
+    def parse(text: str) -> tuple:
+        values = []
+        for part in filter(None, (p.strip() for p in text.split(","))):
+            if allowed is not None and part not in allowed:
+                raise argparse.ArgumentTypeError(f"unknown {what} {part!r}; allowed: {', '.join(allowed)}")
+            try:
+                values.append(item(part))
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"{what} {part!r} is not valid") from None
+        if not values:
+            raise argparse.ArgumentTypeError(f"give at least one {what}")
+        return tuple(values)
+
+    return parse
+
+
+def _depth(text: str) -> float | None:
+    return None if text == "random" else float(text)
+
+
+def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("task", choices=list(ALL_TASKS), metavar="task", help="one of the tasks listed below")
+    grid = parser.add_argument_group("grid")
+    grid.add_argument("--policies", type=comma_list(str, POLICIES, "policy"), default=("h2o", "tova", "snapkv"),
+                      help="comma list (default h2o,tova,snapkv; add streamingllm); the full cache is always run")
+    grid.add_argument("--scores", type=comma_list(str, SCORE_KINDS, "score"),
+                      default=("attention", "obc-value", "obc-key", "obc-joint"), help="comma list of scores")
+    grid.add_argument("--budgets", type=comma_list(parse_budget, what="budget"), default=(0.05, 0.1, 0.2),
+                      help="comma list, kept per KV head: fractions (0.1) or tokens (256)")
+    grid.add_argument("--lengths", type=comma_list(int, what="length"), default=(2048,), help="context tokens (comma list)")
+    grid.add_argument("--depths", type=comma_list(_depth, what="depth"), default=(None,),
+                      help="needle depths in [0, 1] or 'random' (comma list; default random)")
+    grid.add_argument("--samples", type=int, default=3, help="samples per length and depth (default 3)")
+    grid.add_argument("--seed", type=int, default=0, help="sample i uses generator seed seed + i")
+    mode = grid.add_mutually_exclusive_group()
+    mode.add_argument("--query-aware", dest="query_aware", action="store_true",
+                      help="compress with the question inside the prompt (the paper's NIAH setting)")
+    mode.add_argument("--query-agnostic", dest="query_aware", action="store_false",
+                      help="ask the question after compression (default)")
+    options = parser.add_argument_group("policy options (applied where a policy has them)")
+    options.add_argument("--window", type=int, help="query window / protected recent tokens (h2o, snapkv; default 16)")
+    options.add_argument("--kernel", type=int, help="snapkv pooling kernel (default 7)")
+    options.add_argument("--pooling", choices=["max", "avg", "none"], help="snapkv pooling (default max)")
+    options.add_argument("--sinks", type=int, help="first tokens always kept")
+    options.add_argument("--full-history", action="store_true", help="h2o: sum scores over every prompt query")
+    run = parser.add_argument_group("run")
+    run.add_argument("--out", type=Path, default=Path("obcache-eval"), help="results folder (results.jsonl is appended)")
+    run.add_argument("--max-new-tokens", type=int, help="answer tokens (default: the expected answer's + 8)")
+    run.add_argument("--future", type=int, default=256, help="fidelity/oracle: tokens after the prompt (default 256)")
+    run.add_argument("--layers", type=comma_list(int, what="layer"), help="oracle: captured layers (default 4 spread)")
+    run.add_argument("--oracle-step", type=float, default=0.05, help="oracle: fraction removed per greedy round")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_model_arguments(parser)
+
+
+def spec_from_args(args: argparse.Namespace) -> EvalSpec:
+    options = {name: getattr(args, name) for name in ("window", "kernel", "pooling", "sinks") if getattr(args, name) is not None}
+    if args.full_history:
+        options["full_history"] = True
+    return EvalSpec(
+        task=args.task, policies=args.policies, scores=args.scores, budgets=args.budgets, lengths=args.lengths,
+        depths=args.depths, samples=args.samples, seed=args.seed, query_aware=args.query_aware, model=args.model,
+        out=args.out, options=options, max_new_tokens=args.max_new_tokens, future=args.future, layers=args.layers,
+        oracle_step=args.oracle_step,
+    )
+
+
+def command_eval(args: argparse.Namespace) -> None:
+    from obcache.evaluation.runner import check_spec, run_eval
+    from obcache.loading import load_model
+
+    spec = spec_from_args(args)
+    check_spec(spec)  # every input error before the model loads
+    model, tokenizer = load_model(args.model, attn_implementation=args.attn, dtype=args.dtype, device=args.device)
+    path = run_eval(spec, model=model, tokenizer=tokenizer, progress=not args.no_progress)
+    print(path)
+
+
+def command_report(args: argparse.Namespace) -> None:
+    from obcache.evaluation.report import write_report
+
+    print(write_report(args.dir))
+
+
+def register(commands) -> None:
+    """Add `eval` and `report` to an argparse subparsers object."""
+    formatter = argparse.RawDescriptionHelpFormatter
+    evaluate = commands.add_parser("eval", help="run a task over policies x scores x budgets (resumable)",
+                                   epilog=TASK_HELP + "\n\n" + EPILOG, formatter_class=formatter)
+    add_eval_arguments(evaluate)
+    evaluate.set_defaults(run=command_eval)
+    report = commands.add_parser("report", help="markdown tables and PNG plots of an eval folder")
+    report.add_argument("dir", type=Path, help="folder holding results.jsonl")
+    report.set_defaults(run=command_report)

@@ -1,0 +1,282 @@
+"""The evaluation harness: fan-out equivalence, resumable results, fidelity and oracle metrics, report, CLI errors."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from obcache import H2O, TOVA, EvictableCache, SnapKV, StreamingLLM, generate
+from obcache.evaluation import fidelity, oracle, runner
+from obcache.evaluation.cli import register
+from obcache.evaluation.fanout import shared_prefill
+from obcache.evaluation.runner import EvalSpec, read_rows, row_key, run_eval
+from obcache.evaluation.tasks import make_sample
+from obcache.generation import build_prompt, continue_greedy, eos_token_ids
+from obcache.loading import load_tokenizer
+from tests.conftest import tiny_model
+
+LENGTH = 300  # context tokens of the tiny-model runs
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    return tiny_model(vocab_size=len(tokenizer))
+
+
+@pytest.fixture
+def no_model_loading(monkeypatch):
+    """Fail loudly if anything tries to load real weights."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr("obcache.loading.load_model", refuse)
+
+
+def small_spec(tmp_path: Path, task: str = "niah_single_number", **overrides) -> EvalSpec:
+    fields = dict(task=task, policies=("h2o", "snapkv", "streamingllm"), scores=("attention", "obc-joint"),
+                  budgets=(0.1, 0.5), lengths=(LENGTH,), depths=(0.5,), samples=2, out=tmp_path / task,
+                  options={"window": 8}, future=24, max_new_tokens=4)
+    return EvalSpec(**{**fields, **overrides})
+
+
+# ---------------------------------------------------------------- one prefill serves every policy
+
+
+@pytest.mark.parametrize("query_aware", [True, False])
+def test_fan_out_reproduces_generate_exactly(model, tokenizer, query_aware):
+    """Answers, kept counts, bytes and the kept K/V of a shared prefill equal per-policy `generate`."""
+    sample = make_sample("niah_single_number", tokenizer, LENGTH, seed=3, depth=0.3)
+    policies = {
+        "full": None,
+        "snapkv": SnapKV(budget=0.2, window=8, score="obc-joint"),
+        "h2o": H2O(budget=40, window=8, score="attention"),
+        "tova": TOVA(budget=0.1, score="obc-key"),
+        "streaming": StreamingLLM(budget=0.15),
+    }
+    context_ids, question_ids = build_prompt(tokenizer, sample.context, sample.question, answer_prefix=sample.answer_prefix)
+    prefill_ids = context_ids + question_ids if query_aware else context_ids
+    rest_ids = [] if query_aware else question_ids
+    shared = shared_prefill(model, prefill_ids, policies)
+    eos = eos_token_ids(model, tokenizer)
+    for key, policy in policies.items():
+        expected = generate(model, tokenizer, sample.context, sample.question, policy=policy, query_aware=query_aware,
+                            max_new_tokens=6, answer_prefix=sample.answer_prefix)
+        cache = shared.evicted(key)
+        assert cache.kept_tokens() == expected.kept_per_layer
+        assert cache.nbytes() == expected.cache_bytes_kept and cache.full_bytes == expected.cache_bytes_full
+        if policy is not None:  # the same K/V, bit for bit, as the hooks leave after prefill
+            reference = EvictableCache(config=model.config)
+            with policy.attach(model), torch.no_grad():
+                model(input_ids=torch.tensor([prefill_ids]), past_key_values=reference, use_cache=True)
+            for mine, theirs in zip(cache.layers, reference.layers):
+                assert torch.equal(mine.keys, theirs.keys) and torch.equal(mine.values, theirs.values)
+        tokens = continue_greedy(model, cache, shared.logits, rest_ids, eos=eos, max_new_tokens=6)
+        assert tokens == expected.token_ids, key
+    assert shared.cache.kept_tokens() == [len(prefill_ids)] * 2  # the shared cache stays full
+
+
+# ---------------------------------------------------------------- results file: resume, no duplicates, no loss
+
+
+def test_rows_record_everything(model, tokenizer, tmp_path):
+    spec = small_spec(tmp_path)
+    rows = read_rows(run_eval(spec, model=model, tokenizer=tokenizer, progress=False))
+    assert len(rows) == 2 * (1 + 2 * 2 * 2 + 2)  # samples x (full + h2o/snapkv x scores x budgets + streaming)
+    assert len({row_key(r) for r in rows}) == len(rows)
+    for row in rows:
+        assert set(runner.KEY_FIELDS) <= set(row)
+        assert {"obcache", "torch", "transformers"} == set(row["versions"])
+        assert row["expected"] and 0.0 <= row["correct"] <= 1.0 and isinstance(row["prediction"], str)
+        assert row["decode_seconds"] >= 0 and row["prefill_seconds"] > 0
+    full = [r for r in rows if r["policy"] == "full"][0]
+    snap = [r for r in rows if r["policy"] == "snapkv" and r["budget"] == 0.1][0]
+    assert snap["kept_tokens"] == round(0.1 * snap["prompt_tokens"]) and full["kept_tokens"] == full["prompt_tokens"]
+    assert snap["cache_bytes"] < full["cache_bytes"] == full["cache_bytes_full"]
+    assert "window=8" in snap["policy_repr"] and rows[0]["mode"] == "query-agnostic"
+
+
+def test_resume_after_a_kill_neither_duplicates_nor_loses_rows(model, tokenizer, tmp_path, no_model_loading):
+    spec = small_spec(tmp_path, samples=2)
+    path = run_eval(spec, model=model, tokenizer=tokenizer, progress=False)
+    complete = path.read_text()
+    lines = complete.splitlines(keepends=True)
+    # a kill in the middle of the second sample's write: 3 rows made it, the 4th half
+    path.write_text("".join(lines[:-8]) + lines[-8][: len(lines[-8]) // 2])
+    run_eval(spec, model=model, tokenizer=tokenizer, progress=False)
+    resumed = read_rows(path)
+    assert sorted(map(row_key, resumed)) == sorted(map(row_key, map(json.loads, lines)))
+    before = {row_key(json.loads(line)): json.loads(line)["prediction"] for line in lines}
+    assert all(before[row_key(r)] == r["prediction"] for r in resumed)  # greedy: same answers
+    # nothing left to do: no model is touched (load_model would raise), the file is unchanged
+    text = path.read_text()
+    run_eval(spec, progress=False)
+    assert path.read_text() == text
+
+
+def test_a_corrupt_line_in_the_middle_is_reported(tmp_path):
+    path = tmp_path / "results.jsonl"
+    path.write_text('{"a": 1}\n{oops\n{"b": 2}\n')
+    with pytest.raises(ValueError, match="corrupt line"):
+        read_rows(path, repair=True)
+
+
+# ---------------------------------------------------------------- fidelity
+
+
+def test_fidelity_of_the_full_cache_and_of_budget_one(model, tokenizer):
+    ids = torch.randint(0, len(tokenizer), (97,), generator=torch.Generator().manual_seed(0)).tolist()
+    policies = {"full": None, "one": SnapKV(budget=1.0, window=8), "small": SnapKV(budget=0.2, window=8, score="obc-joint")}
+    results = fidelity.evaluate_fidelity(model, ids, 64, policies)
+    full, one, small = results["full"], results["one"], results["small"]
+    assert full.kl == 0.0 and full.top1 == 1.0 and full.layer_errors == [0.0, 0.0]
+    assert (one.perplexity, one.kl, one.top1, one.layer_errors) == (full.perplexity, full.kl, full.top1, full.layer_errors)
+    # the full-cache perplexity is the plain model's on the same tokens
+    with torch.no_grad():
+        logits = model(torch.tensor([ids[:-1]])).logits[0, 64:]
+    plain = torch.nn.functional.cross_entropy(logits, torch.tensor(ids[65:])).exp()
+    assert full.perplexity == pytest.approx(float(plain), rel=1e-4)
+    assert small.kl > 0 and 0 <= small.top1 <= 1 and all(e > 0 for e in small.layer_errors)
+    assert small.kept_tokens == round(0.2 * 64) and one.kept_tokens == 64
+
+
+def test_kl_of_a_model_with_itself_is_zero(model, tokenizer):
+    ids = list(range(10, 60))
+    first = fidelity.teacher_forced(model, EvictableCache(), ids[:-1])
+    second = fidelity.teacher_forced(model, EvictableCache(), ids[:-1])
+    perplexity, kl, top1, errors = fidelity.compare(first, second, torch.tensor(ids[1:]))
+    assert kl == 0.0 and top1 == 1.0 and errors == [0.0, 0.0] and perplexity > 1
+
+
+# ---------------------------------------------------------------- oracle
+
+
+def test_greedy_step_deletes_the_token_whose_exact_removal_costs_least():
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 12, 8), torch.randn(2, 20, 8), torch.randn(2, 20, 8)
+    kept = oracle.greedy_oracle(q, k, v, 0.5, [19])[19]
+    for head in range(2):
+        errors = []
+        for p in range(20):
+            rest = torch.tensor([[i for i in range(20) if i != p]] * 2)
+            errors.append(float(oracle.kept_set_errors(q, k, v, 0.5, rest)[0][head]))
+        dropped = sorted(set(range(20)) - set(kept[head].tolist()))
+        assert dropped == [min(range(20), key=errors.__getitem__)]
+
+
+def test_greedy_oracle_beats_attention_top_k_on_random_data():
+    torch.manual_seed(1)
+    q, k, v = torch.randn(2, 30, 8), torch.randn(2, 64, 8) * 2, torch.randn(2, 64, 8)
+    for size, kept in oracle.greedy_oracle(q, k, v, 0.4, [4, 16, 32]).items():
+        weights = torch.softmax(0.4 * q @ k.transpose(-1, -2), -1).sum(1)  # attention received by the future queries
+        top = weights.topk(size, -1).indices.sort(-1).values
+        assert oracle.kept_set_errors(q, k, v, 0.4, kept)[0].sum() <= oracle.kept_set_errors(q, k, v, 0.4, top)[0].sum()
+
+
+def test_oracle_is_never_worse_than_any_score_and_exact_at_full_budget(model):
+    ids = torch.randint(0, 512, (100,), generator=torch.Generator().manual_seed(2)).tolist()
+    policies = {(name, score, budget): cls(budget=budget, window=8, score=score)
+                for name, cls in (("h2o", H2O), ("snapkv", SnapKV))
+                for score in ("attention", "obc-value", "obc-key", "obc-joint") for budget in (0.1, 0.3, 1.0)}
+    policies[("full", None, None)] = None
+    per_policy, best, greedy = oracle.evaluate_oracle(model, ids, 80, policies, [0, 1], step=0.1)
+    assert set(best) == set(greedy) == {8, 24}
+    for key, result in per_policy.items():
+        if result.kept_tokens == 80:
+            assert result.layer_errors == [0.0, 0.0], key
+        else:
+            assert all(o <= e + 1e-6 for o, e in zip(best[result.kept_tokens].layer_errors, result.layer_errors)), key
+            assert result.error > 0
+
+
+def test_grid_runs_fidelity_and_oracle_and_the_report_renders(model, tokenizer, tmp_path):
+    for task in ("niah_single_number", "fidelity", "oracle"):
+        run_eval(small_spec(tmp_path, task, samples=1, out=tmp_path / "all"), model=model, tokenizer=tokenizer, progress=False)
+    rows = read_rows(tmp_path / "all" / "results.jsonl")
+    oracle_rows = [r for r in rows if r["task"] == "oracle" and r["policy"] == "oracle"]
+    assert sorted(r["budget"] for r in oracle_rows) == [0.1, 0.5]
+    from obcache.evaluation.report import write_report
+
+    text = write_report(tmp_path / "all").read_text()
+    assert "| full cache |" in text and "| snapkv | obc-joint |" in text and "gap closed" in text
+    assert "(+" in text or "(-" in text  # differences to attention
+    pngs = list((tmp_path / "all").glob("*.png"))
+    assert len(pngs) == 6 and all(p.stat().st_size < 300_000 for p in pngs)
+
+
+# ---------------------------------------------------------------- bad input: clear errors before model work
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="obcache")
+    register(parser.add_subparsers(dest="command", required=True))
+    return parser.parse_args(argv)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["eval", "niah_nope"], "invalid choice"),
+    (["eval", "fidelity", "--policies", "h2o,lru"], "unknown policy 'lru'"),
+    (["eval", "fidelity", "--scores", "attention,magic"], "unknown score 'magic'"),
+    (["eval", "fidelity", "--budgets", "0.1,abc"], "not a number"),
+])
+def test_bad_names_fail_in_argument_parsing(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        parse(argv)
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--budgets", "1.5"], "out of range"),
+    (["--budgets", "0"], "out of range"),
+    (["--budgets", "0.001", "--lengths", "1000"], "fewer than"),
+    (["--depths", "1.5"], "depths"),
+    (["--kernel", "9", "--policies", "tova"], "option"),
+])
+def test_bad_values_fail_before_loading(extra, message, no_model_loading, tmp_path):
+    args = parse(["eval", "niah_single_number", "--out", str(tmp_path / "x"), *extra])
+    with pytest.raises(ValueError, match=message):
+        args.run(args)
+
+
+def test_unwritable_output_dir_fails_before_loading(no_model_loading, tmp_path):
+    (tmp_path / "file").write_text("")
+    args = parse(["eval", "fidelity", "--out", str(tmp_path / "file" / "out")])
+    with pytest.raises(ValueError, match="not writable"):
+        args.run(args)
+
+
+def test_length_above_the_model_window_fails_before_any_prefill(model, tokenizer, tmp_path):
+    spec = small_spec(tmp_path, lengths=(LENGTH, 2100))  # the tiny model's window is 2048 positions
+    with pytest.raises(ValueError, match="max_position_embeddings=2048"):
+        run_eval(spec, model=model, tokenizer=tokenizer, progress=False)
+    assert read_rows(spec.out / "results.jsonl") == []
+
+
+# ---------------------------------------------------------------- the real model
+
+
+@pytest.mark.model
+def test_full_cache_answers_single_needles_at_2k(tmp_path):
+    """The prompt format works: the default model finds single needles at 2k tokens with the full cache."""
+    correct = []
+    for task in ("niah_single_number", "niah_single_word", "niah_single_uuid"):
+        spec = EvalSpec(task=task, policies=(), lengths=(2048,), depths=(0.1, 0.5, 0.9), samples=1, out=tmp_path)
+        correct += [r["correct"] for r in read_rows(run_eval(spec, progress=False)) if r["task"] == task]
+    assert len(correct) == 9 and sum(correct) >= 6
+
+
+def test_prefix_match_gives_partial_credit_per_expected_value():
+    from obcache.evaluation.report import prefix_match
+
+    assert prefix_match({"prediction": " 5304.", "expected": ["5304908"]}) == pytest.approx(4 / 7)
+    assert prefix_match({"prediction": "ABC and xyz", "expected": ["abc", "xyq"]}) == pytest.approx((1 + 2 / 3) / 2)
+    assert prefix_match({"prediction": "none", "expected": ["42"]}) == 0.0
