@@ -1,4 +1,4 @@
-"""`obcache` on the command line: generate, demo, eval, report, bench."""
+"""`obcache` on the command line: generate, demo, eval, report, bench (the last three live with their modules)."""
 
 from __future__ import annotations
 
@@ -124,6 +124,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--query-agnostic", action="store_true", help="ask the question after compression")
     add_model_arguments(demo)
     demo.set_defaults(run=command_demo)
+
+    from obcache.benchmark import register as register_bench  # here: they build on this module's helpers
+    from obcache.evaluation.cli import register as register_evaluation
+
+    register_evaluation(commands)
+    register_bench(commands)
     return parser
 
 
