@@ -58,6 +58,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--window", type=int, default=16, help="query window of H2O / SnapKV")
     parser.add_argument("--repeats", type=int, default=5, help="repetitions of each per-layer scoring timing")
     parser.add_argument("--model", default=None, help="model alias or folder (default SmolLM2-135M-Instruct)")
+    parser.add_argument("--random-weights", choices=sorted(RANDOM_SHAPES), default=None,
+                        help="random weights of this shape instead of a checkpoint (timing/memory only)")
     parser.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"])
     parser.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
     parser.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: float32 on CPU, bf16 on CUDA)")
@@ -363,12 +365,37 @@ def _read_status(field: str) -> int:
     raise KeyError(field)
 
 
+# Shapes for --random-weights: speed and memory do not depend on the weights' values, so a GPU
+# machine can be benchmarked without shipping checkpoints (and at a scale the CPU cannot run).
+RANDOM_SHAPES = {
+    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                         num_key_value_heads=3, vocab_size=49152, rope_theta=100000.0, max_position_embeddings=8192,
+                         tie_word_embeddings=True),
+    "llama-3.1-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                         num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0, max_position_embeddings=131072,
+                         tie_word_embeddings=False),
+}
+
+
+def load_benchmark_model(name: str | None, random_weights: str | None, attn: str, dtype, device):
+    """The model to measure: a real checkpoint (load_model) or random weights of a known shape."""
+    from obcache.loading import load_model, resolve_dtype
+
+    if random_weights is None:
+        return load_model(name, attn_implementation=attn, dtype=dtype, device=device)[0]
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    config = LlamaConfig(**RANDOM_SHAPES[random_weights], attn_implementation=attn)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=resolve_dtype(dtype, device))
+    return model.eval()
+
+
 def memory_worker(config: dict) -> dict:
     """One prefill (plain or with SnapKV + obc-joint) in this fresh process; its peak memory."""
-    from obcache.loading import load_model
-
     torch.set_num_threads(config["threads"])
-    model, _ = load_model(config["model"], attn_implementation=config["attn"], dtype=config["dtype"], device=config["device"])
+    model = load_benchmark_model(config["model"], config["random_weights"], config["attn"], config["dtype"], config["device"])
     device = model.device
     ids = _prompt(config["length"], model.config.vocab_size, device)
     policy = SnapKV(budget=0.1, window=config["window"], score="obc-joint") if config["evict"] else None
@@ -432,7 +459,7 @@ def bench_length(model, length: int, args, device) -> dict:
         result["full_history"] = [measure_full_history(recorder, cache, s, device) for s in ("attention", "obc-joint")]
     del cache, recorder
     if not args.no_memory:
-        base = {"length": length, "model": args.model, "attn": args.attn, "dtype": args.dtype,
+        base = {"length": length, "model": args.model, "random_weights": args.random_weights, "attn": args.attn, "dtype": args.dtype,
                 "device": str(device), "threads": args.threads, "window": args.window}
         result["memory"] = {"plain": run_memory_worker({**base, "evict": False}),
                             "evict": run_memory_worker({**base, "evict": True})}
@@ -440,8 +467,8 @@ def bench_length(model, length: int, args, device) -> dict:
 
 
 def run(args: argparse.Namespace) -> dict:
-    from obcache.loading import load_model
-
+    if args.random_weights is not None and args.model is not None:
+        raise ValueError("give --model or --random-weights, not both")
     if any(length < 2 * args.window for length in args.lengths):
         raise ValueError(f"every length must be at least twice the window ({args.window})")
     if any(not 0 < b <= 1 for b in args.budgets):
@@ -449,9 +476,9 @@ def run(args: argparse.Namespace) -> dict:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
-    model, _ = load_model(args.model, attn_implementation=args.attn, dtype=args.dtype, device=device)
+    model = load_benchmark_model(args.model, args.random_weights, args.attn, args.dtype, device)
     report = {"machine": machine(), "device": str(device), "dtype": str(model.dtype), "attn": args.attn,
-              "model": args.model or "smollm2-135m-instruct", "window": args.window, "new_tokens": args.new_tokens,
+              "model": f"random weights, {args.random_weights} shape" if args.random_weights else args.model or "smollm2-135m-instruct", "window": args.window, "new_tokens": args.new_tokens,
               "command": " ".join(sys.argv), "kv_heads": model.config.num_key_value_heads,
               "query_heads": model.config.num_attention_heads, "lengths": []}
     with torch.no_grad():  # warm-up, with and without eviction: first-call costs stay out of the timings

@@ -124,7 +124,8 @@ def _offline_config(source: str):
         ) from err
 
 
-def _dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:
+def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:
+    """None -> float32 on CPU, bfloat16 on CUDA; strings like "bf16" -> torch dtypes."""
     if dtype is None:
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     if isinstance(dtype, torch.dtype):
@@ -162,7 +163,7 @@ def load_model(
     if attn_implementation not in ("sdpa", "eager"):
         raise ValueError(f"attn_implementation must be 'sdpa' or 'eager', not {attn_implementation!r}")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = _dtype(dtype, device)
+    dtype = resolve_dtype(dtype, device)
     source = _resolve(name)
     check_supported_config(_offline_config(source))
     model = AutoModelForCausalLM.from_pretrained(

@@ -61,7 +61,7 @@ def test_bad_dtype(dtype, no_weight_loading):
      ("float16", "cpu", torch.float16), (torch.float32, "cuda", torch.float32)],
 )
 def test_dtype_resolution(dtype, device, expected):
-    assert loading._dtype(dtype, torch.device(device)) is expected
+    assert loading.resolve_dtype(dtype, torch.device(device)) is expected
 
 
 @pytest.mark.parametrize("name", ["/no/such/folder", "some-org/not-a-cached-model"])
