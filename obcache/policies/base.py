@@ -19,7 +19,7 @@ from typing import Callable, ClassVar
 
 import torch
 
-from obcache.scores import check_score_kind
+from obcache.scores import check_score_kind, saliency
 
 
 @dataclass
@@ -78,7 +78,7 @@ class Policy:
         self._check_budget()
         if self.score is not None:
             check_score_kind(self.score)
-        _check_count("sinks", self.sinks, minimum=0)
+        check_count("sinks", self.sinks, minimum=0)
 
     # -- what subclasses define --
 
@@ -95,6 +95,15 @@ class Policy:
     def token_scores(self, layer: LayerState) -> torch.Tensor:
         """Importance of every cached token, [B, Hkv, L] float32 (higher = keep)."""
         raise NotImplementedError
+
+    def window_scores(self, layer: LayerState, start: int, end: int) -> torch.Tensor:
+        """The policy's score from prompt queries start..end-1 over the keys they see, [B, Hkv, end]."""
+        queries, outputs = layer.window(start, end)
+        mask = layer.key_mask[:, :end] if layer.key_mask is not None else None
+        return saliency(
+            queries, layer.keys[:, :, :end], layer.values[:, :, :end], self.score,
+            scaling=layer.scaling, key_mask=mask, outputs=outputs,
+        )
 
     # -- shared machinery --
 
@@ -167,6 +176,25 @@ class Policy:
             raise ValueError(f"budget {budget} out of range: an int budget is the number of tokens kept, >= 1")
 
 
-def _check_count(name: str, value: int, *, minimum: int) -> None:
+@dataclass
+class WindowPolicy(Policy):
+    """A policy scored by its last `window` prompt queries, which it also keeps."""
+
+    window: int = 16
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_count("window", self.window, minimum=1)
+
+    @property
+    def window_protected(self) -> int:
+        return self.window
+
+    @property
+    def min_context(self) -> int:
+        return self.window
+
+
+def check_count(name: str, value: int, *, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")

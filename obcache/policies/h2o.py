@@ -12,12 +12,11 @@ from typing import ClassVar
 
 import torch
 
-from obcache.policies.base import LayerState, Policy, _check_count
-from obcache.scores import saliency
+from obcache.policies.base import LayerState, WindowPolicy, check_count
 
 
 @dataclass
-class H2O(Policy):
+class H2O(WindowPolicy):
     """H2O with any score. window: query window and protected recent tokens.
 
     chunk_elements bounds each chunk's [B, Hq, chunk, L] score temporaries in
@@ -27,41 +26,22 @@ class H2O(Policy):
     """
 
     name: ClassVar[str] = "h2o"
-    window: int = 16
     full_history: bool = False
     chunk_elements: int = 1 << 20
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check_count("window", self.window, minimum=1)
-        _check_count("chunk_elements", self.chunk_elements, minimum=1)
-
-    @property
-    def window_protected(self) -> int:
-        return self.window
-
-    @property
-    def min_context(self) -> int:
-        return self.window
+        check_count("chunk_elements", self.chunk_elements, minimum=1)
 
     def token_scores(self, layer: LayerState) -> torch.Tensor:
         length = layer.length
         if not self.full_history:
-            queries, outputs = layer.window(length - self.window, length)
-            return saliency(
-                queries, layer.keys, layer.values, self.score,
-                scaling=layer.scaling, key_mask=layer.key_mask, outputs=outputs,
-            )
+            return self.window_scores(layer, length - self.window, length)
         batch, kv_heads = layer.keys.shape[:2]
         chunk = max(1, self.chunk_elements // (batch * layer.query_heads * length))
         total = torch.zeros(batch, kv_heads, length, device=layer.keys.device)
         for start in range(0, length, chunk):
             # Queries start..end-1 see keys 0..end-1: they are the last of keys[:end].
             end = min(length, start + chunk)
-            mask = layer.key_mask[:, :end] if layer.key_mask is not None else None
-            queries, outputs = layer.window(start, end)
-            total[..., :end] += saliency(
-                queries, layer.keys[:, :, :end], layer.values[:, :, :end], self.score,
-                scaling=layer.scaling, key_mask=mask, outputs=outputs,
-            )
+            total[..., :end] += self.window_scores(layer, start, end)
         return total

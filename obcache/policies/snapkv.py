@@ -13,45 +13,30 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from obcache.policies.base import LayerState, Policy, _check_count
-from obcache.scores import saliency
+from obcache.policies.base import LayerState, WindowPolicy, check_count
 
 POOLINGS = ("max", "avg", "none")
 
 
 @dataclass
-class SnapKV(Policy):
+class SnapKV(WindowPolicy):
     """SnapKV with any score. pooling: "max" | "avg" | "none" over `kernel` positions (odd)."""
 
     name: ClassVar[str] = "snapkv"
-    window: int = 16
     pooling: str = "max"
     kernel: int = 7
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check_count("window", self.window, minimum=1)
-        _check_count("kernel", self.kernel, minimum=1)
+        check_count("kernel", self.kernel, minimum=1)
         if self.pooling not in POOLINGS:
             raise ValueError(f"unknown pooling {self.pooling!r}; allowed: {', '.join(POOLINGS)}")
         if self.kernel % 2 == 0:
             raise ValueError(f"kernel must be odd so pooling keeps positions aligned, got {self.kernel}")
 
-    @property
-    def window_protected(self) -> int:
-        return self.window
-
-    @property
-    def min_context(self) -> int:
-        return self.window
-
     def token_scores(self, layer: LayerState) -> torch.Tensor:
         length = layer.length
-        queries, outputs = layer.window(length - self.window, length)
-        scores = saliency(
-            queries, layer.keys, layer.values, self.score,
-            scaling=layer.scaling, key_mask=layer.key_mask, outputs=outputs,
-        )
+        scores = self.window_scores(layer, length - self.window, length)
         prefix = scores[..., : length - self.window]
         if self.pooling == "none" or prefix.shape[-1] == 0:
             return scores

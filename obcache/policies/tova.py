@@ -12,7 +12,6 @@ from typing import ClassVar
 import torch
 
 from obcache.policies.base import LayerState, Policy
-from obcache.scores import saliency
 
 
 @dataclass
@@ -22,9 +21,4 @@ class TOVA(Policy):
     name: ClassVar[str] = "tova"
 
     def token_scores(self, layer: LayerState) -> torch.Tensor:
-        length = layer.length
-        queries, outputs = layer.window(length - 1, length)
-        return saliency(
-            queries, layer.keys, layer.values, self.score,
-            scaling=layer.scaling, key_mask=layer.key_mask, outputs=outputs,
-        )
+        return self.window_scores(layer, layer.length - 1, layer.length)
