@@ -23,6 +23,8 @@ class GenerationResult:
 
     kept_per_layer: tokens per KV head in each layer right after eviction.
     cache_bytes_full / cache_bytes_kept: KV bytes before and after eviction.
+    prefill_seconds includes eviction_seconds; decode_seconds covers feeding the
+    question (query-agnostic mode) and the greedy decoding.
     """
 
     text: str
