@@ -1,6 +1,7 @@
 """Attach a policy to a transformers model with forward hooks.
 
-Two hooks, removed on exit:
+`PrefillHooks` finds each layer's prefill; `EvictionHooks` (what
+`policy.attach(model)` returns) adds eviction. Hooks, removed on exit:
 
 1. before the decoder's forward: give it an `EvictableCache` (replacing an
    empty `DynamicCache`), check the prompt (left padding only, long enough for
@@ -31,27 +32,32 @@ from obcache.models import FamilyAdapter, attention_layers, check_attention_impl
 from obcache.policies.base import LayerState, Policy
 
 
-class EvictionHooks:
-    """Context manager returned by `policy.attach(model)`; safe to re-enter."""
+class PrefillHooks:
+    """Hands each attention layer's state right after its prefill forward to `on_prefill`.
 
-    def __init__(self, model: nn.Module, policy: Policy):
+    A context manager: a post-hook on every attention module, and a pre-hook on
+    its output projection that captures the per-head attention outputs the
+    model just computed (so the scores need not recompute them).
+    """
+
+    def __init__(self, model: nn.Module):
         self.adapter = check_supported_config(model.config)
         check_attention_implementation(model)
         self.model = model
-        self.policy = policy
         self.decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
         self.attentions = attention_layers(self.decoder)
-        self._signature = inspect.signature(self.decoder.forward)
         self._handles: list = []
         # Attention outputs (o_proj inputs [B, q, Hq * d]) of the current forward, per layer index;
         # each is dropped by the attention module's own post-hook right after.
         self._outputs: dict[int, torch.Tensor] = {}
 
-    def __enter__(self) -> "EvictionHooks":
-        self._handles.append(self.decoder.register_forward_pre_hook(self._before_forward, with_kwargs=True))
+    def on_prefill(self, layer_idx: int, state: LayerState, cache: EvictableCache) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):
         for attention in self.attentions:
             self._handles.append(attention.register_forward_hook(self._after_attention, with_kwargs=True))
-            projection = getattr(attention, self.adapter.output_projection, None)
+            projection = getattr(attention, self.adapter.output_projection or "", None)
             if projection is not None:
                 self._handles.append(projection.register_forward_pre_hook(self._capture(attention.layer_idx)))
         return self
@@ -70,7 +76,41 @@ class EvictionHooks:
 
         return hook
 
-    # -- hook 1: the decoder's forward --
+    def _after_attention(self, module, args, kwargs, output):
+        outputs = self._outputs.pop(module.layer_idx, None)
+        cache = kwargs.get("past_key_values")
+        if not isinstance(cache, EvictableCache) or module.layer_idx in cache.evicted_layers:
+            return  # decoding steps end here
+        state = prefill_layer_state(self.adapter, module, args, kwargs, outputs=outputs)
+        if state is not None:
+            with torch.no_grad():
+                self.on_prefill(module.layer_idx, state, cache)
+
+
+class EvictionHooks(PrefillHooks):
+    """Context manager returned by `policy.attach(model)`; safe to re-enter.
+
+    Adds a pre-hook on the decoder (cache, prompt checks, masks, positions) and
+    evicts each layer as soon as its prefill forward is done.
+    """
+
+    def __init__(self, model: nn.Module, policy: Policy):
+        super().__init__(model)
+        self.policy = policy
+        self._signature = inspect.signature(self.decoder.forward)
+
+    def __enter__(self) -> "EvictionHooks":
+        self._handles.append(self.decoder.register_forward_pre_hook(self._before_forward, with_kwargs=True))
+        return super().__enter__()
+
+    def on_prefill(self, layer_idx: int, state: LayerState, cache: EvictableCache) -> None:
+        start = time.perf_counter()
+        indices = self.policy.select(state)
+        if indices is None:
+            cache.mark_kept_all(layer_idx)
+        else:
+            cache.keep(layer_idx, indices)
+        cache.eviction_seconds += time.perf_counter() - start
 
     def _before_forward(self, module, args, kwargs):
         if args:  # positional arguments: name them (transformers itself passes keywords only)
@@ -104,25 +144,6 @@ class EvictionHooks:
             if kwargs.get("position_ids") is None:
                 kwargs["position_ids"] = cache.positions_for(query_length, inputs.device)
         return (), kwargs
-
-    # -- hook 2: each attention module, after its forward --
-
-    def _after_attention(self, module, args, kwargs, output):
-        outputs = self._outputs.pop(module.layer_idx, None)
-        cache = kwargs.get("past_key_values")
-        if not isinstance(cache, EvictableCache) or module.layer_idx in cache.evicted_layers:
-            return  # decoding steps end here
-        start = time.perf_counter()
-        state = prefill_layer_state(self.adapter, module, args, kwargs, outputs=outputs)
-        if state is None:
-            return
-        with torch.no_grad():
-            indices = self.policy.select(state)
-        if indices is None:
-            cache.mark_kept_all(module.layer_idx)
-        else:
-            cache.keep(module.layer_idx, indices)
-        cache.eviction_seconds += time.perf_counter() - start
 
 
 def prefill_layer_state(

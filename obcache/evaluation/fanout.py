@@ -4,9 +4,8 @@ Eviction happens after each layer's attention forward, so the prefill's own
 outputs never depend on the policy. One hooked prefill on a full
 `EvictableCache` therefore serves any number of policies: after each
 attention module, every policy's `select(state)` sees the same `LayerState`
-that `policy.attach(model)` would give it (including the captured input of
-the output projection, where the hooks pass it), and its per-layer indices are
-recorded. `SharedPrefill.evicted(key)` then builds that policy's evicted cache
+that `policy.attach(model)` would give it (the same `PrefillHooks`), and its
+per-layer indices are recorded. `SharedPrefill.evicted(key)` then builds that policy's evicted cache
 with `EvictableCache.subset`, exactly as `obcache.generate` would have left it.
 
     shared = shared_prefill(model, ids, {"full": None, "snap": SnapKV(budget=0.1)})
@@ -15,7 +14,6 @@ with `EvictableCache.subset`, exactly as `obcache.generate` would have left it.
 
 from __future__ import annotations
 
-import inspect
 import time
 from collections.abc import Hashable, Mapping
 from dataclasses import dataclass
@@ -25,13 +23,8 @@ from torch import nn
 
 from obcache.cache import EvictableCache
 from obcache.generation import forward_tokens
-from obcache.hooks import prefill_layer_state
-from obcache.models import attention_layers, check_attention_implementation, check_supported_config
-from obcache.policies.base import Policy
-
-# The hooks hand the captured o_proj input to the scores when prefill_layer_state accepts it;
-# so does the fan-out, to stay bit-identical with `policy.attach(model)`.
-_PASSES_OUTPUTS = "outputs" in inspect.signature(prefill_layer_state).parameters
+from obcache.hooks import PrefillHooks
+from obcache.policies.base import LayerState, Policy
 
 
 @dataclass
@@ -55,51 +48,34 @@ class SharedPrefill:
         return self.cache.subset(self.indices[key])
 
 
+class _Recorder(PrefillHooks):
+    """Records every policy's kept indices per layer; evicts nothing."""
+
+    def __init__(self, model: nn.Module, policies: Mapping[Hashable, Policy | None]):
+        super().__init__(model)
+        self.policies = {key: policy for key, policy in policies.items() if policy is not None}
+        self.indices: dict[Hashable, list[torch.Tensor | None]] = {key: [None] * len(self.attentions) for key in policies}
+        self.seconds = dict.fromkeys(policies, 0.0)
+
+    def on_prefill(self, layer_idx: int, state: LayerState, cache: EvictableCache) -> None:
+        for key, policy in self.policies.items():
+            start = time.perf_counter()
+            self.indices[key][layer_idx] = policy.select(state)
+            self.seconds[key] += time.perf_counter() - start
+
+
 @torch.no_grad()
 def shared_prefill(model: nn.Module, ids: list[int], policies: Mapping[Hashable, Policy | None]) -> SharedPrefill:
     """Prefill `ids` (batch 1) once with the full cache and record each policy's kept indices.
 
     A None policy keeps everything. Every policy's `check_prompt` runs before the forward.
     """
-    adapter = check_supported_config(model.config)
-    check_attention_implementation(model)
-    for policy in policies.values():
-        if policy is not None:
-            policy.check_prompt([len(ids)])
-    layers = attention_layers(model)
-    indices: dict[Hashable, list[torch.Tensor | None]] = {key: [None] * len(layers) for key in policies}
-    seconds = dict.fromkeys(policies, 0.0)
-
-    outputs: dict[int, torch.Tensor] = {}
-
-    def capture(layer_idx: int):
-        def hook(module, args):
-            outputs[layer_idx] = args[0]
-
-        return hook
-
-    def after_attention(module, args, kwargs, output):
-        captured = outputs.pop(module.layer_idx, None)
-        extra = {"outputs": captured} if _PASSES_OUTPUTS else {}
-        state = prefill_layer_state(adapter, module, args, kwargs, **extra)
-        if state is None:
-            return
-        for key, policy in policies.items():
-            if policy is not None:
-                start = time.perf_counter()
-                indices[key][module.layer_idx] = policy.select(state)
-                seconds[key] += time.perf_counter() - start
-
+    recorder = _Recorder(model, policies)
+    for policy in recorder.policies.values():
+        policy.check_prompt([len(ids)])
     cache = EvictableCache(config=model.config)
-    handles = [layer.register_forward_hook(after_attention, with_kwargs=True) for layer in layers]
-    projection = getattr(adapter, "output_projection", None) if _PASSES_OUTPUTS else None
-    if projection is not None:
-        handles += [getattr(layer, projection).register_forward_pre_hook(capture(layer.layer_idx)) for layer in layers]
-    try:
+    with recorder:
         start = time.perf_counter()
         logits = forward_tokens(model, cache, ids)
-        elapsed = time.perf_counter() - start - sum(seconds.values())
-    finally:
-        for handle in handles:
-            handle.remove()
-    return SharedPrefill(cache, logits, indices, seconds, elapsed)
+        elapsed = time.perf_counter() - start - sum(recorder.seconds.values())
+    return SharedPrefill(cache, logits, recorder.indices, recorder.seconds, elapsed)
