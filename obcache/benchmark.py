@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 
 from obcache.cache import EvictableCache
+from obcache.models import attention_layers, check_attention_implementation, check_supported_config
 from obcache.policies import H2O, TOVA, LayerState, Policy, SnapKV, StreamingLLM
 from obcache.scores import SCORE_KINDS, saliency
 
@@ -147,10 +148,9 @@ class Recorder:
     """
 
     def __init__(self, model, rows: int, full_layer: int):
-        from obcache.hooks import EvictionHooks
-
-        probe = EvictionHooks(model, SnapKV(budget=1.0, window=1))  # validation and adapter only
-        self.adapter, self.attentions = probe.adapter, probe.attentions
+        self.adapter = check_supported_config(model.config)
+        check_attention_implementation(model)
+        self.attentions = attention_layers(model)
         self.rows, self.full_layer = rows, full_layer
         self.saved: dict[int, dict] = {}
         self._outputs: dict[int, torch.Tensor] = {}

@@ -27,7 +27,7 @@ from torch import nn
 from obcache.cache import EvictableCache
 from obcache.evaluation.fanout import shared_prefill
 from obcache.generation import forward_tokens
-from obcache.models import attention_layers
+from obcache.models import attention_layers, check_supported_config
 from obcache.policies.base import Policy
 
 
@@ -55,6 +55,7 @@ class _Pass:
 @torch.no_grad()
 def teacher_forced(model: nn.Module, cache: EvictableCache, ids: list[int]) -> _Pass:
     """Feed `ids` on `cache` in one forward; capture every layer's `o_proj` input."""
+    projection = check_supported_config(model.config).output_projection
     layers = attention_layers(model)
     outputs: list[torch.Tensor | None] = [None] * len(layers)
 
@@ -64,7 +65,7 @@ def teacher_forced(model: nn.Module, cache: EvictableCache, ids: list[int]) -> _
 
         return hook
 
-    handles = [layer.o_proj.register_forward_pre_hook(capture(i)) for i, layer in enumerate(layers)]
+    handles = [getattr(layer, projection).register_forward_pre_hook(capture(i)) for i, layer in enumerate(layers)]
     try:
         logits = forward_tokens(model, cache, ids, every_position=True)
     finally:
