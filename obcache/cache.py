@@ -1,89 +1,83 @@
-"""A transformers `DynamicCache` that can shrink to the tokens a policy keeps.
+"""A transformers `Cache` whose layers can shrink to the tokens a policy keeps.
 
-Eviction keeps a different set of tokens for every KV head, so after it the
-cache is shorter than the number of tokens the model has seen. Two lengths are
-tracked:
+After eviction a layer holds fewer slots than the tokens the model has seen,
+and its KV heads may hold different numbers of slots. The cache keeps the two
+lengths apart:
 
-- the *physical* length (`get_seq_length()`): cached slots, which attention
-  masks must match;
-- the *logical* length (`seen_tokens`): tokens seen so far, from which new
-  tokens take their RoPE positions.
+- `get_seq_length()` is the *logical* length, the tokens seen so far, as
+  transformers' `generate` expects: continuing on the cache (another
+  `generate` call, a new chat turn) feeds only the new tokens, at their true
+  positions;
+- each layer's slots (`layouts.py`) carry the position of the token they hold,
+  from which the attention masks are built (`attention.py`).
 
-Keys and values stay [B, Hkv, kept, d], never repeated to the query heads, in
-original position order. Left padding of a batch is tracked by `slot_mask`.
+Evicted caches are read by obcache's attention function only: use them under
+`policy.attach(model)` (or `obcache.attach(model)`); elsewhere `update` raises.
 """
 
 from __future__ import annotations
 
+import copy
+
 import torch
-from transformers import DynamicCache
+from transformers.cache_utils import Cache
+
+from obcache.layouts import RaggedLayer, UniformLayer
 
 
-class EvictableCache(DynamicCache):
-    """`DynamicCache` plus eviction bookkeeping; one instance per generation.
+class EvictableCache(Cache):
+    """Per-layer uniform or ragged slots plus the logical length; one instance per generation.
 
     Attributes:
-        seen_tokens: logical length (tokens fed to the model so far).
-        prompt_mask: [B, prompt length] bool, False for left padding; None when
-            no row is padded.
-        slot_mask: the same over physical slots (after eviction and new tokens).
-        left_padding: [B] number of padding tokens before each row's prompt.
-        full_bytes: bytes the evicted layers held before eviction.
+        seen_tokens: logical length (tokens fed to the model so far, padding included).
+        left_padding: [B] padding tokens before each row's prompt, or None.
+        full_bytes: bytes the evicted layers held before their first eviction.
         eviction_seconds: time spent scoring and evicting.
     """
 
-    def __init__(self, config=None):
-        super().__init__(config=config)
+    def __init__(self, config=None):  # config: accepted for DynamicCache compatibility
+        super().__init__(layer_class_to_replicate=UniformLayer)
         self.seen_tokens = 0
-        self.prompt_mask: torch.Tensor | None = None
-        self.slot_mask: torch.Tensor | None = None
         self.left_padding: torch.Tensor | None = None
         self.evicted_layers: set[int] = set()
         self.full_bytes = 0
         self.eviction_seconds = 0.0
+        self.attached = False  # set by the hooks around each forward they see
+        self.query_positions: torch.Tensor | None = None  # [q] positions of the current forward's tokens
+        self._new_positions: torch.Tensor | None = None  # [B, q] int32, -1 = padding
+        self._pending = False  # begin_forward ran for the forward about to update layer 0
 
-    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        if layer_idx == 0:
-            self.seen_tokens += key_states.shape[-2]
-        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+    # -- one forward --
 
-    # -- prompt bookkeeping (called before the forward that fills the cache) --
+    def begin_forward(self, attention_mask: torch.Tensor | None, batch: int, query_length: int, device) -> None:
+        """Record the new tokens of a forward: their positions and which are padding (2-D mask over seen + new)."""
+        if attention_mask is not None:
+            if attention_mask.shape[-1] != self.seen_tokens + query_length:
+                raise ValueError(
+                    f"attention_mask covers {attention_mask.shape[-1]} tokens, but the cache has seen "
+                    f"{self.seen_tokens} and {query_length} are new"
+                )
+            if self.seen_tokens == 0:
+                self._record_padding(attention_mask)
+        positions = torch.arange(self.seen_tokens, self.seen_tokens + query_length, device=device)
+        self.query_positions = positions
+        new = positions.to(torch.int32).expand(batch, -1)
+        if attention_mask is not None and not bool(attention_mask[:, -query_length:].all()):
+            new = new.masked_fill(~attention_mask[:, -query_length:].bool().to(device), -1)
+        self._new_positions = new
+        self._pending = True
 
-    def start(self, attention_mask: torch.Tensor | None) -> None:
-        """Record the prompt's padding. Only left padding is allowed."""
-        if attention_mask is None or bool(attention_mask.all()):
+    def _record_padding(self, mask: torch.Tensor) -> None:
+        """Only left padding is allowed in a prompt."""
+        mask = mask.bool()
+        if bool(mask.all()):
             return
-        mask = attention_mask.bool()
-        # Left padding: once a row has a real token, all later tokens are real.
         if bool((mask[:, :-1] & ~mask[:, 1:]).any()):
             raise ValueError(
                 "attention_mask has padding after real tokens (right padding or holes); "
                 "obcache needs left padding: set tokenizer.padding_side = 'left'"
             )
-        self.prompt_mask = self.slot_mask = mask
         self.left_padding = (~mask).sum(-1)
-
-    def attention_mask_for(self, attention_mask: torch.Tensor | None, query_length: int) -> torch.Tensor | None:
-        """Turn a logical 2-D mask (seen + new tokens) into one over physical slots."""
-        if attention_mask is not None and attention_mask.shape[-1] != self.seen_tokens + query_length:
-            raise ValueError(
-                f"attention_mask covers {attention_mask.shape[-1]} tokens, but the cache has seen "
-                f"{self.seen_tokens} and {query_length} are new"
-            )
-        if self.slot_mask is None and (attention_mask is None or bool(attention_mask[:, -query_length:].all())):
-            return None
-        batch = self.slot_mask.shape[0] if self.slot_mask is not None else attention_mask.shape[0]
-        device = self.slot_mask.device if self.slot_mask is not None else attention_mask.device
-        past = self.slot_mask
-        if past is None:
-            past = torch.ones(batch, self.get_seq_length(), dtype=torch.bool, device=device)
-        new = (
-            attention_mask[:, -query_length:].bool()
-            if attention_mask is not None
-            else torch.ones(batch, query_length, dtype=torch.bool, device=device)
-        )
-        self.slot_mask = torch.cat([past, new.to(device)], dim=-1)
-        return self.slot_mask
 
     def positions_for(self, query_length: int, device: torch.device) -> torch.Tensor:
         """RoPE positions [B or 1, q] of the next tokens: they continue from the logical length."""
@@ -92,54 +86,106 @@ class EvictableCache(DynamicCache):
             positions = positions - self.left_padding.to(device).unsqueeze(-1)
         return positions
 
+    def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
+        if self.evicted_layers and not self.attached:
+            raise RuntimeError(
+                "this EvictableCache holds evicted layers, which only obcache's attention can read: "
+                "continue under `policy.attach(model)` or `obcache.attach(model)`"
+            )
+        if layer_idx == 0:
+            if not self._pending:
+                self.begin_forward(None, key_states.shape[0], key_states.shape[-2], key_states.device)
+            self._pending = False
+            self.seen_tokens += key_states.shape[-2]
+        while len(self.layers) <= layer_idx:
+            self.layers.append(UniformLayer())
+        return self.layers[layer_idx].update(key_states, value_states, self._new_positions)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        """The logical length: tokens seen so far (not the slots held)."""
+        return self.seen_tokens
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
+        if layer_idx >= len(self.layers):
+            return query_length, 0
+        return self.layers[layer_idx].get_mask_sizes(query_length)
+
     # -- eviction --
 
-    def keep(self, layer_idx: int, indices: torch.Tensor) -> None:
-        """Keep, in layer `layer_idx`, the tokens at `indices` [B, Hkv, kept] (sorted) of each KV head.
+    def keep(self, layer_idx: int, mask: torch.Tensor) -> None:
+        """Keep, in layer `layer_idx`, the slots of `mask` ([B, Hkv, n] for a uniform layer, [T] for a ragged one).
 
-        The new tensors are compact copies: the full-length ones are freed.
+        The new tensors are compact copies: the dropped slots are freed.
         """
         layer = self.layers[layer_idx]
-        self.full_bytes += layer.keys.nbytes + layer.values.nbytes
-        gather_index = indices.unsqueeze(-1).expand(-1, -1, -1, layer.keys.shape[-1])
-        layer.keys = layer.keys.gather(2, gather_index)
-        layer.values = layer.values.gather(2, gather_index)
-        self.evicted_layers.add(layer_idx)
-        if self.prompt_mask is not None:
-            # Left padding sorts first, and every head of a row keeps the same
-            # number of padding slots, so head 0 gives the row's slot mask.
-            self.slot_mask = self.prompt_mask.gather(1, indices[:, 0])
+        if layer_idx not in self.evicted_layers:
+            self.full_bytes += layer.nbytes()
+            self.evicted_layers.add(layer_idx)
+        self.layers[layer_idx] = layer.keep(mask)
 
-    def subset(self, indices: list[torch.Tensor | None]) -> "EvictableCache":
-        """A new cache holding, per layer, the tokens at `indices[layer]` (None = all) of this full cache.
+    def mark_kept_all(self, layer_idx: int) -> None:
+        """Record that layer `layer_idx` was visited and kept every token."""
+        if layer_idx not in self.evicted_layers:
+            self.full_bytes += self.layers[layer_idx].nbytes()
+            self.evicted_layers.add(layer_idx)
+
+    def subset(self, masks: list[torch.Tensor | None]) -> EvictableCache:
+        """A new cache holding, per layer, the slots of `masks[layer]` (None = all) of this one.
 
         Lets one prefill serve many policies: record each policy's choice, then
         build each one's evicted cache from the shared full cache.
         """
         evicted = EvictableCache()
-        evicted.prompt_mask = evicted.slot_mask = self.prompt_mask
-        evicted.left_padding = self.left_padding
-        for layer_idx, (layer, chosen) in enumerate(zip(self.layers, indices)):
-            evicted.update(layer.keys, layer.values, layer_idx)
-            if chosen is None:
+        evicted.seen_tokens, evicted.left_padding = self.seen_tokens, self.left_padding
+        for layer_idx, (layer, mask) in enumerate(zip(self.layers, masks)):
+            evicted.layers.append(copy.copy(layer))  # shares the tensors, not the attributes
+            if mask is None:
                 evicted.mark_kept_all(layer_idx)
             else:
-                evicted.keep(layer_idx, chosen)
-        evicted.seen_tokens = self.seen_tokens
+                evicted.keep(layer_idx, mask)
         return evicted
 
-    def mark_kept_all(self, layer_idx: int) -> None:
-        """Record that layer `layer_idx` was visited and kept every token."""
-        layer = self.layers[layer_idx]
-        self.full_bytes += layer.keys.nbytes + layer.values.nbytes
-        self.evicted_layers.add(layer_idx)
+    # -- introspection --
 
-    # -- reporting --
+    def kept_positions(self, layer_idx: int) -> list[list[torch.Tensor]]:
+        """For each batch row and KV head, the sorted positions of the tokens it holds (prompt and generated).
+
+        Positions count from the row's first real token (its RoPE positions
+        when the batch is left-padded); padding slots are left out.
+        """
+        rows = self.layers[layer_idx].kept_positions()
+        if self.left_padding is None:
+            return [[heads.long() for heads in row] for row in rows]
+        return [[heads.long() - int(pad) for heads in row] for row, pad in zip(rows, self.left_padding.tolist())]
+
+    def head_lengths(self, layer_idx: int) -> torch.Tensor:
+        """[B, Hkv] real tokens held by each KV head of a layer."""
+        return self.layers[layer_idx].head_lengths()
+
+    def kept_tokens(self) -> list[float]:
+        """Mean real tokens per KV head in each layer."""
+        return [float(self.head_lengths(i).float().mean()) for i in range(len(self.layers))]
+
+    def is_ragged(self, layer_idx: int) -> bool:
+        return isinstance(self.layers[layer_idx], RaggedLayer)
 
     def nbytes(self) -> int:
-        """Bytes held by all cached keys and values."""
-        return sum(layer.keys.nbytes + layer.values.nbytes for layer in self.layers if layer.is_initialized)
+        """Bytes held by all cached keys and values (what eviction frees)."""
+        return sum(layer.nbytes() for layer in self.layers)
 
-    def kept_tokens(self) -> list[int]:
-        """Physical tokens per KV head in each layer."""
-        return [layer.get_seq_length() for layer in self.layers]
+    def index_nbytes(self) -> int:
+        """Bytes of the slot bookkeeping (positions, segment lengths)."""
+        return sum(layer.index_nbytes() for layer in self.layers)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        raise NotImplementedError("obcache caches do not support beam search; use greedy or sampling")
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("obcache caches cannot be cropped (assisted decoding is not supported)")
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if repeats != 1:
+            raise NotImplementedError("obcache caches do not support num_return_sequences > 1 or beam search")
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        raise NotImplementedError("obcache caches do not support selecting batch rows")

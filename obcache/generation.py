@@ -49,7 +49,7 @@ class GenerationResult:
         kept = self.kept_per_layer[0] if self.kept_per_layer else 0
         compressed = self.context_tokens if self.cache_bytes_full and kept < self.context_tokens else None
         ratio = f"{self.cache_bytes_kept / self.cache_bytes_full:.1%}" if self.cache_bytes_full else "100%"
-        what = f"kept {kept}/{compressed} tokens per head" if compressed else "kept all tokens"
+        what = f"kept {kept:g}/{compressed} tokens per head" if compressed else "kept all tokens"
         return (
             f"{self.policy}: {what}, cache {self.cache_bytes_full / 2**20:.1f} -> {self.cache_bytes_kept / 2**20:.1f} MiB "
             f"({ratio}); prefill {self.prefill_seconds:.2f}s (eviction {self.eviction_seconds:.3f}s), "

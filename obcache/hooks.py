@@ -1,43 +1,46 @@
-"""Attach a policy to a transformers model with forward hooks.
+"""Attach obcache to a transformers model with forward hooks.
 
-`PrefillHooks` finds each layer's prefill; `EvictionHooks` (what
-`policy.attach(model)` returns) adds eviction. Hooks, removed on exit:
+`LayerHooks` is the one capture path: after every attention module's forward
+it hands the layer's `LayerState` (cached keys/values, the forward's queries
+rebuilt on demand, the attention outputs it computed) to `layer_done`. Eviction,
+the evaluation's fan-out, fidelity and oracle tasks and the benchmark all use it.
 
-1. before the decoder's forward: give it an `EvictableCache` (replacing an
-   empty `DynamicCache`), check the prompt (left padding only, long enough for
-   the policy) before any work, and on later calls translate the logical 2-D
-   attention mask to the shorter physical cache and fill in true positions;
-2. after each attention module's prefill forward: rebuild the window queries,
-   let the policy choose the kept tokens, and shrink that layer's cache at once
-   (so the full cache of all layers never coexists with scoring temporaries).
-   A pre-hook on the module's output projection (`o_proj`) hands the per-head
-   attention outputs the model just computed to the scores, so `obc-key` /
-   `obc-joint` need not recompute o_i = sum_p A_ip v_p.
+`EvictionHooks` (what `policy.attach(model)` and `obcache.attach(model)`
+return) adds, while entered:
 
-Per decoding step the hooks cost a few dictionary look-ups (no signature
-binding when the model is called with keyword arguments, as transformers does).
+1. the model's attention implementation switched to `obcache-sdpa` /
+   `obcache-eager` (attention.py), restored on exit;
+2. a pre-hook on the decoder: give it an `EvictableCache` (replacing an empty
+   `DynamicCache`), check the prompt (left padding only, long enough for the
+   policy) before any work, record the new tokens' positions in the cache,
+   fill in true RoPE positions if none were given, and pass the cache to the
+   attention function;
+3. after each attention module's first forward on a layer (the prefill):
+   let the policy choose the kept tokens and shrink that layer at once, so the
+   full caches of all layers never coexist with scoring temporaries.
 """
 
 from __future__ import annotations
 
 import inspect
 import time
-
 import torch
 from torch import nn
 from transformers import DynamicCache
 
+from obcache.attention import IMPLEMENTATIONS, register
 from obcache.cache import EvictableCache
+from obcache.layer_state import LayerState, Selector
 from obcache.models import FamilyAdapter, attention_layers, check_attention_implementation, check_supported_config
-from obcache.policies.base import LayerState, Policy
 
+class LayerHooks:
+    """Hands every attention layer's state, right after its forward, to `layer_done(layer_idx, state, cache, prefill)`.
 
-class PrefillHooks:
-    """Hands each attention layer's state right after its prefill forward to `on_prefill`.
-
-    A context manager: a post-hook on every attention module, and a pre-hook on
-    its output projection that captures the per-head attention outputs the
-    model just computed (so the scores need not recompute them).
+    `prefill` is True for the forward that first filled the layer. Only
+    forwards on an `EvictableCache` are reported, and only uniform layers.
+    A context manager: a post-hook on every attention module, and a pre-hook
+    on its output projection that captures the per-head attention outputs
+    the model just computed (so the scores need not recompute them).
     """
 
     def __init__(self, model: nn.Module):
@@ -51,8 +54,8 @@ class PrefillHooks:
         # each is dropped by the attention module's own post-hook right after.
         self._outputs: dict[int, torch.Tensor] = {}
 
-    def on_prefill(self, layer_idx: int, state: LayerState, cache: EvictableCache) -> None:
-        raise NotImplementedError
+    def layer_done(self, layer_idx: int, state: LayerState, cache: EvictableCache, prefill: bool) -> None:
+        """What to do with a layer's state (subclasses); by default nothing."""
 
     def __enter__(self):
         for attention in self.attentions:
@@ -79,37 +82,62 @@ class PrefillHooks:
     def _after_attention(self, module, args, kwargs, output):
         outputs = self._outputs.pop(module.layer_idx, None)
         cache = kwargs.get("past_key_values")
-        if not isinstance(cache, EvictableCache) or module.layer_idx in cache.evicted_layers:
-            return  # decoding steps end here
-        state = prefill_layer_state(self.adapter, module, args, kwargs, outputs=outputs)
+        if not isinstance(cache, EvictableCache):
+            return
+        state = layer_state(self.adapter, module, args, kwargs, outputs=outputs, num_layers=len(self.attentions))
         if state is not None:
+            prefill = module.layer_idx not in cache.evicted_layers and state.length == state_queries(args, kwargs)
             with torch.no_grad():
-                self.on_prefill(module.layer_idx, state, cache)
+                self.layer_done(module.layer_idx, state, cache, prefill)
 
 
-class EvictionHooks(PrefillHooks):
-    """Context manager returned by `policy.attach(model)`; safe to re-enter.
+class EvictionHooks(LayerHooks):
+    """Context manager returned by `policy.attach(model)`: evicts each layer right after its prefill.
 
-    Adds a pre-hook on the decoder (cache, prompt checks, masks, positions) and
-    evicts each layer as soon as its prefill forward is done.
+    With `policy=None` (`obcache.attach(model)`) it evicts nothing, but lets
+    the model run on caches evicted elsewhere. Not re-entrant: entering while
+    the model is attached raises.
     """
 
-    def __init__(self, model: nn.Module, policy: Policy):
+    def __init__(self, model: nn.Module, policy: Selector | None = None):
         super().__init__(model)
         self.policy = policy
         self._signature = inspect.signature(self.decoder.forward)
+        self._implementation: str | None = None
+        self._caches: list[EvictableCache] = []
 
     def __enter__(self) -> "EvictionHooks":
+        implementation = self.model.config._attn_implementation
+        if implementation in IMPLEMENTATIONS.values():
+            raise RuntimeError(
+                "obcache is already attached to this model (nested `attach`); "
+                "use one `with policy.attach(model):` block at a time"
+            )
+        register()
+        self.model.set_attn_implementation(IMPLEMENTATIONS[implementation])
+        self._implementation = implementation
         self._handles.append(self.decoder.register_forward_pre_hook(self._before_forward, with_kwargs=True))
+        self._handles.append(self.decoder.register_forward_hook(self._after_forward))
         return super().__enter__()
 
-    def on_prefill(self, layer_idx: int, state: LayerState, cache: EvictableCache) -> None:
+    def __exit__(self, *exc) -> None:
+        super().__exit__(*exc)
+        if self._implementation is not None:
+            self.model.set_attn_implementation(self._implementation)
+            self._implementation = None
+        for cache in self._caches:
+            cache.attached = False
+        self._caches.clear()
+
+    def layer_done(self, layer_idx: int, state: LayerState, cache: EvictableCache, prefill: bool) -> None:
+        if not prefill or self.policy is None:
+            return
         start = time.perf_counter()
-        indices = self.policy.select(state)
-        if indices is None:
+        mask = self.policy.select(state)
+        if mask is None:
             cache.mark_kept_all(layer_idx)
         else:
-            cache.keep(layer_idx, indices)
+            cache.keep(layer_idx, mask)
         cache.eviction_seconds += time.perf_counter() - start
 
     def _before_forward(self, module, args, kwargs):
@@ -119,7 +147,7 @@ class EvictionHooks(PrefillHooks):
         else:
             kwargs = dict(kwargs)
         inputs = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs.get("inputs_embeds")
-        query_length = inputs.shape[1]
+        batch, query_length = inputs.shape[:2]
         cache = kwargs.get("past_key_values")
         use_cache = kwargs.get("use_cache")
         if use_cache is None:
@@ -127,7 +155,7 @@ class EvictionHooks(PrefillHooks):
         if cache is None and not use_cache:
             return (), kwargs
         if cache is None or (type(cache) is DynamicCache and cache.get_seq_length() == 0):
-            cache = kwargs["past_key_values"] = EvictableCache(config=self.model.config)
+            cache = kwargs["past_key_values"] = EvictableCache()
         if not isinstance(cache, EvictableCache):
             raise TypeError(
                 f"obcache needs an EvictableCache or an empty DynamicCache, got a filled {type(cache).__name__}"
@@ -135,57 +163,79 @@ class EvictionHooks(PrefillHooks):
         mask = kwargs.get("attention_mask")
         if mask is not None and mask.ndim != 2:
             raise ValueError("obcache needs a 2-D attention mask (batch, tokens), not a prepared 4-D mask")
-        if cache.seen_tokens == 0:
-            cache.start(mask)
-            lengths = mask.sum(-1).tolist() if mask is not None else [query_length] * inputs.shape[0]
+        if cache.seen_tokens == 0 and self.policy is not None:
+            lengths = mask.sum(-1).tolist() if mask is not None else [query_length] * batch
             self.policy.check_prompt(lengths)
-        else:
-            kwargs["attention_mask"] = cache.attention_mask_for(mask, query_length)
-            if kwargs.get("position_ids") is None:
-                kwargs["position_ids"] = cache.positions_for(query_length, inputs.device)
+        cache.begin_forward(mask, batch, query_length, inputs.device)
+        if kwargs.get("position_ids") is None:
+            kwargs["position_ids"] = cache.positions_for(query_length, inputs.device)
+        kwargs["attention_mask"] = None  # the attention function masks from the cache's slot positions
+        kwargs["obcache_cache"] = cache
+        cache.attached = True
+        self._caches.append(cache)
         return (), kwargs
 
+    def _after_forward(self, module, args, output) -> None:
+        for cache in self._caches:
+            cache.attached = False
+        self._caches.clear()
 
-def prefill_layer_state(
-    adapter: FamilyAdapter, module: nn.Module, args, kwargs, *, outputs: torch.Tensor | None = None
+
+def state_queries(args, kwargs) -> int:
+    """Tokens of the forward an attention module just ran."""
+    hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+    return hidden.shape[1]
+
+
+def layer_state(
+    adapter: FamilyAdapter, module: nn.Module, args, kwargs, *, outputs: torch.Tensor | None = None, num_layers: int = 1
 ) -> LayerState | None:
-    """The policy's view of an attention layer right after the forward that filled its cache.
+    """The policy's view of a uniform attention layer right after a forward (None for a ragged layer).
 
-    None if the cache is not an `EvictableCache`, was already evicted, or held
-    tokens before this forward (only the prefill is evicted). `outputs`, if
-    given, is the input of the module's output projection in that forward,
-    [B, L, Hq * d] (per-head attention outputs, heads side by side); the state
-    then serves them sliced per head instead of letting the scores recompute them.
+    Only the slots of this forward's tokens (the last q) have queries and
+    outputs. `outputs`, if given, is the input of the module's output
+    projection in that forward, [B, q, Hq * d] (per-head attention outputs,
+    heads side by side); the state serves them sliced per head.
     """
     cache = kwargs.get("past_key_values")
     hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-    layer_idx = module.layer_idx
-    if not isinstance(cache, EvictableCache) or layer_idx in cache.evicted_layers:
-        return None
-    layer_cache = cache.layers[layer_idx]
-    if layer_cache.get_seq_length() != hidden.shape[1]:
+    layer = cache.layers[module.layer_idx]
+    if cache.is_ragged(module.layer_idx):
         return None
     cos, sin = kwargs["position_embeddings"]
+    first = layer.get_seq_length() - hidden.shape[1]  # slot of this forward's first token
 
-    query_heads = module.config.num_attention_heads
+    def rows(start: int, end: int) -> slice:
+        if start < first:
+            raise ValueError(f"only slots {first}.. were computed in this forward, not {start}")
+        return slice(start - first, end - first)
 
-    def queries(first: int, last: int) -> torch.Tensor:
-        return adapter.queries(module, hidden[:, first:last], cos[:, first:last], sin[:, first:last])
+    def queries(start: int, end: int) -> torch.Tensor:
+        part = rows(start, end)
+        return adapter.queries(module, hidden[:, part], cos[:, part], sin[:, part])
 
     window_outputs = None
     if outputs is not None and outputs.shape[:2] == hidden.shape[:2]:
+        query_heads = outputs.shape[-1] // module.head_dim  # this rank's heads under tensor parallelism
 
-        def window_outputs(first: int, last: int) -> torch.Tensor:
+        def window_outputs(start: int, end: int) -> torch.Tensor:
             # [B, W, Hq * dv] -> [B, Hq, W, dv]: the layout of the attention before its reshape (a view).
-            rows = outputs[:, first:last]
-            return rows.view(rows.shape[0], rows.shape[1], query_heads, -1).transpose(1, 2)
+            part = outputs[:, rows(start, end)]
+            return part.view(part.shape[0], part.shape[1], query_heads, -1).transpose(1, 2)
 
     return LayerState(
-        keys=layer_cache.keys,
-        values=layer_cache.values,
+        keys=layer.keys,
+        values=layer.values,
         scaling=module.scaling,
-        query_heads=query_heads,
-        key_mask=cache.prompt_mask,
+        query_heads=module.config.num_attention_heads * layer.keys.shape[1] // module.config.num_key_value_heads,
+        key_mask=layer.slot_mask(),
         queries=queries,
         outputs=window_outputs,
+        layer_idx=module.layer_idx,
+        num_layers=num_layers,
     )
+
+
+def attach(model: nn.Module, policy: Selector | None = None) -> EvictionHooks:
+    """Context manager: run `model` on obcache caches, evicting with `policy` (None: evict nothing)."""
+    return EvictionHooks(model, policy)

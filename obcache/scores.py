@@ -15,7 +15,11 @@ The OBCache scores are the squared first-order change of the window's
 attention outputs when the token's value row, key row or both are zeroed
 (Optimal Brain Damage with the Gauss-Newton Hessian); `exact-removal` is the
 exact squared output change of deleting the token (softmax renormalised).
-A KV head's score sums over the W queries and the G query heads sharing it.
+A KV head's score sums over the W queries and, with `gqa="sum"` (the paper),
+over the G query heads sharing it. With `gqa="pre-average"` (the default of the
+authors' second release) A, z and o are first averaged over the G query heads,
+and the score is formed once from the averages:
+A_ip -> mean_g A^g_ip, z_ip -> mean_g z^g_ip, o_i -> mean_g o^g_i.
 Pure torch; costs O(G*W*L*d) per KV head and never builds an L x L matrix
 (unless W = L).
 """
@@ -36,6 +40,11 @@ SCORE_KINDS: dict[str, str] = {
     "sum_i A_ip^2 ||v_p - o_i||^2 / (1-A_ip)^2",
 }
 
+GQA_REDUCTIONS: dict[str, str] = {
+    "sum": "sum the scores of the G query heads that share a KV head (the paper)",
+    "pre-average": "average A, z and o over the G query heads first, then score once (authors' v2 default)",
+}
+
 #: Lower clamp of 1 - A_ip in the `exact-removal` score.
 EXACT_REMOVAL_EPS = 1e-6
 
@@ -45,6 +54,13 @@ def check_score_kind(kind: str) -> str:
     if not isinstance(kind, str) or kind not in SCORE_KINDS:
         raise ValueError(f"unknown score kind {kind!r}; allowed kinds: {', '.join(SCORE_KINDS)}")
     return kind
+
+
+def check_gqa(gqa: str) -> str:
+    """Return `gqa` if it names a reduction in GQA_REDUCTIONS, else raise ValueError listing them."""
+    if not isinstance(gqa, str) or gqa not in GQA_REDUCTIONS:
+        raise ValueError(f"unknown gqa reduction {gqa!r}; allowed: {', '.join(GQA_REDUCTIONS)}")
+    return gqa
 
 
 def saliency(
@@ -57,6 +73,7 @@ def saliency(
     query_positions: torch.Tensor | Sequence[int] | None = None,
     key_mask: torch.Tensor | None = None,
     outputs: torch.Tensor | None = None,
+    gqa: str = "sum",
 ) -> torch.Tensor:
     """Score each cached token of each KV head; float32 [B, Hkv, L].
 
@@ -73,6 +90,8 @@ def saliency(
         input of its output projection). Saves one W x L product for `obc-key`,
         `obc-joint` and `exact-removal`; they are recomputed when None. Rows of
         queries that see no key are ignored.
+    gqa: how the G query heads of a KV head combine (GQA_REDUCTIONS): "sum" of
+        their scores, or "pre-average" of A, z and o before scoring.
 
     Computed in float32 whatever the input dtype. Returns, per KV head, the sum
     over the W queries and its G query heads. Keys that no window query can see
@@ -82,6 +101,7 @@ def saliency(
     ~1e-7 ||v_p||^2 / (1 - A_ip)^2 from expanding ||v_p - o_i||^2).
     """
     check_score_kind(kind)
+    check_gqa(gqa)
     batch, heads_kv, group, width, length = _check_shapes(queries, keys, values)
     if isinstance(scaling, bool) or not isinstance(scaling, (int, float)) or not math.isfinite(scaling):
         raise ValueError(f"scaling must be a finite number, got {scaling!r}")
@@ -121,6 +141,16 @@ def saliency(
             weights.view(batch, heads_kv, group, width, hi).masked_fill_(empty[:, None, None, :, None], 0.0)
         else:
             empty = None
+
+    if gqa == "pre-average" and group > 1:
+        # Average A, z (0 where hidden) and o over the group; from here on the group is one head.
+        z_masked.masked_fill_(hidden, 0.0)
+        weights = weights.view(batch, heads_kv, group, width, hi).mean(2)
+        z = z.view(batch, heads_kv, group, width, hi).mean(2)
+        if outputs is not None:
+            outputs = outputs.to(f32).view(batch, heads_kv, group, width, -1).mean(2)
+        group, rows = 1, width
+        z_masked = z.view(batch, heads_kv, 1, width, hi)[..., lo:hi]
 
     if kind == "attention":
         return _pad(_sum_rows(weights), length)

@@ -44,3 +44,9 @@ def tiny_model(family: str = "llama", *, attn: str = "sdpa", vocab_size: int = 5
 @pytest.fixture(params=sorted(FAMILIES))
 def family(request) -> str:
     return request.param
+
+
+def kept_indices(mask: torch.Tensor) -> torch.Tensor:
+    """Sorted kept positions [B, H, k] of a keep mask [B, H, L] in which every head keeps k tokens."""
+    batch, heads, _ = mask.shape
+    return mask.nonzero()[:, -1].view(batch, heads, -1)

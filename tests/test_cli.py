@@ -76,4 +76,4 @@ def test_generate_prints_answer_and_one_line_summary(tmp_path, capsys, monkeypat
     assert code == 0
     assert out.strip()  # the answer (random weights: any text)
     summary = err.strip().splitlines()[-1]
-    assert summary.startswith("SnapKV(budget=0.25, score='obc-joint'") and "tokens per head" in summary
+    assert summary.startswith("SnapKV(budget=0.25,") and "score='obc-joint'" in summary and "tokens per head" in summary

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import pytest
 import torch
-from transformers import AttentionInterface, DynamicCache
+from transformers import DynamicCache
 
-from obcache import H2O, TOVA, EvictableCache, SnapKV, StreamingLLM
-from obcache.policies.base import LayerState
-from tests.conftest import tiny_model
+import obcache
+from obcache import H2O, TOVA, AdaKV, EvictableCache, PyramidKV, SnapKV, StreamingLLM
+from obcache.layer_state import LayerState
+from tests.conftest import kept_indices, tiny_model
+from tests.reference import generate_with_logits, keep_masks_dropped, masked_reference
 
 PROMPT_LENGTH = 40
 
@@ -20,18 +20,28 @@ def prompt(batch: int = 1, length: int = PROMPT_LENGTH, seed: int = 1) -> torch.
     return torch.randint(1, 512, (batch, length), generator=generator)
 
 
-@dataclass
-class Recording(SnapKV):
-    """SnapKV that remembers what it saw and chose, per layer."""
+class Recording:
+    """Wraps any policy; remembers the states it saw and the keep masks it chose, per layer."""
 
-    chosen: list = field(default_factory=list, repr=False)
-    states: list = field(default_factory=list, repr=False)
+    def __init__(self, policy):
+        self.policy, self.states, self.chosen = policy, [], []
+        self.name = policy.name
+
+    @classmethod
+    def wrap(cls, policy) -> "Recording":
+        return cls(policy)
+
+    def check_prompt(self, lengths):
+        self.policy.check_prompt(lengths)
 
     def select(self, layer: LayerState):
-        indices = super().select(layer)
+        mask = self.policy.select(layer)
         self.states.append(layer)
-        self.chosen.append(indices)
-        return indices
+        self.chosen.append(mask)
+        return mask
+
+    def attach(self, model):
+        return obcache.attach(model, self)
 
 
 # ---------------------------------------------------------------- the cache shrinks
@@ -51,17 +61,17 @@ def test_cache_shrinks_to_budget_per_kv_head(budget, kept):
         assert layer.keys.untyped_storage().nbytes() == layer.keys.nbytes
     assert cache.full_bytes == 2 * 2 * (1 * 2 * PROMPT_LENGTH * 8 * 4)
     assert cache.nbytes() == cache.full_bytes * kept // PROMPT_LENGTH
-    assert cache.seen_tokens == PROMPT_LENGTH
+    assert cache.get_seq_length() == PROMPT_LENGTH  # the logical length: tokens seen, not slots held
 
 
 def test_kept_positions_are_sorted_and_protect_window_and_sinks():
     model = tiny_model()
-    policy = Recording(budget=12, window=5, sinks=2, score="obc-key")
+    policy = Recording.wrap(SnapKV(budget=12, window=5, sinks=2, score="obc-key"))
     with policy.attach(model), torch.no_grad():
         model(input_ids=prompt(batch=2))
-    for indices in policy.chosen:
+    for chosen in policy.chosen:
+        indices = kept_indices(chosen)
         assert indices.shape == (2, 2, 12)
-        assert torch.equal(indices, indices.sort(-1).values)
         for position in [0, 1, *range(PROMPT_LENGTH - 5, PROMPT_LENGTH)]:
             assert (indices == position).any(-1).all()
 
@@ -93,7 +103,7 @@ def test_recomputed_window_queries_reproduce_the_layer_output(family):
         captured[module] = args[0].detach()
 
     handles = [layer.self_attn.o_proj.register_forward_pre_hook(capture) for layer in model.model.layers]
-    policy = Recording(budget=1.0, window=6)
+    policy = Recording.wrap(SnapKV(budget=1.0, window=6))
     with policy.attach(model), torch.no_grad():
         model(input_ids=prompt(), past_key_values=EvictableCache(config=model.config))
     for handle in handles:
@@ -113,7 +123,7 @@ def test_recomputed_window_queries_reproduce_the_layer_output(family):
 def test_captured_outputs_equal_recomputed_in_float64(family):
     """The o_proj inputs the hooks hand to the scores are softmax(z) v over the full causal prefix."""
     model = tiny_model(family).double()
-    policy = Recording(budget=1.0, window=6, score="obc-joint")
+    policy = Recording.wrap(SnapKV(budget=1.0, window=6, score="obc-joint"))
     with policy.attach(model), torch.no_grad():
         model(input_ids=prompt(batch=2), past_key_values=EvictableCache(config=model.config))
     for state in policy.states:
@@ -129,12 +139,12 @@ def test_captured_outputs_equal_recomputed_in_float64(family):
 def test_eviction_with_captured_outputs_keeps_the_same_tokens(family):
     """Hooks (captured o) and a policy fed recomputed o choose the same tokens."""
     model = tiny_model(family)
-    policy = Recording(budget=0.3, window=6, score="obc-joint")
+    policy = Recording.wrap(SnapKV(budget=0.3, window=6, score="obc-joint"))
     with policy.attach(model), torch.no_grad():
         model(input_ids=prompt(batch=2), past_key_values=EvictableCache(config=model.config))
     for state, chosen in zip(policy.states, policy.chosen):
         recomputed = LayerState(state.keys, state.values, state.scaling, state.query_heads, state.key_mask, state.queries)
-        assert torch.equal(SnapKV.select(policy, recomputed), chosen)
+        assert torch.equal(policy.policy.select(recomputed), chosen)
 
 
 # ---------------------------------------------------------------- generation
@@ -165,78 +175,86 @@ def test_hooks_are_removed_on_exit():
     assert out.past_key_values.get_seq_length() == PROMPT_LENGTH
 
 
-def masked_reference(model, ids, chosen, steps):
-    """Greedy decoding with the FULL cache, masking (per KV head) the prompt tokens eviction dropped.
+# ---------------------------------------------------------------- against the masked full-cache reference
 
-    Uses a hand-written attention function, so it shares no code with obcache's cache or positions.
-    """
-    prompt_length = ids.shape[1]
-    drop = []
-    for indices in chosen:
-        keep = torch.zeros(indices.shape[0], indices.shape[1], prompt_length, dtype=torch.bool)
-        keep.scatter_(-1, indices, True)
-        drop.append(~keep)
 
-    def attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
-        groups = query.shape[1] // key.shape[1]
-        q_len, kv_len = query.shape[2], key.shape[2]
-        logits = scaling * query @ key.repeat_interleave(groups, 1).transpose(-1, -2)
-        future = torch.arange(kv_len)[None, :] > (torch.arange(q_len) + kv_len - q_len)[:, None]
-        mask = future[None, None].expand(logits.shape).clone()
-        if kv_len > prompt_length:  # decoding: the evicted prompt tokens are invisible
-            dropped = drop[module.layer_idx].repeat_interleave(groups, 1)[:, :, None, :]
-            mask[..., :prompt_length] |= dropped
-        weights = logits.masked_fill(mask, float("-inf")).softmax(-1)
-        return (weights @ value.repeat_interleave(groups, 1)).transpose(1, 2).contiguous(), None
+def left_padded_pair(pad: int = 9):
+    """A batch of 2: a full row and a row with `pad` left-padding tokens, and its attention mask."""
+    long, short = prompt(length=PROMPT_LENGTH, seed=2)[0], prompt(length=PROMPT_LENGTH - pad, seed=3)[0]
+    ids = torch.stack([long, torch.cat([torch.zeros(pad, dtype=torch.long), short])])
+    mask = torch.ones_like(ids)
+    mask[1, :pad] = 0
+    return ids, mask
 
-    AttentionInterface.register("obcache_masked_reference", attention)
-    original = model.config._attn_implementation
-    model.set_attn_implementation("obcache_masked_reference")
-    try:
-        return greedy(model, ids, steps), model(input_ids=greedy(model, ids, steps)).logits[:, -steps - 1 : -1]
-    finally:
-        model.set_attn_implementation(original)
+
+def assert_matches_reference(model, policy, ids, steps=6, attention_mask=None):
+    """Evicted generation == the full cache hiding exactly what each KV head dropped: tokens, and logits."""
+    recording = Recording.wrap(policy)
+    with recording.attach(model):
+        tokens, logits, cache = generate_with_logits(model, ids, steps, attention_mask)
+    reference_tokens, reference_logits = masked_reference(
+        model, ids, steps, keep_masks_dropped(recording.chosen), attention_mask
+    )
+    assert torch.equal(tokens, reference_tokens)
+    torch.testing.assert_close(logits, reference_logits, rtol=1e-4, atol=1e-4)
+    _, full_logits, _ = generate_with_logits(model, ids, steps, attention_mask)
+    assert not torch.allclose(logits, full_logits, atol=1e-3)  # eviction changed the outputs: the test has teeth
+    return recording, cache
 
 
 def test_tokens_after_eviction_get_true_positions(family):
     """Evicted cache + true positions == full cache with the dropped tokens masked out."""
     model = tiny_model(family)
-    ids = prompt()
-    policy = Recording(budget=12, window=4, score="obc-joint")
-    with policy.attach(model):
-        evicted = model.generate(
-            input_ids=ids, max_new_tokens=6, do_sample=False, pad_token_id=0,
-            output_scores=True, return_dict_in_generate=True,
-        )
-    reference_tokens, _ = masked_reference(model, ids, policy.chosen, 6)
-    assert torch.equal(evicted.sequences, reference_tokens)
+    assert_matches_reference(model, SnapKV(budget=12, window=4, score="obc-joint"), prompt())
 
 
 def test_evicted_logits_match_masked_reference_step_by_step():
+    """Driving the model by hand (no generate): positions filled in by the hooks, logits as the reference."""
     model = tiny_model()
     ids = prompt()
-    policy = Recording(budget=10, window=4, score="obc-value")
+    recording = Recording.wrap(H2O(budget=10, window=4, score="obc-value"))
     cache = EvictableCache(config=model.config)
     steps, tokens, logits = 5, [], []
-    with policy.attach(model), torch.no_grad():
+    with recording.attach(model), torch.no_grad():
         out = model(input_ids=ids, past_key_values=cache, logits_to_keep=1)
         for _ in range(steps):
+            logits.append(out.logits[:, -1])
             token = out.logits[:, -1].argmax(-1, keepdim=True)
             tokens.append(token)
-            out = model(input_ids=token, past_key_values=cache)  # positions filled in by the hooks
-            logits.append(out.logits[:, -1])
-    assert cache.seen_tokens == PROMPT_LENGTH + steps
+            out = model(input_ids=token, past_key_values=cache)
+    assert cache.get_seq_length() == PROMPT_LENGTH + steps
     assert cache.kept_tokens() == [10 + steps] * 2
-    reference_tokens, _ = masked_reference(model, ids, policy.chosen, steps)
+    reference_tokens, reference_logits = masked_reference(model, ids, steps, keep_masks_dropped(recording.chosen))
     assert torch.equal(torch.cat(tokens, 1), reference_tokens[:, PROMPT_LENGTH:])
+    torch.testing.assert_close(torch.stack(logits, 1), reference_logits, rtol=1e-4, atol=1e-4)
+
+
+MODES = {
+    "shared": lambda: SnapKV(budget=12, window=4, score="obc-joint", selection="shared"),
+    "chunk": lambda: H2O(budget=14, window=4, score="obc-key", chunk=3),
+    "shared-chunk": lambda: TOVA(budget=10, score="obc-value", selection="shared", chunk=4),
+    "adakv": lambda: AdaKV(SnapKV(budget=12, window=4, score="obc-joint"), alpha=0.2),
+    "adakv-chunk": lambda: AdaKV(H2O(budget=12, window=2, score="attention", chunk=2), alpha=0.5),
+    "pyramid": lambda: PyramidKV(SnapKV(budget=12, window=4, score="obc-key"), beta=2),
+    "adakv-pyramid": lambda: AdaKV(PyramidKV(TOVA(budget=0.3, score="obc-joint"), beta=3)),
+}
+
+
+@pytest.mark.parametrize("mode", sorted(MODES))
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_every_mode_matches_the_masked_reference(family, mode, attn):
+    """Uniform and ragged layouts, batch 2 with left padding, sdpa and eager, every family."""
+    model = tiny_model(family, attn=attn)
+    ids, mask = left_padded_pair()
+    recording, cache = assert_matches_reference(model, MODES[mode](), ids, attention_mask=mask)
+    if mode.startswith("adakv"):
+        assert any(cache.is_ragged(i) for i in range(2))
 
 
 def test_left_padded_batch_matches_rows_alone(family):
     model = tiny_model(family)
-    long, short = prompt(length=PROMPT_LENGTH, seed=2)[0], prompt(length=PROMPT_LENGTH - 9, seed=3)[0]
-    ids = torch.stack([long, torch.cat([torch.zeros(9, dtype=torch.long), short])])
-    mask = torch.ones_like(ids)
-    mask[1, :9] = 0
+    ids, mask = left_padded_pair()
+    long, short = ids[0], ids[1, 9:]
     # full budget: identical to plain generate on the padded batch
     plain = greedy(model, ids, 6, mask)
     with H2O(budget=1.0, window=4, score="obc-key").attach(model):
@@ -256,14 +274,15 @@ def test_padding_is_never_kept_over_real_tokens():
     ids = prompt(batch=2)
     mask = torch.ones_like(ids)
     mask[1, :30] = 0  # row 1 has only 10 real tokens, fewer than the budget
-    policy = Recording(budget=14, window=4, score="attention")
+    policy = Recording.wrap(SnapKV(budget=14, window=4, score="attention"))
     cache = EvictableCache(config=model.config)
     with policy.attach(model), torch.no_grad():
         model(input_ids=ids, attention_mask=mask, past_key_values=cache)
-    for indices in policy.chosen:
-        row = indices[1]  # [Hkv, 14]: the 10 real tokens (30..39) + 4 padding slots first
+    for chosen in policy.chosen:
+        row = kept_indices(chosen)[1]  # [Hkv, 14]: the 10 real tokens (30..39) + 4 padding slots first
         assert torch.equal(row[:, 4:], torch.arange(30, 40).expand(2, -1))
-    assert torch.equal(cache.slot_mask[1], torch.tensor([False] * 4 + [True] * 10))
+    assert torch.equal(cache.layers[0].slot_mask()[1], torch.tensor([False] * 4 + [True] * 10))
+    assert [p.tolist() for p in cache.kept_positions(0)[1]] == [list(range(10))] * 2  # counted from the first real token
 
 
 def test_tova_and_h2o_full_history_run_on_every_family(family):
@@ -309,23 +328,25 @@ def test_unsupported_model_family_is_rejected():
         SnapKV().attach(model)
 
 
-def test_one_prefill_serves_many_policies_via_subset():
+@pytest.mark.parametrize("make", [lambda: SnapKV(budget=12, window=4, score="obc-joint"),
+                                  lambda: AdaKV(SnapKV(budget=12, window=4, score="obc-joint"))])
+def test_one_prefill_serves_many_policies_via_subset(make):
     """Recording choices on a full prefill and taking `subset` equals evicting inside the prefill."""
-    from obcache.hooks import EvictionHooks
-
     model = tiny_model()
     ids = prompt(batch=2)
     mask = torch.ones_like(ids)
     mask[0, :3] = 0
-    policy = Recording(budget=12, window=4, score="obc-joint")
+    policy = Recording.wrap(make())
     evicted = EvictableCache(config=model.config)
     with policy.attach(model), torch.no_grad():
         model(input_ids=ids, attention_mask=mask, past_key_values=evicted)
     full = EvictableCache(config=model.config)
-    with EvictionHooks(model, SnapKV(budget=1.0, window=4)), torch.no_grad():
+    with obcache.attach(model), torch.no_grad():
         model(input_ids=ids, attention_mask=mask, past_key_values=full)
     subset = full.subset(policy.chosen)
-    assert subset.seen_tokens == evicted.seen_tokens == PROMPT_LENGTH
-    assert torch.equal(subset.slot_mask, evicted.slot_mask)
-    for a, b in zip(subset.layers, evicted.layers):
+    assert subset.get_seq_length() == evicted.get_seq_length() == PROMPT_LENGTH
+    for i, (a, b) in enumerate(zip(subset.layers, evicted.layers)):
+        assert type(a) is type(b)
         assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+        assert torch.equal(a.positions, b.positions)
+        assert subset.kept_positions(i)[0][1].tolist() == evicted.kept_positions(i)[0][1].tolist()

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from obcache import H2O, TOVA, SnapKV, StreamingLLM, make_policy, paper_preset
 from obcache.policies.base import LayerState
 from obcache.scores import saliency
+from tests.conftest import kept_indices
 
 B, HKV, G, L, D = 2, 2, 3, 48, 8
 
@@ -55,8 +56,8 @@ def test_unknown_names_list_the_allowed_values():
         SnapKV(kernel=4)
     with pytest.raises(ValueError, match="window"):
         H2O(window=0)
-    with pytest.raises(ValueError, match="no score"):
-        StreamingLLM(score="attention")
+    with pytest.raises(ValueError, match="takes no score"):
+        make_policy("streamingllm", score="attention")
 
 
 def test_check_prompt_names_the_problem():
@@ -73,7 +74,7 @@ def test_check_prompt_names_the_problem():
 def test_selection_is_topk_of_scores_plus_protected_in_position_order():
     layer = synthetic_layer()
     policy = H2O(budget=20, window=5, score="obc-joint")
-    indices = policy.select(layer)
+    indices = kept_indices(policy.select(layer))
     scores = saliency(layer.queries(L - 5, L), layer.keys, layer.values, "obc-joint", scaling=0.3)
     for b in range(B):
         for h in range(HKV):
@@ -83,7 +84,7 @@ def test_selection_is_topk_of_scores_plus_protected_in_position_order():
 
 def test_tova_uses_the_last_query_only():
     layer = synthetic_layer()
-    indices = TOVA(budget=10, score="attention").select(layer)
+    indices = kept_indices(TOVA(budget=10, score="attention").select(layer))
     last = layer.queries(L - 1, L).view(B, HKV, G, 1, D)
     weights = (0.3 * last @ layer.keys.unsqueeze(2).transpose(-1, -2)).softmax(-1).sum(2).squeeze(2)
     expected = weights.topk(10).indices.sort(-1).values
@@ -99,7 +100,7 @@ def test_snapkv_pools_the_prefix_scores(pooling):
     windows = padded.unfold(-1, 5, 1)  # [B, Hkv, L - 6, 5], written independently of the policy
     pooled = windows.max(-1).values if pooling == "max" else windows.sum(-1) / 5
     torch.testing.assert_close(policy.token_scores(layer)[..., : L - 6], pooled)
-    indices = policy.select(layer)  # max-pooling makes ties: check the top-k property, not one order
+    indices = kept_indices(policy.select(layer))  # max-pooling makes ties: check the top-k property, not one order
     assert torch.equal(indices[..., 10:], torch.arange(L - 6, L).expand(B, HKV, 6))
     chosen = torch.zeros_like(pooled, dtype=torch.bool).scatter_(-1, indices[..., :10], True)
     lowest_kept = pooled.masked_fill(~chosen, float("inf")).min(-1).values
@@ -119,7 +120,7 @@ def test_padding_slots_only_fill_what_real_tokens_cannot():
     mask = torch.ones(B, L, dtype=torch.bool)
     mask[1, :40] = False  # row 1: 8 real tokens
     layer = synthetic_layer(key_mask=mask)
-    indices = SnapKV(budget=12, window=4, score="obc-joint").select(layer)
+    indices = kept_indices(SnapKV(budget=12, window=4, score="obc-joint").select(layer))
     assert torch.equal(indices[1, :, 4:], torch.arange(40, 48).expand(HKV, -1))
     assert (indices[1, :, :4] < 40).all()
 
@@ -128,7 +129,7 @@ def test_sinks_are_the_first_real_tokens_of_each_row():
     mask = torch.ones(B, L, dtype=torch.bool)
     mask[0, :7] = False
     layer = synthetic_layer(key_mask=mask)
-    indices = StreamingLLM(budget=10, sinks=3).select(layer)
+    indices = kept_indices(StreamingLLM(budget=10, sinks=3).select(layer))
     assert indices[0, 0].tolist() == [7, 8, 9, *range(L - 7, L)]
     assert indices[1, 0].tolist() == [0, 1, 2, *range(L - 7, L)]
 

@@ -4,33 +4,13 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Callable
 
-from obcache.cli import EPILOG, add_model_arguments, parse_budget
+from obcache.cli_args import EPILOG, add_model_arguments, add_policy_options, comma_list, given_options, parse_budget
 from obcache.evaluation.runner import ALL_TASKS, EvalSpec
 from obcache.policies import POLICIES
 from obcache.scores import SCORE_KINDS
 
 TASK_HELP = "tasks:\n" + "\n".join(f"  {name:19s} {text}" for name, text in ALL_TASKS.items())
-
-
-def comma_list(item: Callable, allowed: dict | None = None, what: str = "value") -> Callable[[str], tuple]:
-    """An argparse type: 'a,b,c' -> (item(a), item(b), item(c)), each checked against `allowed`."""
-
-    def parse(text: str) -> tuple:
-        values = []
-        for part in filter(None, (p.strip() for p in text.split(","))):
-            if allowed is not None and part not in allowed:
-                raise argparse.ArgumentTypeError(f"unknown {what} {part!r}; allowed: {', '.join(allowed)}")
-            try:
-                values.append(item(part))
-            except ValueError:
-                raise argparse.ArgumentTypeError(f"{what} {part!r} is not valid") from None
-        if not values:
-            raise argparse.ArgumentTypeError(f"give at least one {what}")
-        return tuple(values)
-
-    return parse
 
 
 def _depth(text: str) -> float | None:
@@ -56,12 +36,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
                       help="compress with the question inside the prompt (the paper's NIAH setting)")
     mode.add_argument("--query-agnostic", dest="query_aware", action="store_false",
                       help="ask the question after compression (default)")
-    options = parser.add_argument_group("policy options (applied where a policy has them)")
-    options.add_argument("--window", type=int, help="query window / protected recent tokens (h2o, snapkv; default 16)")
-    options.add_argument("--kernel", type=int, help="snapkv pooling kernel (default 7)")
-    options.add_argument("--pooling", choices=["max", "avg", "none"], help="snapkv pooling (default max)")
-    options.add_argument("--sinks", type=int, help="first tokens always kept")
-    options.add_argument("--full-history", action="store_true", help="h2o: sum scores over every prompt query")
+    add_policy_options(parser, grid=True)
     run = parser.add_argument_group("run")
     run.add_argument("--out", type=Path, default=Path("obcache-eval"), help="results folder (results.jsonl is appended)")
     run.add_argument("--max-new-tokens", type=int, help="answer tokens (default: the expected answer's + 8)")
@@ -73,14 +48,14 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def spec_from_args(args: argparse.Namespace) -> EvalSpec:
-    options = {name: getattr(args, name) for name in ("window", "kernel", "pooling", "sinks") if getattr(args, name) is not None}
-    if args.full_history:
-        options["full_history"] = True
+    options = given_options(args)
+    axes = {name: options.pop(name) for name in ("selection", "chunk") if name in options}
     return EvalSpec(
         task=args.task, policies=args.policies, scores=args.scores, budgets=args.budgets, lengths=args.lengths,
         depths=args.depths, samples=args.samples, seed=args.seed, query_aware=args.query_aware, model=args.model,
-        out=args.out, options=options, max_new_tokens=args.max_new_tokens, future=args.future, layers=args.layers,
-        oracle_step=args.oracle_step,
+        out=args.out, options=options, selections=axes.get("selection", ("per-head",)), chunks=axes.get("chunk", (1,)),
+        allocations=args.allocation or ("uniform",), alpha=args.alpha, beta=args.beta,
+        max_new_tokens=args.max_new_tokens, future=args.future, layers=args.layers, oracle_step=args.oracle_step,
     )
 
 

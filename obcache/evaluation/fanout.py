@@ -4,9 +4,11 @@ Eviction happens after each layer's attention forward, so the prefill's own
 outputs never depend on the policy. One hooked prefill on a full
 `EvictableCache` therefore serves any number of policies: after each
 attention module, every policy's `select(state)` sees the same `LayerState`
-that `policy.attach(model)` would give it (the same `PrefillHooks`), and its
-per-layer indices are recorded. `SharedPrefill.evicted(key)` then builds that policy's evicted cache
-with `EvictableCache.subset`, exactly as `obcache.generate` would have left it.
+that `policy.attach(model)` would give it (the same hooks), and its per-layer
+keep masks are recorded. `SharedPrefill.evicted(key)` then builds that
+policy's evicted cache with `EvictableCache.subset`, exactly as
+`obcache.generate` would have left it; run the model on it under
+`obcache.attach(model)`.
 
     shared = shared_prefill(model, ids, {"full": None, "snap": SnapKV(budget=0.1)})
     cache = shared.evicted("snap")   # a fresh cache; shared.cache stays full
@@ -23,8 +25,8 @@ from torch import nn
 
 from obcache.cache import EvictableCache
 from obcache.generation import forward_tokens
-from obcache.hooks import PrefillHooks
-from obcache.policies.base import LayerState, Policy
+from obcache.hooks import EvictionHooks
+from obcache.layer_state import LayerState, Selector
 
 
 @dataclass
@@ -33,40 +35,42 @@ class SharedPrefill:
 
     cache: the full cache (never modified by `evicted`).
     logits: [1, V] next-token logits of the prefill (policy-independent).
-    indices: per key, per layer, the kept positions [1, Hkv, kept] (None = all).
+    masks: per key, per layer, the keep mask [1, Hkv, L] (None = all).
     select_seconds: per key, time spent scoring and selecting over all layers.
     """
 
     cache: EvictableCache
     logits: torch.Tensor
-    indices: dict[Hashable, list[torch.Tensor | None]]
+    masks: dict[Hashable, list[torch.Tensor | None]]
     select_seconds: dict[Hashable, float]
     prefill_seconds: float
 
     def evicted(self, key: Hashable) -> EvictableCache:
         """A new cache holding what the policy of `key` keeps (all tokens for a None policy)."""
-        return self.cache.subset(self.indices[key])
+        return self.cache.subset(self.masks[key])
 
 
-class _Recorder(PrefillHooks):
-    """Records every policy's kept indices per layer; evicts nothing."""
+class _Recorder(EvictionHooks):
+    """Records every policy's keep masks per layer at prefill; evicts nothing."""
 
-    def __init__(self, model: nn.Module, policies: Mapping[Hashable, Policy | None]):
+    def __init__(self, model: nn.Module, policies: Mapping[Hashable, Selector | None]):
         super().__init__(model)
         self.policies = {key: policy for key, policy in policies.items() if policy is not None}
-        self.indices: dict[Hashable, list[torch.Tensor | None]] = {key: [None] * len(self.attentions) for key in policies}
+        self.masks: dict[Hashable, list[torch.Tensor | None]] = {key: [None] * len(self.attentions) for key in policies}
         self.seconds = dict.fromkeys(policies, 0.0)
 
-    def on_prefill(self, layer_idx: int, state: LayerState, cache: EvictableCache) -> None:
+    def layer_done(self, layer_idx: int, state: LayerState, cache: EvictableCache, prefill: bool) -> None:
+        if not prefill:
+            return
         for key, policy in self.policies.items():
             start = time.perf_counter()
-            self.indices[key][layer_idx] = policy.select(state)
+            self.masks[key][layer_idx] = policy.select(state)
             self.seconds[key] += time.perf_counter() - start
 
 
 @torch.no_grad()
-def shared_prefill(model: nn.Module, ids: list[int], policies: Mapping[Hashable, Policy | None]) -> SharedPrefill:
-    """Prefill `ids` (batch 1) once with the full cache and record each policy's kept indices.
+def shared_prefill(model: nn.Module, ids: list[int], policies: Mapping[Hashable, Selector | None]) -> SharedPrefill:
+    """Prefill `ids` (batch 1) once with the full cache and record each policy's keep masks.
 
     A None policy keeps everything. Every policy's `check_prompt` runs before the forward.
     """
@@ -78,4 +82,4 @@ def shared_prefill(model: nn.Module, ids: list[int], policies: Mapping[Hashable,
         start = time.perf_counter()
         logits = forward_tokens(model, cache, ids)
         elapsed = time.perf_counter() - start - sum(recorder.seconds.values())
-    return SharedPrefill(cache, logits, recorder.indices, recorder.seconds, elapsed)
+    return SharedPrefill(cache, logits, recorder.masks, recorder.seconds, elapsed)

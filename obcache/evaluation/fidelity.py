@@ -27,8 +27,8 @@ from torch import nn
 from obcache.cache import EvictableCache
 from obcache.evaluation.fanout import shared_prefill
 from obcache.generation import forward_tokens
-from obcache.models import attention_layers, check_supported_config
-from obcache.policies.base import Policy
+from obcache.hooks import EvictionHooks
+from obcache.layer_state import LayerState, Selector
 
 
 @dataclass
@@ -52,26 +52,28 @@ class _Pass:
     outputs: list[torch.Tensor]
 
 
+class _Outputs(EvictionHooks):
+    """Runs the model on obcache caches and keeps every layer's attention outputs of the forward's tokens."""
+
+    def __init__(self, model: nn.Module, tokens: int):
+        super().__init__(model)
+        self.tokens = tokens
+        self.outputs: list[torch.Tensor | None] = [None] * len(self.attentions)
+
+    def layer_done(self, layer_idx: int, state: LayerState, cache: EvictableCache, prefill: bool) -> None:
+        end = state.length
+        start = end - self.tokens
+        outputs = state.outputs(start, end)[0]  # [Hq, M, d]
+        self.outputs[layer_idx] = outputs.transpose(0, 1).reshape(self.tokens, -1).float()
+
+
 @torch.no_grad()
 def teacher_forced(model: nn.Module, cache: EvictableCache, ids: list[int]) -> _Pass:
-    """Feed `ids` on `cache` in one forward; capture every layer's `o_proj` input."""
-    projection = check_supported_config(model.config).output_projection
-    layers = attention_layers(model)
-    outputs: list[torch.Tensor | None] = [None] * len(layers)
-
-    def capture(index: int):
-        def hook(module, args):
-            outputs[index] = args[0][0].float()
-
-        return hook
-
-    handles = [getattr(layer, projection).register_forward_pre_hook(capture(i)) for i, layer in enumerate(layers)]
-    try:
+    """Feed `ids` on `cache` in one forward; capture every layer's attention outputs (the `o_proj` input)."""
+    recorder = _Outputs(model, len(ids))
+    with recorder:
         logits = forward_tokens(model, cache, ids, every_position=True)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return _Pass(torch.log_softmax(logits.float(), dim=-1), outputs)
+    return _Pass(torch.log_softmax(logits.float(), dim=-1), recorder.outputs)
 
 
 def compare(full: _Pass, evicted: _Pass, targets: torch.Tensor) -> tuple[float, float, float, list[float]]:
@@ -84,7 +86,7 @@ def compare(full: _Pass, evicted: _Pass, targets: torch.Tensor) -> tuple[float, 
 
 
 def evaluate_fidelity(
-    model: nn.Module, ids: list[int], prompt_length: int, policies: Mapping[Hashable, Policy | None]
+    model: nn.Module, ids: list[int], prompt_length: int, policies: Mapping[Hashable, Selector | None]
 ) -> dict[Hashable, Fidelity]:
     """Prefill ids[:N] once (N = prompt_length), evict with each policy, teacher-force ids[N:-1].
 

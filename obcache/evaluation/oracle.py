@@ -31,16 +31,18 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from obcache.cache import EvictableCache
 from obcache.evaluation.fanout import shared_prefill
 from obcache.generation import forward_tokens
-from obcache.models import attention_layers, check_supported_config
-from obcache.policies.base import Policy
+from obcache.hooks import EvictionHooks
+from obcache.layer_state import LayerState, Selector
+from obcache.models import attention_layers
 
 
 def kept_set_errors(
     queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling: float, kept: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(E(S) [Hkv], sum_i ||o*_i||^2 [Hkv]) for kept positions `kept` [Hkv, B] (None = all).
+    """(E(S) [Hkv], sum_i ||o*_i||^2 [Hkv]) for the keep mask `kept` [Hkv, N] (None = all).
 
     queries [Hkv, R, d] (all R rows attend to every key), keys [Hkv, N, d], values [Hkv, N, dv].
     """
@@ -49,7 +51,7 @@ def kept_set_errors(
     full = torch.matmul(torch.softmax(z, -1), values)
     if kept is None:
         return torch.zeros(z.shape[0]), full.square().sum((-1, -2))
-    hidden = torch.ones_like(z[:, :1], dtype=torch.bool).scatter_(-1, kept[:, None], False)  # [Hkv, 1, N]
+    hidden = ~kept[:, None, :]  # [Hkv, 1, N]
     partial = torch.matmul(torch.softmax(z.masked_fill(hidden, float("-inf")), -1), values)
     return (partial - full).square().sum((-1, -2)), full.square().sum((-1, -2))
 
@@ -58,7 +60,7 @@ def kept_set_errors(
 def greedy_oracle(
     queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling: float, sizes: list[int], *, step: float = 0.05
 ) -> dict[int, torch.Tensor]:
-    """Greedy backward elimination (module docstring); kept positions [Hkv, B] (sorted) per size B.
+    """Greedy backward elimination (module docstring); keep mask [Hkv, N] per size B.
 
     Shapes as in `kept_set_errors`; every size in [1, N].
     """
@@ -77,7 +79,7 @@ def greedy_oracle(
     count = length
     while pending:
         if count == pending[0]:
-            results[pending.pop(0)] = alive.nonzero()[:, 1].view(heads, count)
+            results[pending.pop(0)] = alive.clone()
             continue
         weights = torch.softmax(z.masked_fill(~alive[:, None], float("-inf")), -1)  # A over S
         residual = torch.matmul(weights, v) - target  # r_i
@@ -106,34 +108,34 @@ class OracleResult:
         return sum(self.layer_errors) / len(self.layer_errors)
 
 
+class _Queries(EvictionHooks):
+    """Runs the model on obcache caches and keeps the post-RoPE queries [Hkv, G*M, d] of chosen layers."""
+
+    def __init__(self, model: nn.Module, layers: list[int], tokens: int):
+        super().__init__(model)
+        self.layers, self.tokens = set(layers), tokens
+        self.queries: dict[int, torch.Tensor] = {}
+
+    def layer_done(self, layer_idx: int, state: LayerState, cache: EvictableCache, prefill: bool) -> None:
+        if layer_idx in self.layers:
+            q = state.queries(state.length - self.tokens, state.length)[0]  # [Hq, M, d]
+            self.queries[layer_idx] = q.reshape(state.kv_heads, -1, q.shape[-1])  # head h -> KV head h // G
+
+
 @torch.no_grad()
-def future_queries(model: nn.Module, cache, ids: list[int], layers: list[int]) -> dict[int, torch.Tensor]:
+def future_queries(model: nn.Module, cache: EvictableCache, ids: list[int], layers: list[int]) -> dict[int, torch.Tensor]:
     """Post-RoPE queries [Hkv, G*M, d] of `ids` fed on `cache` (grown), per layer in `layers`."""
-    adapter = check_supported_config(model.config)
-    modules = attention_layers(model)
-    captured: dict[int, torch.Tensor] = {}
-
-    def capture(module, args, kwargs, output):
-        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-        cos, sin = kwargs["position_embeddings"]
-        q = adapter.queries(module, hidden, cos, sin)[0]  # [Hq, M, d]
-        heads_kv = module.config.num_key_value_heads
-        captured[module.layer_idx] = q.reshape(heads_kv, -1, q.shape[-1])  # head h -> KV head h // G
-
-    handles = [modules[i].register_forward_hook(capture, with_kwargs=True) for i in layers]
-    try:
+    recorder = _Queries(model, layers, len(ids))
+    with recorder:
         forward_tokens(model, cache, ids)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return captured
+    return recorder.queries
 
 
 def evaluate_oracle(
     model: nn.Module,
     ids: list[int],
     prompt_length: int,
-    policies: Mapping[Hashable, Policy | None],
+    policies: Mapping[Hashable, Selector | None],
     layers: list[int],
     *,
     step: float = 0.05,
@@ -151,7 +153,7 @@ def evaluate_oracle(
         raise ValueError(f"layers must be a non-empty list in [0, {len(modules) - 1}], got {layers}")
     shared = shared_prefill(model, ids[:prompt_length], policies)
     queries = future_queries(model, shared.cache.subset([None] * len(modules)), ids[prompt_length:], layers)
-    sizes = sorted({_kept(shared.indices[key], prompt_length) for key in policies} - {prompt_length})
+    sizes = sorted({_kept(policy, prompt_length) for policy in policies.values()} - {prompt_length})
 
     per_policy: dict[Hashable, list[float]] = {key: [] for key in policies}
     best: dict[int, list[float]] = {size: [] for size in sizes}
@@ -163,17 +165,18 @@ def evaluate_oracle(
         _, reference = kept_set_errors(q, keys, values, scaling, None)
         errors = {}
         for key in policies:
-            kept = shared.indices[key][layer]
+            kept = shared.masks[key][layer]
             errors[key] = kept_set_errors(q, keys, values, scaling, None if kept is None else kept[0])[0]
             per_policy[key].append(_relative(errors[key], reference))
         for size, kept in greedy_oracle(q, keys, values, scaling, sizes, step=step).items():
             greedy_error = kept_set_errors(q, keys, values, scaling, kept)[0]
             candidates = [greedy_error] + [
-                errors[key] for key in policies if _kept(shared.indices[key], prompt_length) == size
+                errors[key] for key, policy in policies.items()
+                if _kept(policy, prompt_length) == size and _uniform(shared.masks[key][layer], size)
             ]
             greedy[size].append(_relative(greedy_error, reference))
             best[size].append(_relative(torch.stack(candidates).min(0).values, reference))  # per KV head
-    kept_of = {key: _kept(shared.indices[key], prompt_length) for key in policies}
+    kept_of = {key: _kept(policy, prompt_length) for key, policy in policies.items()}
     return (
         {key: OracleResult(errors, kept_of[key]) for key, errors in per_policy.items()},
         {size: OracleResult(errors, size) for size, errors in best.items()},
@@ -181,9 +184,14 @@ def evaluate_oracle(
     )
 
 
-def _kept(indices: list[torch.Tensor | None], length: int) -> int:
-    """Tokens per KV head a policy kept (the same in every layer)."""
-    return length if indices[0] is None else indices[0].shape[-1]
+def _kept(policy: Selector | None, length: int) -> int:
+    """Tokens per KV head a policy keeps on average (its budget)."""
+    return length if policy is None else policy.kept_tokens(length)
+
+
+def _uniform(mask: torch.Tensor | None, size: int) -> bool:
+    """Whether every head of a keep mask [1, Hkv, N] keeps `size` tokens (None: all of them)."""
+    return mask is None or bool((mask.sum(-1) == size).all())
 
 
 def _relative(errors: torch.Tensor, reference: torch.Tensor) -> float:

@@ -16,6 +16,7 @@ already there, and a half-written last line (a killed run) is cut off first.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import sys
@@ -26,8 +27,10 @@ from pathlib import Path
 
 import torch
 
+from obcache.cli_args import build_policy
 from obcache.evaluation.tasks import TASKS, make_sample, score_prediction
-from obcache.policies import POLICIES, Policy, make_policy
+from obcache.layer_state import Selector
+from obcache.policies import POLICIES, policy_allocation, policy_label, policy_options
 from obcache.scores import check_score_kind
 
 EXTRA_TASKS: dict[str, str] = {
@@ -56,6 +59,11 @@ class EvalSpec:
     model: str | None = None
     out: Path = Path("results")
     options: dict = field(default_factory=dict)  # policy fields (window, kernel, ...), where a policy has them
+    selections: tuple[str, ...] = ("per-head",)  # grid axes of the scored policies
+    chunks: tuple[int, ...] = (1,)
+    allocations: tuple[str, ...] = ("uniform",)
+    alpha: float = 0.2  # adakv
+    beta: float = 20.0  # pyramid
     max_new_tokens: int | None = None  # default: the expected answer's tokens + 8
     future: int = 256  # fidelity / oracle: tokens scored after the prompt
     layers: tuple[int, ...] | None = None  # oracle: captured layers (default: 4 spread over the model)
@@ -68,24 +76,33 @@ class EvalSpec:
         return "query-aware" if self.query_aware else "query-agnostic"
 
 
-def build_grid(spec: EvalSpec) -> dict[tuple[str, str | None, float | int | None], Policy | None]:
-    """(policy name, score, budget) -> policy, the full cache first (raises ValueError on bad input)."""
+def build_grid(spec: EvalSpec) -> dict[tuple[str, str | None, float | int | None], Selector | None]:
+    """(policy label, score, budget) -> policy, the full cache first (raises ValueError on bad input).
+
+    Scored policies run in every allocation x selection x chunk of the spec
+    (AdaKV with shared selection excepted: it has no meaning); StreamingLLM once.
+    """
     for name in spec.policies:
         if name not in POLICIES:
             raise ValueError(f"unknown policy {name!r}; allowed: {', '.join(POLICIES)}")
     for score in spec.scores:
         check_score_kind(score)
-    unused = set(spec.options) - {f for name in spec.policies for f in POLICIES[name].__dataclass_fields__}
+    unused = set(spec.options) - {f for name in spec.policies for f in policy_options(POLICIES[name])}
     if unused:
         raise ValueError(f"no chosen policy has the option(s) {', '.join(sorted(unused))}")
-    grid: dict[tuple[str, str | None, float | int | None], Policy | None] = {(FULL, None, None): None}
+    grid: dict[tuple[str, str | None, float | int | None], Selector | None] = {(FULL, None, None): None}
     for name in spec.policies:
-        options = {k: v for k, v in spec.options.items() if k in POLICIES[name].__dataclass_fields__}
-        scores = (None,) if name == "streamingllm" else spec.scores
-        for score in scores:
-            for budget in spec.budgets:
-                extra = {} if score is None else {"score": score}
-                grid[(name, score, budget)] = make_policy(name, budget=budget, **options, **extra)
+        scored = POLICIES[name].takes_score
+        modes = itertools.product(spec.allocations, spec.selections, spec.chunks) if scored else [("uniform", "per-head", 1)]
+        for allocation, selection, chunk in modes:
+            if allocation == "adakv" and selection == "shared":
+                continue
+            for score in spec.scores if scored else (None,):
+                for budget in spec.budgets:
+                    options = {**spec.options, "selection": selection, "chunk": chunk}
+                    policy = build_policy(name, budget=budget, score=score, options=options, allocation=allocation,
+                                          alpha=spec.alpha, beta=spec.beta, strict=False)
+                    grid[(policy_label(policy), score, budget)] = policy
     return grid
 
 
@@ -221,9 +238,13 @@ def run_eval(spec: EvalSpec, *, model=None, tokenizer=None, progress: bool = Tru
     return path
 
 
-def _policy_fields(key: tuple, policy: Policy | None) -> dict:
-    name, score, budget = key
-    return {"policy": name, "policy_repr": repr(policy) if policy is not None else "full cache", "score": score, "budget": budget}
+def _policy_fields(key: tuple, policy: Selector | None) -> dict:
+    label, score, budget = key
+    fields = {"policy": label, "policy_repr": repr(policy) if policy is not None else "full cache", "score": score,
+              "budget": budget}
+    if policy is not None:
+        fields.update(selection=policy.selection, chunk=policy.chunk, allocation=policy_allocation(policy))
+    return fields
 
 
 def _oracle_fields(name: str, spec: EvalSpec, budget: float | int) -> dict:
@@ -279,6 +300,7 @@ def _task_rows(spec: EvalSpec, model, tokenizer, unit: dict, missing: dict, adva
     """Greedy answers of every missing policy to one RULER-style sample, from one prefill."""
     from obcache.evaluation.fanout import shared_prefill
     from obcache.generation import continue_greedy, eos_token_ids
+    from obcache.hooks import attach
 
     sample = make_sample(spec.task, tokenizer, unit["length"], seed=spec.seed + unit["sample"], depth=unit["depth"])
     context_ids, question_ids = _prompt(sample, tokenizer)
@@ -291,7 +313,8 @@ def _task_rows(spec: EvalSpec, model, tokenizer, unit: dict, missing: dict, adva
         cache = shared.evicted(key)
         kept, nbytes = cache.kept_tokens()[0], cache.nbytes()
         start = time.perf_counter()
-        tokens = continue_greedy(model, cache, shared.logits, rest_ids, eos=eos, max_new_tokens=max_new)
+        with attach(model):
+            tokens = continue_greedy(model, cache, shared.logits, rest_ids, eos=eos, max_new_tokens=max_new)
         decode_seconds = time.perf_counter() - start
         prediction = tokenizer.decode(tokens, skip_special_tokens=True)
         rows.append({

@@ -1,28 +1,80 @@
-"""Eviction policies, each taking any score, and the paper's presets."""
+"""Eviction policies, each taking any score, the budget wrappers, and the paper's presets.
+
+Adding a policy: one module with a `Policy` (or `ScoredPolicy`) subclass, and
+one line in `REGISTRY` below; the command line, the evaluation grid, the demo
+and the benchmark read its name, summary and options from the class.
+"""
 
 from __future__ import annotations
 
-from obcache.policies.base import LayerState, Policy
+import dataclasses
+
+from obcache.layer_state import LayerState
+from obcache.policies.allocation import AdaKV, BudgetWrapper, PyramidKV
+from obcache.policies.base import Policy, ScoredPolicy
 from obcache.policies.h2o import H2O
 from obcache.policies.snapkv import SnapKV
 from obcache.policies.streaming import StreamingLLM
 from obcache.policies.tova import TOVA
 
-POLICIES: dict[str, type[Policy]] = {cls.name: cls for cls in (H2O, TOVA, SnapKV, StreamingLLM)}
+REGISTRY: tuple[type[Policy], ...] = (H2O, TOVA, SnapKV, StreamingLLM)
+POLICIES: dict[str, type[Policy]] = {cls.name: cls for cls in REGISTRY}
 
-POLICY_HELP: dict[str, str] = {
-    "h2o": "heavy hitters: scores summed over the last `window` queries (or all, --full-history); keeps the last `window` tokens",
-    "tova": "scores from the last query only; the whole budget goes to scored tokens",
-    "snapkv": "scores from an observation window of the last `window` queries, max-pooled (kernel 7); keeps the window",
-    "streamingllm": "no score: 4 sink tokens plus the most recent tokens",
+ALLOCATIONS: dict[str, str] = {
+    "uniform": "every KV head of every layer keeps the budget",
+    "adakv": "head-adaptive: per layer, budget x heads slots to the best scores, each head >= alpha x budget",
+    "pyramid": "per-layer budgets falling with depth, mean = budget (beta sets the slope)",
 }
 
 
-def make_policy(name: str, **kwargs) -> Policy:
-    """Build a policy by name ("h2o", "tova", "snapkv", "streamingllm")."""
+def policy_options(cls: type[Policy]) -> dict[str, dataclasses.Field]:
+    """The hyper-parameters of a policy class (its dataclass fields), by name."""
+    return {f.name: f for f in dataclasses.fields(cls)}
+
+
+def make_policy(name: str, **options) -> Policy:
+    """Build a policy by name ("h2o", "tova", "snapkv", "streamingllm") with its options."""
     if name not in POLICIES:
         raise ValueError(f"unknown policy {name!r}; allowed: {', '.join(POLICIES)}")
-    return POLICIES[name](**kwargs)
+    cls = POLICIES[name]
+    if options.get("score") is not None and not cls.takes_score:
+        raise ValueError(f"{name} takes no score: it keeps tokens by position")
+    unknown = sorted(set(options) - set(policy_options(cls)))
+    if unknown:
+        raise ValueError(f"{name} has no option {', '.join(unknown)}; its options: {', '.join(policy_options(cls))}")
+    return cls(**options)
+
+
+def allocate(policy: Policy, allocation: str = "uniform", *, alpha: float = 0.2, beta: float = 20.0) -> Policy | BudgetWrapper:
+    """Wrap `policy` for an allocation name: "uniform" (as is), "adakv" or "pyramid"."""
+    if allocation not in ALLOCATIONS:
+        raise ValueError(f"unknown allocation {allocation!r}; allowed: {', '.join(ALLOCATIONS)}")
+    if allocation == "adakv":
+        return AdaKV(policy, alpha=alpha)
+    if allocation == "pyramid":
+        return PyramidKV(policy, beta=beta)
+    return policy
+
+
+def policy_allocation(selector: Policy | BudgetWrapper) -> str:
+    """The allocation name of a (possibly wrapped) policy: "uniform", or the wrappers', outermost first."""
+    names = []
+    while isinstance(selector, BudgetWrapper):
+        names.append(selector.name)
+        selector = selector.policy
+    return "+".join(names) or "uniform"
+
+
+def policy_label(selector: Policy | BudgetWrapper) -> str:
+    """A short name of a policy's method: "snapkv", "snapkv+shared+chunk8", "adakv(snapkv)", ..."""
+    if isinstance(selector, BudgetWrapper):
+        return f"{selector.name}({policy_label(selector.policy)})"
+    parts = [selector.name]
+    if selector.selection == "shared":
+        parts.append("shared")
+    if selector.chunk > 1:
+        parts.append(f"chunk{selector.chunk}")
+    return "+".join(parts)
 
 
 PRESETS = ("niah", "longbench")
@@ -37,10 +89,11 @@ def paper_preset(setting: str, policy: str, *, budget: float | int, score: str |
     """
     if setting not in PRESETS:
         raise ValueError(f"unknown preset {setting!r}; allowed: {', '.join(PRESETS)}")
-    if policy == "streamingllm":
+    cls = POLICIES.get(policy)
+    if cls is None or not cls.takes_score:
         return make_policy(policy, budget=budget)
     kwargs: dict = {"budget": budget, "score": score or "attention"}
-    if policy in ("h2o", "snapkv"):
+    if "window" in policy_options(cls):
         if setting == "niah":
             kwargs["window"] = 16
         else:
@@ -51,4 +104,8 @@ def paper_preset(setting: str, policy: str, *, budget: float | int, score: str |
     return make_policy(policy, **kwargs)
 
 
-__all__ = ["POLICIES", "POLICY_HELP", "PRESETS", "H2O", "LayerState", "Policy", "SnapKV", "StreamingLLM", "TOVA", "make_policy", "paper_preset"]
+__all__ = [
+    "ALLOCATIONS", "AdaKV", "BudgetWrapper", "H2O", "LayerState", "POLICIES", "PRESETS", "Policy", "PyramidKV",
+    "REGISTRY", "ScoredPolicy", "SnapKV", "StreamingLLM", "TOVA", "allocate", "make_policy", "paper_preset",
+    "policy_allocation", "policy_label", "policy_options",
+]

@@ -1,8 +1,20 @@
-"""What every eviction policy shares: the budget, protected tokens and top-k selection.
+"""What every eviction policy shares: the budget, protected tokens and the selection pipeline.
 
-A policy sees one layer at a time, right after the prefill forward, through a
-`LayerState`, and answers with the positions each KV head keeps. Subclasses
+A policy sees one layer at a time, right after a forward, through a
+`LayerState`, and answers with a keep mask over the layer's slots. Subclasses
 only say how tokens are scored (`token_scores`) and which are protected.
+
+    select(layer) = allocate(prepared_scores(layer), layer_budget(layer), layer)
+
+- `prepared_scores`: the policy's scores [B, Hkv, L]; with `selection="shared"`
+  one row [B, 1, L] for all heads (`combine`); with `chunk > 1` span means; then
+  protected tokens +inf and padding -inf;
+- `layer_budget`: tokens kept per KV head in this layer;
+- `allocate`: the keep mask; here the top `budget` tokens of every head.
+
+Budget wrappers (`obcache.AdaKV`, `obcache.PyramidKV`) replace `allocate` or
+`layer_budget` of the policy they wrap, so they compose with any policy,
+score and selection mode.
 
 Budget vocabulary (one meaning everywhere): `budget` is what is **kept**, per
 layer and KV head, counting protected tokens:
@@ -14,71 +26,55 @@ layer and KV head, counting protected tokens:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, ClassVar
+from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 
-from obcache.scores import check_score_kind, saliency
+from obcache.layer_state import LayerState
+from obcache.scores import GQA_REDUCTIONS, SCORE_KINDS, check_gqa, check_score_kind, saliency
+from obcache.selection import HEAD_COMBINES, check_combine, chunk_scores, combine_heads, top_k_mask
+
+SELECTIONS: dict[str, str] = {
+    "per-head": "every KV head keeps its own best tokens",
+    "shared": "one token set per layer, the same in every KV head (scores combined over heads)",
+}
 
 
-@dataclass
-class LayerState:
-    """One attention layer after prefill, as a policy sees it.
-
-    keys, values: [B, Hkv, L, d] (keys post-RoPE), the layer's full cache.
-    scaling: the module's logit scale.
-    query_heads: Hq, the number of query heads (a multiple of Hkv).
-    key_mask: [B, L] bool, False for left padding; None if no padding.
-    queries: queries(start, end) -> [B, Hq, end - start, d], post-RoPE queries of
-        prompt positions start..end-1, recomputed on demand.
-    outputs: outputs(start, end) -> [B, Hq, end - start, dv], the attention
-        outputs o_i the model computed for those positions (captured during the
-        forward), or None: the scores then recompute them.
-    """
-
-    keys: torch.Tensor
-    values: torch.Tensor
-    scaling: float
-    query_heads: int
-    key_mask: torch.Tensor | None
-    queries: Callable[[int, int], torch.Tensor]
-    outputs: Callable[[int, int], torch.Tensor] | None = None
-
-    def window(self, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(queries, outputs or None) of prompt positions start..end-1."""
-        return self.queries(start, end), self.outputs(start, end) if self.outputs is not None else None
-
-    @property
-    def length(self) -> int:
-        return self.keys.shape[-2]
-
-    def real_lengths(self) -> torch.Tensor:
-        """[B] real (non-padding) prompt tokens per row."""
-        if self.key_mask is None:
-            return torch.full((self.keys.shape[0],), self.length, device=self.keys.device)
-        return self.key_mask.sum(-1)
+def option(default, help: str, choices: dict | None = None):
+    """A policy hyper-parameter: a dataclass field whose help (and choices) the CLI reads."""
+    return field(default=default, metadata={"help": help, "choices": list(choices) if choices else None})
 
 
 @dataclass
 class Policy:
     """Base class of eviction policies. Fields are the policy's hyper-parameters.
 
-    Subclasses set `name`, implement `token_scores`, and declare their
-    protected tokens through `window_protected` (the last tokens) and `sinks`
-    (the first real tokens).
+    Subclasses set `name` and `summary`, implement `token_scores`, and declare
+    their protected tokens through `window_protected` (the last tokens) and
+    `sinks` (the first real tokens). `takes_score` says whether a `score`
+    field chooses the token score (see `ScoredPolicy`).
     """
 
     name: ClassVar[str] = "policy"
-    budget: float | int = 0.1
-    score: str | None = "attention"
-    sinks: int = 0
+    summary: ClassVar[str] = ""
+    takes_score: ClassVar[bool] = False
+
+    budget: float | int = option(0.1, "kept per KV head: fraction of the prompt (0.1) or tokens (256)")
+    sinks: int = option(0, "first real tokens always kept")
+    selection: str = option("per-head", "per-head: each KV head its own tokens; shared: one set per layer", SELECTIONS)
+    combine: str = option("normalized-mean", "shared selection: how head scores combine", HEAD_COMBINES)
+    chunk: int = option(1, "keep or drop whole spans of this many consecutive tokens (1 = single tokens)")
 
     def __post_init__(self) -> None:
-        self._check_budget()
-        if self.score is not None:
-            check_score_kind(self.score)
+        check_budget(self.budget)
         check_count("sinks", self.sinks, minimum=0)
+        check_count("chunk", self.chunk, minimum=1)
+        if self.selection not in SELECTIONS:
+            raise ValueError(f"unknown selection {self.selection!r}; allowed: {', '.join(SELECTIONS)}")
+        check_combine(self.combine)
+        if isinstance(self.budget, int) and self.chunk > self.budget:
+            raise ValueError(f"chunk {self.chunk} is larger than the budget of {self.budget} tokens")
 
     # -- what subclasses define --
 
@@ -96,22 +92,41 @@ class Policy:
         """Importance of every cached token, [B, Hkv, L] float32 (higher = keep)."""
         raise NotImplementedError
 
-    def window_scores(self, layer: LayerState, start: int, end: int) -> torch.Tensor:
-        """The policy's score from prompt queries start..end-1 over the keys they see, [B, Hkv, end]."""
-        queries, outputs = layer.window(start, end)
-        mask = layer.key_mask[:, :end] if layer.key_mask is not None else None
-        return saliency(
-            queries, layer.keys[:, :, :end], layer.values[:, :, :end], self.score,
-            scaling=layer.scaling, key_mask=mask, outputs=outputs,
-        )
-
-    # -- shared machinery --
+    # -- the selection pipeline --
 
     def kept_tokens(self, prompt_length: int) -> int:
         """Tokens kept per KV head for a prompt of `prompt_length` real tokens."""
         if isinstance(self.budget, float):
             return min(prompt_length, max(1, round(self.budget * prompt_length)))
         return min(prompt_length, self.budget)
+
+    def layer_budget(self, layer: LayerState) -> int:
+        """Tokens kept per KV head in this layer."""
+        return self.kept_tokens(layer.longest())
+
+    def prepared_scores(self, layer: LayerState) -> torch.Tensor:
+        """[B, Hkv or 1, L] float32: scores after sharing and chunking; protected +inf, padding -inf."""
+        scores = self.token_scores(layer).float()
+        if self.selection == "shared":
+            scores = combine_heads(scores, self.combine)
+        scores = chunk_scores(scores, self.chunk)
+        scores = scores.masked_fill(self.protected_mask(layer).unsqueeze(1), float("inf"))
+        if layer.key_mask is not None:
+            scores = scores.masked_fill(~layer.key_mask.unsqueeze(1), float("-inf"))
+        return scores
+
+    def allocate(self, scores: torch.Tensor, kept: int, layer: LayerState) -> torch.Tensor:
+        """Keep mask [B, Hkv, L]: the `kept` best tokens of every head (or of the shared row)."""
+        return top_k_mask(scores, kept).expand(-1, layer.kv_heads, -1)
+
+    def select(self, layer: LayerState) -> torch.Tensor | None:
+        """Keep mask [B, Hkv, L] of the layer's slots; None = keep all."""
+        kept = self.layer_budget(layer)
+        if kept >= layer.length:
+            return None
+        return self.allocate(self.prepared_scores(layer), kept, layer)
+
+    # -- checks and protection --
 
     def check_prompt(self, prompt_lengths: list[int]) -> None:
         """Raise a clear error if the policy cannot run on prompts of these real lengths."""
@@ -129,6 +144,11 @@ class Policy:
                 f"the {protected} protected tokens (window {self.window_protected} + sinks {self.sinks}); "
                 "raise the budget or shrink the window/sinks"
             )
+        if kept < longest and self.chunk > kept:
+            raise ValueError(
+                f"{self.name}: chunk {self.chunk} is larger than the {kept} tokens the budget {self.budget!r} keeps "
+                f"of a {longest}-token prompt; use a smaller chunk"
+            )
 
     def protected_mask(self, layer: LayerState) -> torch.Tensor:
         """[B, L] bool: the recent window and the first `sinks` real tokens of each row."""
@@ -140,47 +160,44 @@ class Policy:
             protected = protected | (real & (real.cumsum(-1) <= self.sinks))
         return protected
 
-    def select(self, layer: LayerState) -> torch.Tensor | None:
-        """Positions kept by each KV head, [B, Hkv, kept] in increasing order; None = keep all.
-
-        Top-k of the scores; protected tokens are always kept and padding only
-        fills slots a short row cannot fill with real tokens.
-        """
-        longest = layer.length if layer.key_mask is None else int(layer.real_lengths().max())  # no device sync
-        kept = self.kept_tokens(longest)
-        if kept >= layer.length:
-            return None
-        scores = self.token_scores(layer).float()
-        scores = scores.masked_fill(self.protected_mask(layer).unsqueeze(1), float("inf"))
-        if layer.key_mask is not None:
-            scores = scores.masked_fill(~layer.key_mask.unsqueeze(1), float("-inf"))
-        indices = scores.topk(kept, dim=-1, sorted=False).indices
-        return indices.sort(dim=-1).values
-
     def attach(self, model):
         """Context manager: under it, `model(...)` and `model.generate(...)` evict after prefill."""
         from obcache.hooks import EvictionHooks
 
         return EvictionHooks(model, self)
 
-    def _check_budget(self) -> None:
-        budget = self.budget
-        if isinstance(budget, bool) or not isinstance(budget, (int, float)):
-            raise TypeError(f"budget must be a float in (0, 1] (fraction kept) or an int >= 1 (tokens kept), got {budget!r}")
-        if isinstance(budget, float) and not 0.0 < budget <= 1.0:
-            raise ValueError(
-                f"budget {budget} out of range: a float budget is the fraction of the prompt kept, in (0, 1]; "
-                "use an int for a number of tokens"
-            )
-        if isinstance(budget, int) and budget < 1:
-            raise ValueError(f"budget {budget} out of range: an int budget is the number of tokens kept, >= 1")
+
+@dataclass
+class ScoredPolicy(Policy):
+    """A policy that ranks tokens by a score of `obcache.scores` (required, checked here)."""
+
+    takes_score: ClassVar[bool] = True
+
+    score: str = option("attention", "token score (higher = keep)", SCORE_KINDS)
+    gqa: str = option("sum", "how the query heads of a KV head combine in the score", GQA_REDUCTIONS)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.score is None:
+            raise ValueError(f"{self.name} needs a score; allowed: {', '.join(SCORE_KINDS)}")
+        check_score_kind(self.score)
+        check_gqa(self.gqa)
+
+    def window_scores(self, layer: LayerState, start: int, end: int) -> torch.Tensor:
+        """The policy's score from the queries of slots start..end-1 over the keys they see, [B, Hkv, end]."""
+        queries, outputs = layer.window(start, end)
+        mask = layer.key_mask[:, :end] if layer.key_mask is not None else None
+        return saliency(
+            queries, layer.keys[:, :, :end], layer.values[:, :, :end], self.score,
+            scaling=layer.scaling, key_mask=mask, outputs=outputs, gqa=self.gqa,
+        )
 
 
 @dataclass
-class WindowPolicy(Policy):
+class WindowPolicy(ScoredPolicy):
     """A policy scored by its last `window` prompt queries, which it also keeps."""
 
-    window: int = 16
+    window: int = option(16, "query window, also the protected recent tokens")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -193,6 +210,18 @@ class WindowPolicy(Policy):
     @property
     def min_context(self) -> int:
         return self.window
+
+
+def check_budget(budget) -> None:
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)):
+        raise TypeError(f"budget must be a float in (0, 1] (fraction kept) or an int >= 1 (tokens kept), got {budget!r}")
+    if isinstance(budget, float) and not 0.0 < budget <= 1.0:
+        raise ValueError(
+            f"budget {budget} out of range: a float budget is the fraction of the prompt kept, in (0, 1]; "
+            "use an int for a number of tokens"
+        )
+    if isinstance(budget, int) and budget < 1:
+        raise ValueError(f"budget {budget} out of range: an int budget is the number of tokens kept, >= 1")
 
 
 def check_count(name: str, value: int, *, minimum: int) -> None:

@@ -12,7 +12,8 @@ from typing import ClassVar
 
 import torch
 
-from obcache.policies.base import LayerState, WindowPolicy, check_count
+from obcache.layer_state import LayerState
+from obcache.policies.base import WindowPolicy, check_count, option
 
 
 @dataclass
@@ -26,8 +27,11 @@ class H2O(WindowPolicy):
     """
 
     name: ClassVar[str] = "h2o"
-    full_history: bool = False
-    chunk_elements: int = 1 << 20
+    summary: ClassVar[str] = (
+        "heavy hitters: scores summed over the last `window` queries (or all, --full-history); keeps the last `window` tokens"
+    )
+    full_history: bool = option(False, "sum scores over every prompt query (computed in chunks)")
+    chunk_elements: int = option(1 << 20, "full history: elements of each query chunk's score temporaries")
 
     def __post_init__(self) -> None:
         super().__post_init__()

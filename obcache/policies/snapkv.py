@@ -13,9 +13,10 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from obcache.policies.base import LayerState, WindowPolicy, check_count
+from obcache.layer_state import LayerState
+from obcache.policies.base import WindowPolicy, check_count, option
 
-POOLINGS = ("max", "avg", "none")
+POOLINGS = {"max": "max-pool", "avg": "average-pool", "none": "no pooling"}
 
 
 @dataclass
@@ -23,8 +24,9 @@ class SnapKV(WindowPolicy):
     """SnapKV with any score. pooling: "max" | "avg" | "none" over `kernel` positions (odd)."""
 
     name: ClassVar[str] = "snapkv"
-    pooling: str = "max"
-    kernel: int = 7
+    summary: ClassVar[str] = "scores from an observation window of the last `window` queries, pooled over neighbours; keeps the window"
+    pooling: str = option("max", "pooling of the scores over neighbouring positions", POOLINGS)
+    kernel: int = option(7, "pooling kernel (odd)")
 
     def __post_init__(self) -> None:
         super().__post_init__()

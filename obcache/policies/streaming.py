@@ -10,7 +10,8 @@ from typing import ClassVar
 
 import torch
 
-from obcache.policies.base import LayerState, Policy
+from obcache.layer_state import LayerState
+from obcache.policies.base import Policy, option
 
 
 @dataclass
@@ -18,13 +19,8 @@ class StreamingLLM(Policy):
     """Keep `sinks` first tokens and the most recent `budget - sinks` tokens."""
 
     name: ClassVar[str] = "streamingllm"
-    score: str | None = None
-    sinks: int = 4
-
-    def __post_init__(self) -> None:
-        if self.score is not None:
-            raise ValueError("StreamingLLM takes no score: it keeps sinks and recent tokens by position")
-        super().__post_init__()
+    summary: ClassVar[str] = "no score: `sinks` first tokens plus the most recent tokens"
+    sinks: int = option(4, "first real tokens always kept")
 
     def token_scores(self, layer: LayerState) -> torch.Tensor:
         """Later positions score higher, so top-k takes the most recent tokens."""

@@ -11,14 +11,16 @@ from typing import ClassVar
 
 import torch
 
-from obcache.policies.base import LayerState, Policy
+from obcache.layer_state import LayerState
+from obcache.policies.base import ScoredPolicy
 
 
 @dataclass
-class TOVA(Policy):
+class TOVA(ScoredPolicy):
     """TOVA with any score: the window is the last query."""
 
     name: ClassVar[str] = "tova"
+    summary: ClassVar[str] = "scores from the last query only; the whole budget goes to scored tokens"
 
     def token_scores(self, layer: LayerState) -> torch.Tensor:
         return self.window_scores(layer, layer.length - 1, layer.length)

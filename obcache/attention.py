@@ -1,0 +1,93 @@
+"""Attention over an `EvictableCache`, registered as transformers attention functions.
+
+While a model is attached (`policy.attach(model)` / `obcache.attach(model)`)
+its attention implementation is `obcache-sdpa` or `obcache-eager`, which wrap
+the model's own one. The hooks pass the cache in as the `obcache_cache`
+keyword; the function then builds the mask from the cache's slot positions
+(slot p is seen by query i iff it holds a real token at or before i's
+position), so eviction, padding and continuation never need a mask of the
+logical length:
+
+- uniform layers: the model's own sdpa or eager kernel, with that mask;
+- ragged layers: per (row, head) segment on the CPU, and one fused
+  variable-length flash kernel (`torch.nn.attention.varlen`) on CUDA when
+  every segment decodes one token in half precision.
+
+Without `obcache_cache` (a forward without a cache) the wrapped kernel runs
+with the mask transformers built, as usual.
+"""
+
+from __future__ import annotations
+
+import sys
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask, sdpa_mask
+
+from obcache.layouts import RaggedLayer
+
+IMPLEMENTATIONS = {"sdpa": "obcache-sdpa", "eager": "obcache-eager"}
+
+
+def register() -> None:
+    """Register `obcache-sdpa` and `obcache-eager` (idempotent; called when hooks attach)."""
+    for base, name in IMPLEMENTATIONS.items():
+        if name not in AttentionInterface._global_mapping:
+            AttentionInterface.register(name, partial(cache_attention, base=base))
+            ALL_MASK_ATTENTION_FUNCTIONS.register(name, sdpa_mask if base == "sdpa" else eager_mask)
+
+
+def cache_attention(
+    module, query, key, value, attention_mask, scaling=None, dropout=0.0, *, base: str, obcache_cache=None, **kwargs
+):
+    """Attention of `query` [B, Hq, q, d] over the layer's slots; returns ([B, q, Hq, d], None)."""
+    kernel = sdpa_attention_forward if base == "sdpa" else sys.modules[type(module).__module__].eager_attention_forward
+    if obcache_cache is None:
+        return kernel(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    layer = obcache_cache.layers[module.layer_idx]
+    positions = obcache_cache.query_positions.to(query.device)
+    if isinstance(layer, RaggedLayer):
+        return ragged_attention(query, layer, positions, scaling), None
+    mask = layer.attention_mask(positions, causal_skip=base == "sdpa")
+    if mask is not None and base == "eager":
+        mask = torch.zeros(mask.shape, dtype=query.dtype, device=query.device).masked_fill_(~mask, torch.finfo(query.dtype).min)
+    return kernel(module, query, key, value, mask, scaling=scaling, dropout=dropout, **kwargs)
+
+
+def ragged_attention(query: torch.Tensor, layer: RaggedLayer, positions: torch.Tensor, scaling: float) -> torch.Tensor:
+    """softmax(s q k^T) v per (row, KV head) segment; query [B, Hq, q, d] -> [B, q, Hq, d]."""
+    batch, query_heads, length, dim = query.shape
+    group = query_heads // layer.heads
+    if query.is_cuda and length == 1 and not layer.padded and query.dtype in (torch.float16, torch.bfloat16):
+        return _varlen_decode(query, layer, scaling)
+    out = query.new_empty(batch, query_heads, length, layer.values.shape[-1])
+    for row, head, keys, values, slots in layer.segments():
+        heads = slice(head * group, (head + 1) * group)
+        rows = query[row, heads].reshape(1, 1, group * length, dim)  # the group's queries share the keys
+        mask = None
+        if length > 1 or layer.padded:
+            mask = ((slots[None, :] <= positions[:, None]) & (slots >= 0)).repeat(group, 1)  # [G*q, n]
+        o = F.scaled_dot_product_attention(rows, keys[None, None], values[None, None], attn_mask=mask, scale=scaling)
+        out[row, heads] = o.view(group, length, -1)
+    return out.transpose(1, 2).contiguous()
+
+
+def _varlen_decode(query: torch.Tensor, layer: RaggedLayer, scaling: float) -> torch.Tensor:
+    """One decoding step over all segments in one fused flash kernel (CUDA, fp16/bf16)."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    batch, query_heads, _, dim = query.shape
+    group = query_heads // layer.heads
+    segments = batch * layer.heads
+    rows = query.view(batch, layer.heads, group, dim).reshape(segments, group, dim)  # one sequence per segment
+    cu_q = torch.arange(segments + 1, device=query.device, dtype=torch.int32)
+    cu_k = torch.tensor(layer.offsets, device=query.device, dtype=torch.int32)
+    out = varlen_attn(
+        rows.contiguous(), layer.keys[:, None], layer.values[:, None], cu_q, cu_k, 1, max(layer.lengths),
+        scale=scaling, enable_gqa=True,
+    )  # [segments, G, dv]
+    return out.reshape(batch, 1, query_heads, -1)

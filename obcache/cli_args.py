@@ -1,0 +1,139 @@
+"""Command-line arguments shared by `obcache generate | demo | eval | bench`: declared once, here.
+
+A leaf module: it reads the policies' names, summaries and options from the
+classes (`obcache.policies`), so a new policy or option needs no edit here.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Callable
+
+from obcache.policies import ALLOCATIONS, POLICIES, REGISTRY, allocate, make_policy, policy_options
+from obcache.scores import GQA_REDUCTIONS, SCORE_KINDS
+
+#: Policy fields with their own flags (--budget, --score) or none at all.
+NOT_OPTIONS = {"budget", "score"}
+#: Options that an evaluation grid may sweep (comma lists there).
+GRID_AXES = ("selection", "chunk")
+
+EPILOG = (
+    "policies:\n" + "\n".join(f"  {cls.name:13s} {cls.summary}" for cls in REGISTRY)
+    + "\n\nscores (higher = keep):\n" + "\n".join(f"  {name:13s} {text}" for name, text in SCORE_KINDS.items())
+    + "\n\nGQA reductions (--gqa):\n" + "\n".join(f"  {name:13s} {text}" for name, text in GQA_REDUCTIONS.items())
+    + "\n\nallocations (--allocation):\n" + "\n".join(f"  {name:13s} {text}" for name, text in ALLOCATIONS.items())
+    + "\n\nbudget: what is KEPT per layer and KV head, protected tokens included:"
+    "\n  a number with a decimal point is a fraction of the prompt (0.1 = keep 10%),"
+    "\n  an integer is a number of tokens (256 = keep 256 tokens)."
+)
+
+
+def parse_budget(text: str) -> float | int:
+    """'0.1' -> 0.1 (fraction kept), '256' -> 256 (tokens kept)."""
+    try:
+        return float(text) if any(c in text for c in ".eE") else int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"budget {text!r} is not a number: use a fraction kept like 0.1 or a token count like 256"
+        ) from None
+
+
+def comma_list(item: Callable, allowed=None, what: str = "value") -> Callable[[str], tuple]:
+    """An argparse type: 'a,b,c' -> (item(a), item(b), item(c)), each checked against `allowed`."""
+
+    def parse(text: str) -> tuple:
+        values = []
+        for part in filter(None, (p.strip() for p in text.split(","))):
+            if allowed is not None and part not in allowed:
+                raise argparse.ArgumentTypeError(f"unknown {what} {part!r}; allowed: {', '.join(allowed)}")
+            try:
+                values.append(item(part))
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"{what} {part!r} is not valid") from None
+        if not values:
+            raise argparse.ArgumentTypeError(f"give at least one {what}")
+        return tuple(values)
+
+    return parse
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model")
+    group.add_argument("--model", default=None, help="built-in alias or local folder (default: SmolLM2-135M-Instruct)")
+    group.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"], help="attention implementation (default sdpa)")
+    group.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: float32 on CPU, bf16 on CUDA)")
+    group.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
+
+
+def _all_options() -> dict:
+    """Every policy option (dataclass field) of the registered policies, first declaration wins."""
+    options: dict = {}
+    for cls in REGISTRY:
+        for name, field in policy_options(cls).items():
+            if name not in NOT_OPTIONS:
+                options.setdefault(name, field)
+    return options
+
+
+def add_policy_options(parser: argparse.ArgumentParser, *, grid: bool = False) -> None:
+    """--<option> for every policy option, plus --allocation/--alpha/--beta; with `grid`, comma lists for the axes."""
+    group = parser.add_argument_group("policy options (applied where a policy has them)")
+    for name, field in _all_options().items():
+        flag = "--" + name.replace("_", "-")
+        text = field.metadata.get("help", "")
+        choices = field.metadata.get("choices")
+        if isinstance(field.default, bool):
+            group.add_argument(flag, action="store_true", default=None, help=text)
+        elif grid and name in GRID_AXES:
+            kind = str if choices else type(field.default)
+            group.add_argument(flag, type=comma_list(kind, choices, name), default=None,
+                               help=f"{text} (comma list; default {field.default})")
+        else:
+            group.add_argument(flag, type=type(field.default), choices=choices, default=None,
+                               help=f"{text} (default {field.default})")
+    allocation = comma_list(str, ALLOCATIONS, "allocation") if grid else str
+    group.add_argument("--allocation", type=allocation, default=None if grid else "uniform",
+                       choices=None if grid else list(ALLOCATIONS),
+                       help="how the budget spreads over heads and layers (comma list in a grid; default uniform)")
+    group.add_argument("--alpha", type=float, default=0.2, help="adakv: share of the budget every head keeps (default 0.2)")
+    group.add_argument("--beta", type=float, default=20.0, help="pyramid: first/last layer budget parameter (default 20)")
+
+
+def add_policy_arguments(parser: argparse.ArgumentParser, *, default_policy: str = "snapkv") -> None:
+    """--policy, --score, --budget and every policy option (single values)."""
+    group = parser.add_argument_group("eviction policy")
+    group.add_argument("--policy", default=default_policy, choices=[*POLICIES, "none"],
+                       help=f"eviction policy ('none' = full cache; default {default_policy})")
+    group.add_argument("--score", default="obc-joint", choices=list(SCORE_KINDS), help="token score (default obc-joint)")
+    group.add_argument("--budget", type=parse_budget, default=0.1, help="kept per KV head: fraction (0.1) or tokens (256)")
+    add_policy_options(parser)
+
+
+def given_options(args: argparse.Namespace) -> dict:
+    """The policy options given on the command line (not left at their defaults)."""
+    return {name: getattr(args, name) for name in _all_options() if getattr(args, name, None) is not None}
+
+
+def build_policy(name: str, *, budget, score: str | None, options: dict, allocation: str = "uniform",
+                 alpha: float = 0.2, beta: float = 20.0, strict: bool = True):
+    """A policy (wrapped for its allocation) from command-line values; validates everything.
+
+    `options` that the policy lacks raise with `strict`, and are skipped otherwise.
+    """
+    fields = policy_options(POLICIES[name]) if name in POLICIES else {}
+    unknown = sorted(set(options) - set(fields))
+    if unknown and strict:
+        raise ValueError(f"{name} has no option {', '.join('--' + u.replace('_', '-') for u in unknown)}")
+    chosen = {key: value for key, value in options.items() if key in fields}
+    if name in POLICIES and POLICIES[name].takes_score:
+        chosen["score"] = score
+    policy = make_policy(name, budget=budget, **chosen)
+    return allocate(policy, allocation, alpha=alpha, beta=beta)
+
+
+def policy_from_args(args: argparse.Namespace):
+    """Build (and so validate) the policy of `generate`/`demo` before any model is loaded; None = full cache."""
+    if args.policy == "none":
+        return None
+    return build_policy(args.policy, budget=args.budget, score=args.score, options=given_options(args),
+                        allocation=args.allocation, alpha=args.alpha, beta=args.beta)

@@ -1,0 +1,75 @@
+"""What the hooks hand to a policy, and what they need back: a leaf module (torch only).
+
+`LayerState` is one attention layer right after a forward, as the model
+computed it; `Selector` is the small protocol the hooks call. Policies, the
+head/layer budget wrappers and the evaluation's recorders all meet here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Protocol, runtime_checkable
+
+import torch
+
+
+@dataclass
+class LayerState:
+    """One attention layer after the forward that filled its cache, as a policy sees it.
+
+    keys, values: [B, Hkv, L, d] (keys post-RoPE), the layer's cached tokens.
+    scaling: the module's logit scale.
+    query_heads: Hq, the number of query heads (a multiple of Hkv).
+    key_mask: [B, L] bool, False for padding slots; None if no padding.
+    queries: queries(start, end) -> [B, Hq, end - start, d], post-RoPE queries of
+        cache slots start..end-1 (tokens of this forward), recomputed on demand.
+    outputs: outputs(start, end) -> [B, Hq, end - start, dv], the attention
+        outputs o_i the model computed for those slots (captured during the
+        forward), or None: the scores then recompute them.
+    layer_idx, num_layers: where the layer sits in the model (per-layer budgets).
+    """
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    scaling: float
+    query_heads: int
+    key_mask: torch.Tensor | None
+    queries: Callable[[int, int], torch.Tensor]
+    outputs: Callable[[int, int], torch.Tensor] | None = None
+    layer_idx: int = 0
+    num_layers: int = 1
+
+    def window(self, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(queries, outputs or None) of slots start..end-1."""
+        return self.queries(start, end), self.outputs(start, end) if self.outputs is not None else None
+
+    @property
+    def length(self) -> int:
+        return self.keys.shape[-2]
+
+    @property
+    def kv_heads(self) -> int:
+        return self.keys.shape[1]
+
+    def real_lengths(self) -> torch.Tensor:
+        """[B] real (non-padding) tokens per row."""
+        if self.key_mask is None:
+            return torch.full((self.keys.shape[0],), self.length, device=self.keys.device)
+        return self.key_mask.sum(-1)
+
+    def longest(self) -> int:
+        """Real tokens of the longest row."""
+        return self.length if self.key_mask is None else int(self.real_lengths().max())
+
+
+@runtime_checkable
+class Selector(Protocol):
+    """What the eviction hooks need from a policy (or a budget wrapper around one)."""
+
+    name: str
+
+    def check_prompt(self, prompt_lengths: list[int]) -> None:
+        """Raise a clear ValueError, before any model work, if prompts of these real lengths cannot be evicted."""
+
+    def select(self, layer: LayerState) -> torch.Tensor | None:
+        """Keep mask [B, Hkv, L] (bool) of the layer's slots, or None to keep them all."""

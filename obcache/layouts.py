@@ -1,0 +1,230 @@
+"""The two layouts of one cache layer: uniform (every KV head holds as many slots) and ragged.
+
+Both record, per slot, the token's position in the row's sequence as fed
+(left padding included; -1 marks a padding slot), so attention masks, kept
+positions and later evictions never depend on where a slot sits.
+
+- `UniformLayer`: keys/values [B, Hkv, n, d], positions [B, 1 or Hkv, n].
+  The fast path: attention goes to the model's own sdpa/eager kernel.
+- `RaggedLayer`: the slots of all (row, head) segments back to back, keys and
+  values [T, d], positions [T], segment lengths S = B * Hkv. Nothing is padded
+  to the longest head; bytes held are sum(kept) x d x 2 x dtype size.
+
+A layer changes layout only through `keep(mask)`, which returns the layer
+that holds the kept slots (uniform when every head keeps as many).
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import CacheLayerMixin
+
+
+class UniformLayer(CacheLayerMixin):
+    """A layer whose KV heads all hold n slots; padding slots (left padding) are shared by the heads of a row."""
+
+    is_sliding = False
+
+    def __init__(self):
+        super().__init__()
+        self.positions: torch.Tensor | None = None  # [B, 1 or Hkv, n] int32, -1 = padding
+        self.padded = False  # whether any slot is padding
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.keys = key_states[:, :, :0]
+        self.values = value_states[:, :, :0]
+        self.positions = torch.empty(key_states.shape[0], 1, 0, dtype=torch.int32, device=self.device)
+        self.is_initialized = True
+
+    def update(self, key_states, value_states, positions: torch.Tensor | None = None, *args, **kwargs):
+        """Append [B, Hkv, q, d] new slots at `positions` [B, q] (int32, -1 = padding; default: after the last)."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        if positions is None:
+            start = int(self.positions.max()) + 1 if self.positions.numel() else 0
+            positions = torch.arange(start, start + key_states.shape[-2], dtype=torch.int32, device=self.device)
+            positions = positions.expand(key_states.shape[0], -1)
+        self.keys = torch.cat([self.keys, key_states], dim=-2)
+        self.values = torch.cat([self.values, value_states], dim=-2)
+        new = positions.to(torch.int32).unsqueeze(1).expand(-1, self.positions.shape[1], -1)
+        self.positions = torch.cat([self.positions, new], dim=-1)
+        self.padded = self.padded or bool((positions < 0).any())
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.keys.shape[-2] if self.is_initialized else 0
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def slot_mask(self) -> torch.Tensor | None:
+        """[B, n] bool, False for padding slots (the same in every head of a row); None if none."""
+        return self.positions[:, 0] >= 0 if self.padded else None
+
+    def attention_mask(self, query_positions: torch.Tensor, *, causal_skip: bool) -> torch.Tensor | None:
+        """bool [B, 1, q, n]: slot p is seen by query i iff it is real and at or before i's position.
+
+        None when the kernel's own causal handling is exact: no padding and one
+        query, or (with `causal_skip`, sdpa's is_causal) a fresh layer.
+        """
+        q, n = query_positions.shape[0], self.get_seq_length()
+        if not self.padded and (q == 1 or (causal_skip and q == n)):
+            return None
+        slots = self.positions[:, :1, None, :]  # [B, 1, 1, n]
+        return (slots <= query_positions[None, None, :, None]) & (slots >= 0)
+
+    def keep(self, mask: torch.Tensor) -> UniformLayer | RaggedLayer:
+        """The layer holding the slots of `mask` [B, Hkv, n] (bool).
+
+        Uniform when every head of every row keeps as many slots (padding
+        slots included); otherwise ragged, without padding slots.
+        """
+        batch, heads, length = mask.shape
+        counts = mask.sum(-1)
+        if bool((counts == counts[0, 0]).all()):
+            kept = int(counts[0, 0])
+            index = mask.nonzero()[:, -1].view(batch, heads, kept)  # row-major: sorted per head
+            layer = UniformLayer()
+            layer.dtype, layer.device, layer.is_initialized = self.dtype, self.device, True
+            gather = index.unsqueeze(-1).expand(-1, -1, -1, self.keys.shape[-1])
+            layer.keys = self.keys.gather(2, gather)
+            layer.values = self.values.gather(2, index.unsqueeze(-1).expand(-1, -1, -1, self.values.shape[-1]))
+            layer.positions = self.positions.expand(-1, heads, -1).gather(2, index)
+            layer.padded = self.padded and bool((layer.positions < 0).any())
+            return layer
+        real = mask & (self.positions >= 0)
+        return RaggedLayer.from_tensors(self.keys, self.values, self.positions.expand(-1, heads, -1), real)
+
+    def kept_positions(self) -> list[list[torch.Tensor]]:
+        """Per batch row and KV head, the sorted positions of its real slots."""
+        positions = self.positions.expand(-1, self.keys.shape[1], -1)
+        return [[row[row >= 0] for row in heads] for heads in positions]
+
+    def head_lengths(self) -> torch.Tensor:
+        """[B, Hkv] real slots per head."""
+        return (self.positions >= 0).sum(-1).expand(-1, self.keys.shape[1])
+
+    def nbytes(self) -> int:
+        return self.keys.nbytes + self.values.nbytes if self.is_initialized else 0
+
+    def index_nbytes(self) -> int:
+        return self.positions.nbytes if self.is_initialized else 0
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        raise NotImplementedError("obcache caches do not support beam search; use greedy or sampling")
+
+
+class RaggedLayer(CacheLayerMixin):
+    """A layer whose (row, head) segments hold different numbers of slots, back to back."""
+
+    is_sliding = False
+
+    def __init__(self):
+        super().__init__()
+        self.positions: torch.Tensor | None = None  # [T] int32
+        self.lengths: list[int] = []  # slots per segment, segment s = row s // Hkv, head s % Hkv
+        self.batch = self.heads = 0
+        self.padded = False
+
+    @classmethod
+    def from_tensors(cls, keys, values, positions, mask) -> RaggedLayer:
+        """The slots of `mask` [B, Hkv, n] out of keys/values [B, Hkv, n, d] at `positions` [B, Hkv, n]."""
+        layer = cls()
+        layer.dtype, layer.device, layer.is_initialized = keys.dtype, keys.device, True
+        layer.batch, layer.heads = mask.shape[:2]
+        layer.keys, layer.values, layer.positions = keys[mask], values[mask], positions[mask].to(torch.int32)
+        layer.lengths = mask.sum(-1).flatten().tolist()
+        layer.padded = bool((layer.positions < 0).any())
+        return layer
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        raise RuntimeError("a RaggedLayer is made by eviction (UniformLayer.keep), never filled from empty")
+
+    @property
+    def offsets(self) -> list[int]:
+        """Start of every segment, and the total, [S + 1]."""
+        offsets = [0]
+        for length in self.lengths:
+            offsets.append(offsets[-1] + length)
+        return offsets
+
+    def segments(self):
+        """(row, head, keys [n, d], values [n, dv], positions [n]) of every segment (views)."""
+        for s, (start, length) in enumerate(zip(self.offsets, self.lengths)):
+            row, head = divmod(s, self.heads)
+            end = start + length
+            yield row, head, self.keys[start:end], self.values[start:end], self.positions[start:end]
+
+    def update(self, key_states, value_states, positions: torch.Tensor | None = None, *args, **kwargs):
+        """Append q new slots [B, Hkv, q, d] at the end of every segment, at `positions` [B, q]."""
+        batch, heads, q = key_states.shape[:3]
+        if (batch, heads) != (self.batch, self.heads):
+            raise ValueError(f"new states have {batch} rows x {heads} heads, the layer {self.batch} x {self.heads}")
+        if positions is None:
+            start = int(self.positions.max()) + 1 if self.positions.numel() else 0
+            positions = torch.arange(start, start + q, dtype=torch.int32, device=self.device).expand(batch, -1)
+        segments = batch * heads
+        device = self.keys.device
+        shift = torch.arange(segments, device=device) * q  # segment s moves right by s * q
+        lengths = torch.tensor(self.lengths, device=device)
+        old = torch.arange(self.keys.shape[0], device=device) + shift.repeat_interleave(lengths)
+        ends = lengths.cumsum(0) + shift  # where each segment's new slots start
+        new = (ends[:, None] + torch.arange(q, device=device)).flatten()
+        total = self.keys.shape[0] + segments * q
+        self.keys = _scatter_rows(total, old, self.keys, new, key_states.reshape(segments * q, -1))
+        self.values = _scatter_rows(total, old, self.values, new, value_states.reshape(segments * q, -1))
+        new_positions = positions.to(torch.int32)[:, None, :].expand(-1, heads, -1).reshape(-1)
+        self.positions = _scatter_rows(total, old, self.positions[:, None], new, new_positions[:, None])[:, 0]
+        self.lengths = [length + q for length in self.lengths]
+        self.padded = self.padded or bool((positions < 0).any())
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return max(self.lengths, default=0)
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def keep(self, mask: torch.Tensor) -> RaggedLayer:
+        """The layer holding the slots of `mask` [T] (bool, over this layer's slots)."""
+        layer = RaggedLayer()
+        layer.dtype, layer.device, layer.is_initialized = self.dtype, self.device, True
+        layer.batch, layer.heads = self.batch, self.heads
+        layer.keys, layer.values, layer.positions = self.keys[mask], self.values[mask], self.positions[mask]
+        layer.lengths = [int(part.sum()) for part in mask.split(self.lengths)]
+        layer.padded = self.padded and bool((layer.positions < 0).any())
+        return layer
+
+    def kept_positions(self) -> list[list[torch.Tensor]]:
+        rows: list[list[torch.Tensor]] = [[] for _ in range(self.batch)]
+        for row, _, _, _, positions in self.segments():
+            rows[row].append(positions[positions >= 0])
+        return rows
+
+    def head_lengths(self) -> torch.Tensor:
+        lengths = torch.tensor([int((p >= 0).sum()) for *_, p in self.segments()]) if self.padded else torch.tensor(self.lengths)
+        return lengths.view(self.batch, self.heads)
+
+    def nbytes(self) -> int:
+        return self.keys.nbytes + self.values.nbytes
+
+    def index_nbytes(self) -> int:
+        return self.positions.nbytes + 8 * len(self.lengths)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        raise NotImplementedError("obcache caches do not support beam search; use greedy or sampling")
+
+
+def _scatter_rows(total: int, old_index, old_rows, new_index, new_rows) -> torch.Tensor:
+    """A [total, ...] tensor with old_rows at old_index and new_rows at new_index."""
+    out = old_rows.new_empty(total, *old_rows.shape[1:])
+    out[old_index] = old_rows
+    out[new_index] = new_rows.to(old_rows.dtype)
+    return out

@@ -1,0 +1,112 @@
+"""From token scores to the tokens each KV head keeps: pure torch, no transformers.
+
+Every function works on one layer's scores [B, H, L] (H = KV heads, or 1 when
+all heads share one set) where protected tokens score +inf and padding -inf,
+and answers with a keep mask [B, H, L] (bool). Selection is deterministic: ties
+go to the earlier position, so heads with equal scores keep equal sets.
+
+- `combine_heads`: one score per token for all heads (head-shared selection);
+- `chunk_scores`: the mean score of each span of `chunk` consecutive tokens,
+  given to all its tokens, so that whole spans are kept or dropped (ChunkKV,
+  arXiv 2502.00299);
+- `top_k_mask`: the `k` best tokens of every head (uniform budget);
+- `adaptive_mask`: `k x H` tokens per layer and batch row, at least `floor` per
+  head, the rest to the best scores over all heads (Ada-KV, arXiv 2407.11550);
+- `pyramid_budgets`: per-layer budgets that fall linearly with depth, their
+  mean equal to the budget (PyramidKV, arXiv 2406.02069).
+
+All of them act per batch row and per layer, so a tensor-parallel rank can run
+them on its own heads (`adaptive_mask` then needs the scores of every rank's
+heads of the layer, or a threshold agreed across ranks).
+"""
+
+from __future__ import annotations
+
+import torch
+
+HEAD_COMBINES: dict[str, str] = {
+    "normalized-mean": "each head's scores divided by their sum over the scored tokens, then averaged over heads",
+    "mean": "plain average of the heads' scores",
+    "max": "maximum over heads of the normalized scores",
+}
+
+
+def check_combine(combine: str) -> str:
+    if not isinstance(combine, str) or combine not in HEAD_COMBINES:
+        raise ValueError(f"unknown head combine {combine!r}; allowed: {', '.join(HEAD_COMBINES)}")
+    return combine
+
+
+def combine_heads(scores: torch.Tensor, combine: str = "normalized-mean") -> torch.Tensor:
+    """[B, H, L] finite scores (>= 0) -> [B, 1, L]: one score per token for all heads of a layer."""
+    check_combine(combine)
+    if combine == "mean":
+        return scores.mean(1, keepdim=True)
+    totals = scores.sum(-1, keepdim=True)
+    normalized = scores / totals.clamp_min(torch.finfo(scores.dtype).tiny)
+    return normalized.amax(1, keepdim=True) if combine == "max" else normalized.mean(1, keepdim=True)
+
+
+def chunk_scores(scores: torch.Tensor, chunk: int) -> torch.Tensor:
+    """[B, H, L] -> [B, H, L]: every token gets the mean score of its span [c*chunk, (c+1)*chunk)."""
+    if chunk == 1:
+        return scores
+    batch, heads, length = scores.shape
+    spans = -(-length // chunk)
+    padded = scores.new_zeros(batch, heads, spans * chunk)
+    padded[..., :length] = scores
+    sizes = torch.full((spans,), chunk, dtype=scores.dtype, device=scores.device)
+    sizes[-1] = length - (spans - 1) * chunk
+    means = padded.view(batch, heads, spans, chunk).sum(-1) / sizes
+    return means.repeat_interleave(chunk, dim=-1)[..., :length]
+
+
+def _ranked(scores: torch.Tensor) -> torch.Tensor:
+    """Indices sorting the last dim by decreasing score, ties by increasing position."""
+    return torch.sort(scores, dim=-1, descending=True, stable=True).indices
+
+
+def top_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """[B, H, L] -> bool [B, H, L]: the k best tokens of each head (0 <= k <= L)."""
+    mask = torch.zeros_like(scores, dtype=torch.bool)
+    return mask.scatter_(-1, _ranked(scores)[..., :k], True)
+
+
+def adaptive_mask(scores: torch.Tensor, k: int, floor: int) -> torch.Tensor:
+    """[B, H, L] -> bool [B, H, L]: k x H tokens per batch row, at least `floor` (<= k) in each head.
+
+    Each head first takes its `floor` best tokens; the remaining (k - floor) x H
+    slots go to the best of all other tokens of the row, whatever their head.
+    """
+    batch, heads, length = scores.shape
+    mask = top_k_mask(scores, floor)
+    rest = scores.masked_fill(mask, float("-inf")).reshape(batch, heads * length)
+    chosen = _ranked(rest)[:, : (k - floor) * heads]
+    # a row with fewer candidates than slots may pick already-kept (-inf) tokens again: harmless
+    return mask.view(batch, heads * length).scatter_(-1, chosen, True).view(batch, heads, length)
+
+
+def pyramid_budgets(scored: int, num_layers: int, beta: float, capacity: int) -> list[int]:
+    """Per-layer scored-token budgets, non-increasing with depth, summing to scored x num_layers.
+
+    Linear from 2s - s/beta (first layer) to s/beta (last layer), s = `scored`,
+    rounded by largest remainder so the total is exact; a budget above
+    `capacity` (the tokens a layer can hold) is capped and its excess passed to
+    the next layers, so the mean is kept whenever s <= capacity.
+    """
+    if num_layers == 1:
+        return [min(scored, capacity)]
+    low = scored / beta
+    high = 2 * scored - low
+    step = (high - low) / (num_layers - 1)
+    exact = [high - step * layer for layer in range(num_layers)]
+    budgets = [int(value) for value in exact]
+    remainders = sorted(range(num_layers), key=lambda layer: (-(exact[layer] - budgets[layer]), layer))
+    for layer in remainders[: scored * num_layers - sum(budgets)]:
+        budgets[layer] += 1
+    excess = 0
+    for layer in range(num_layers):
+        budgets[layer] += excess
+        excess = max(0, budgets[layer] - capacity)
+        budgets[layer] -= excess
+    return budgets
