@@ -4,7 +4,7 @@
     flock /tmp/obcache-cpu.lock python benchmarks/run.py --lengths 2048 4096 8192 --out bench-cpu.json
     python benchmarks/run.py --device cuda --dtype bfloat16 --lengths 2048 4096 8192 --out bench-cuda.json
 
-See obcache/benchmark.py for what is measured and how.
+See obcache/bench/ for what is measured and how.
 """
 
 import sys
@@ -12,7 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from obcache.benchmark import main  # noqa: E402
+from obcache.bench.cli import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from obcache.benchmark import register as register_bench
+from obcache.bench.cli import register as register_bench
 from obcache.cli_args import EPILOG, add_model_arguments, add_policy_arguments, parse_budget, policy_from_args
 from obcache.evaluation.cli import register as register_evaluation
 

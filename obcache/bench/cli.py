@@ -1,0 +1,212 @@
+"""`obcache bench` / `python benchmarks/run.py`: arguments, the plan of a run, and the run itself."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import obcache.bench
+from obcache.bench.measure import (
+    cache_entry, decode_configs, hooked_prefill, measure_decode, measure_eviction, measure_full_history,
+    measure_scoring, plain_prefill, recorded_prefill,
+)
+from obcache.bench.memory import run_memory_worker
+from obcache.bench.report import budget_key, check_targets, format_report
+from obcache.bench.shapes import RANDOM_SHAPES, load_benchmark_model, prompt
+from obcache.cli_args import GRID_AXES, add_model_arguments, add_policy_arguments, build_policy, given_options
+from obcache.layer_state import Selector
+from obcache.policies import H2O, POLICIES, REGISTRY, policy_label, policy_options
+from obcache.scores import SCORE_KINDS
+
+DEFAULT_LENGTHS = (2048, 4096, 8192)
+DEFAULT_BUDGETS = (0.05, 0.1, 0.2, 0.5)
+WARM_LENGTH = 256
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    run = parser.add_argument_group("benchmark")
+    run.add_argument("--lengths", type=int, nargs="+", default=list(DEFAULT_LENGTHS), help="context lengths in tokens")
+    run.add_argument("--budgets", type=float, nargs="+", default=list(DEFAULT_BUDGETS),
+                     help="fractions kept by the uniform policy, for decode speed and cache bytes")
+    run.add_argument("--new-tokens", type=int, default=32, help="tokens decoded per throughput measurement")
+    run.add_argument("--repeats", type=int, default=5, help="repetitions of each per-layer scoring timing")
+    run.add_argument("--random-weights", choices=sorted(RANDOM_SHAPES), default=None,
+                     help="random weights of this shape instead of a checkpoint (timing/memory only)")
+    run.add_argument("--threads", type=int, default=2, help="torch threads on CPU (default 2)")
+    run.add_argument("--out", default="bench-results.json", help="JSON results file")
+    run.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    run.add_argument("--no-full-history", action="store_true", help="skip the H2O full-history measurement")
+    add_policy_arguments(parser)
+    parser.set_defaults(allocation="adakv")
+    add_model_arguments(parser)
+
+
+DESCRIPTION = obcache.bench.__doc__ + (
+    "\nThe policy flags give the mode; here --allocation defaults to adakv. The uniform policy is the same\n"
+    "policy with --allocation uniform and without --selection/--chunk."
+)
+
+
+def register(commands) -> argparse.ArgumentParser:
+    """Add the `bench` subcommand to an argparse subparsers object."""
+    parser = commands.add_parser("bench", help="time, memory and cache size of eviction vs the full cache",
+                                 description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    parser.set_defaults(run=run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="benchmarks/run.py", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    try:
+        run(parser.parse_args(argv))
+    except ValueError as error:
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
+    return 0
+
+
+@dataclass
+class Plan:
+    """The policies one run measures, by key, and what each key is for.
+
+    grid: "policy/score" keys, every policy x score at --budget (uniform allocation).
+    uniform: the grid key of the policy as given, with uniform allocation.
+    sweep: budget key -> budget, the uniform policy at each of --budgets and --budget.
+    specs: "uniform" / "mode" -> `build_policy` keyword arguments (for the memory worker).
+    policies: every policy by key: the grid, the sweep, and "mode" (the policy as given).
+    window: query rows captured for the scoring measurement.
+    """
+
+    grid: list[str]
+    uniform: str
+    sweep: dict[str, float | int]
+    specs: dict[str, dict]
+    policies: dict[str, Selector]
+    window: int
+
+
+def plan_from_args(args: argparse.Namespace) -> Plan:
+    """Build (and so validate) every policy of a run, before any model is loaded."""
+    if args.policy == "none":
+        raise ValueError("bench compares eviction with the full cache: give a policy, not 'none'")
+    options = given_options(args)
+    uniform_options = {name: value for name, value in options.items() if name not in GRID_AXES}
+    mode = {"name": args.policy, "budget": args.budget, "score": args.score, "options": options,
+            "allocation": args.allocation, "alpha": args.alpha, "beta": args.beta}
+    specs = {"uniform": {**mode, "options": uniform_options, "allocation": "uniform"}, "mode": mode}
+    policies: dict[str, Selector] = {}
+    for cls in REGISTRY:
+        for score in SCORE_KINDS if cls.takes_score else [None]:
+            policies[f"{cls.name}/{score or '-'}"] = build_policy(
+                cls.name, budget=args.budget, score=score, options=uniform_options, strict=False)
+    grid = list(policies)
+    sweep = {budget_key(b): b for b in [*args.budgets, args.budget]}
+    for key, budget in sweep.items():
+        policies[key] = build_policy(**{**specs["uniform"], "budget": budget})
+    policies["mode"] = build_policy(**mode)
+    for length in args.lengths:
+        for policy in policies.values():
+            policy.check_prompt([length])
+    uniform = f"{args.policy}/{args.score if POLICIES[args.policy].takes_score else '-'}"
+    window = options.get("window", policy_options(H2O)["window"].default)
+    return Plan(grid, uniform, sweep, specs, policies, window)
+
+
+def machine() -> dict:
+    """Versions, CPU, threads, load average: what the numbers depend on."""
+    import transformers
+
+    info = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "platform": platform.platform(), "torch_threads": torch.get_num_threads(), "loadavg_start": os.getloadavg()}
+    try:
+        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        keep = ("Model name", "CPU(s)", "Thread(s) per core", "Core(s) per socket", "L2 cache", "L3 cache")
+        info["lscpu"] = {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in lscpu.splitlines())
+                         if k.strip() in keep}
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    if torch.cuda.is_available():
+        info["cuda_device"] = torch.cuda.get_device_name()
+    return info
+
+
+def bench_length(model: nn.Module, length: int, args: argparse.Namespace, plan: Plan, device: torch.device) -> dict:
+    """Every measurement at one context length (one entry of the report's `lengths`)."""
+    ids = prompt(length, model.config.vocab_size, device)
+    full, prefill_seconds = plain_prefill(model, ids, device)
+    row: dict = {"length": length, "prefill_seconds": prefill_seconds}
+    row["hooked"] = {role: hooked_prefill(model, ids, plan.policies[key], device)
+                     for role, key in (("uniform", plan.uniform), ("mode", "mode"))}
+    recorder, cache = recorded_prefill(model, ids, plan.policies, plan.window)
+    row["eviction_seconds"] = measure_eviction(recorder, cache, device, [*plan.grid, "mode"])
+    row["scoring_seconds"] = measure_scoring(recorder.windows, args.repeats, device)
+    fractions = {key: budget if isinstance(budget, float) else budget / length for key, budget in plan.sweep.items()}
+    fractions["mode"] = fractions[budget_key(args.budget)]
+    row["caches"] = {"full": cache_entry(cache, None)}
+    row["caches"].update({key: cache_entry(cache.subset(recorder.masks[key]), f) for key, f in fractions.items()})
+    configs = decode_configs(model, full, cache, {key: recorder.masks[key] for key in fractions})
+    row["decode"] = measure_decode(model, ids[:, -1:], configs, args.new_tokens, device)
+    if not args.no_full_history:
+        row["full_history"] = [measure_full_history(recorder.full_state, cache.nbytes(), score, device)
+                               for score in ("attention", "obc-joint")]
+    del full, cache, recorder
+    if not args.no_memory:
+        base = {"length": length, "model": args.model, "random_weights": args.random_weights, "attn": args.attn,
+                "dtype": args.dtype, "device": str(device), "threads": args.threads}
+        row["memory"] = {role: run_memory_worker({**base, "policy": spec})
+                         for role, spec in (("plain", None), ("uniform", plan.specs["uniform"]), ("mode", plan.specs["mode"]))}
+    return row
+
+
+def warm_up(model: nn.Module, plan: Plan, lengths: list[int], device: torch.device) -> None:
+    """First-call costs out of the timings: short prefills (plain, hooked, recorded) and every policy's keep."""
+    try:
+        for policy in plan.policies.values():
+            policy.check_prompt([WARM_LENGTH])
+        length = WARM_LENGTH
+    except ValueError:  # a budget or window too large for a short prompt
+        length = min(lengths)
+    ids = prompt(length, model.config.vocab_size, device)
+    plain_prefill(model, ids, device)
+    for key in (plan.uniform, "mode"):
+        hooked_prefill(model, ids, plan.policies[key], device)
+    recorder, cache = recorded_prefill(model, ids, plan.policies, plan.window)
+    measure_eviction(recorder, cache, device, list(plan.policies))
+
+
+def run(args: argparse.Namespace) -> dict:
+    """The whole benchmark: measure every length, check the targets, write the JSON, print the report."""
+    if args.random_weights is not None and args.model is not None:
+        raise ValueError("give --model or --random-weights, not both")
+    plan = plan_from_args(args)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads)
+    model = load_benchmark_model(args.model, args.random_weights, args.attn, args.dtype, device)
+    report = {"machine": machine(), "device": str(device), "dtype": str(model.dtype), "attn": args.attn,
+              "model": f"random weights, {args.random_weights} shape" if args.random_weights else args.model or "smollm2-135m-instruct",
+              "command": " ".join(sys.argv), "kv_heads": model.config.num_key_value_heads,
+              "query_heads": model.config.num_attention_heads, "new_tokens": args.new_tokens, "window": plan.window,
+              "budget": args.budget, "uniform": plan.uniform, "mode": policy_label(plan.policies["mode"]),
+              "specs": plan.specs, "lengths": []}
+    warm_up(model, plan, args.lengths, device)
+    for length in args.lengths:
+        print(f"obcache bench: {length} tokens ...", file=sys.stderr, flush=True)
+        report["lengths"].append(bench_length(model, length, args, plan, device))
+    report["machine"]["loadavg_end"] = os.getloadavg()
+    report["targets"] = check_targets(report)
+    Path(args.out).write_text(json.dumps(report, indent=1))
+    print(format_report(report))
+    print(f"results written to {args.out}", file=sys.stderr)
+    return report

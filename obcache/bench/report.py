@@ -1,0 +1,171 @@
+"""The benchmark's targets (checked at the longest length) and its printed report.
+
+A report is the JSON `obcache bench` writes: run metadata, `budget`, the keys
+of the two policies compared (`uniform`: the plain policy, every head the same
+budget; `mode`: the policy as given, e.g. AdaKV around it), and one entry per
+context length (see `cli.bench_length`).
+"""
+
+from __future__ import annotations
+
+import operator
+
+#: target key -> (comparison, limit); ratios are "x", fractions "%".
+TARGETS: dict[str, tuple[str, float]] = {
+    "overhead": ("<=", 0.03), "joint_vs_attention": ("<=", 1.5), "full_history_memory": ("<", 0.10),
+    "peak_memory": ("<=", 1.05), "cache_bytes": ("|x|<=", 0.01), "decode_speedup": (">=", 1.6),
+    "mode_cache_bytes": ("|x|<=", 0.01), "mode_index_bytes": ("<", 0.01), "mode_peak_memory": ("<=", 1.0),
+    "mode_decode_vs_full": (">=", 1.5), "mode_decode_vs_uniform": (">=", 0.75), "mode_overhead": ("<=", 0.03),
+}
+_OPS = {"<=": operator.le, "<": operator.lt, ">=": operator.ge, "|x|<=": lambda value, limit: abs(value) <= limit}
+_OP_TEXT = {"<=": "<=", "<": "<", ">=": ">=", "|x|<=": "within +/-"}
+
+
+def budget_key(budget: float | int) -> str:
+    """The key of the uniform policy's cache at `budget` in a length entry's `caches` and `decode`."""
+    return f"budget {budget}"
+
+
+def eviction_fraction(row: dict, key: str) -> float:
+    """Eviction of policy `key` (select + keep over all layers) as a fraction of the plain prefill."""
+    return sum(row["eviction_seconds"][key].values()) / row["prefill_seconds"]
+
+
+def check_targets(report: dict) -> list[dict]:
+    """The issue's targets, evaluated at the longest length measured."""
+    row = max(report["lengths"], key=lambda r: r["length"])
+    uniform, mode, kv_heads = report["uniform"], report["mode"], report["kv_heads"]
+    caches, decode = row["caches"], row["decode"]
+    out: list[dict] = []
+
+    def add(key: str, text: str, value: float, unit: str, also: bool = True) -> None:
+        op, limit = TARGETS[key]
+        out.append({"key": key, "target": text, "length": row["length"], "value": value, "op": op, "limit": limit,
+                    "unit": unit, "passed": bool(_OPS[op](value, limit) and also)})
+
+    add("overhead", f"{uniform} eviction / prefill", eviction_fraction(row, uniform), "%")
+    scoring = row["scoring_seconds"]
+    add("joint_vs_attention", "obc-joint scoring / attention scoring", scoring["obc-joint"] / scoring["attention"], "x")
+    for entry in row.get("full_history", []):
+        add("full_history_memory", f"H2O full-history ({entry['score']}) extra peak / KV cache",
+            entry["extra_peak_bytes"] / entry["cache_bytes"], "%", entry["extra_peak_bytes"] < entry["l_by_l_bytes"])
+    memory = row.get("memory")
+    if memory:
+        plain = memory["plain"]["peak_bytes"]
+        add("peak_memory", f"peak memory, prefill + {uniform} eviction / plain prefill", memory["uniform"]["peak_bytes"] / plain, "x")
+        add("mode_peak_memory", f"peak memory, prefill + {mode} eviction / plain prefill", memory["mode"]["peak_bytes"] / plain, "x")
+    for key, entry in caches.items():
+        if key.startswith("budget "):
+            add("cache_bytes", f"cache bytes error at {key}, {kv_heads} KV heads kept", entry["bytes_error"], "%",
+                entry["kv_heads"] == kv_heads)
+    mine, same = caches["mode"], budget_key(report["budget"])
+    add("mode_cache_bytes", f"{mode} cache bytes error at budget {report['budget']}", mine["bytes_error"], "%",
+        mine["kv_heads"] == kv_heads)
+    add("mode_index_bytes", f"{mode} slot index bytes / K/V bytes", mine["index_bytes"] / mine["cache_bytes"], "%")
+    add("decode_speedup", f"decode, {uniform} at {same} / full cache", decode[same] / decode["full"], "x")
+    add("mode_decode_vs_full", f"decode, {mode} / full cache", decode["mode"] / decode["full"], "x")
+    add("mode_decode_vs_uniform", f"decode, {mode} / {uniform} at {same}", decode["mode"] / decode[same], "x")
+    add("mode_overhead", f"{mode} eviction / prefill", eviction_fraction(row, "mode"), "%")
+    return out
+
+
+def _mb(n: float | None) -> str:
+    return f"{n / 2**20:.1f}" if n is not None else "-"
+
+
+def _value(value: float, unit: str) -> str:
+    return f"{value:.2%}" if unit == "%" else f"{value:.3f}x"
+
+
+def _table(header: list[str], rows: list[tuple[str, list[str]]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join([label, *cells]) + " |" for label, cells in rows]
+
+
+def _over_lengths(report: dict) -> list[tuple[str, list[str]]]:
+    """The rows of the main table: one column per context length."""
+    lengths, uniform, mode = report["lengths"], report["uniform"], report["mode"]
+    rows: list[tuple[str, list[str]]] = []
+
+    def add(label: str, cell) -> None:
+        rows.append((label, [cell(r) for r in lengths]))
+
+    add("prefill, no eviction (s)", lambda r: f"{r['prefill_seconds']:.2f}")
+    for key, name in (("uniform", uniform), ("mode", mode)):
+        add(f"prefill + {name} eviction (s, x plain)",
+            lambda r, k=key: f"{r['hooked'][k]['seconds']:.2f} ({r['hooked'][k]['seconds'] / r['prefill_seconds']:.3f}x)")
+        add("  eviction inside that prefill (s, % of plain)",
+            lambda r, k=key: f"{r['hooked'][k]['eviction_seconds']:.3f} ({r['hooked'][k]['eviction_seconds'] / r['prefill_seconds']:.2%})")
+    for key in lengths[0]["eviction_seconds"]:
+        add(f"eviction {mode if key == 'mode' else key}: select + keep (% of prefill)",
+            lambda r, k=key: f"{eviction_fraction(r, k):.2%}")
+    for key in lengths[0]["scoring_seconds"]:
+        add(f"scoring/layer {key} (ms, x attention)", lambda r, k=key: (
+            f"{r['scoring_seconds'][k] * 1e3:.2f} ({r['scoring_seconds'][k] / r['scoring_seconds']['attention']:.2f}x)"))
+    add("decode full cache, model's own attention (tok/s)", lambda r: f"{r['decode']['full']:.1f}")
+    add("decode full cache under obcache.attach (tok/s)", lambda r: f"{r['decode']['full attached']:.1f}")
+    for key in lengths[0]["caches"]:
+        if key == "full":
+            continue
+        name = f"{uniform} {key}" if key != "mode" else f"{mode} budget {report['budget']}"
+        add(f"decode {name} (tok/s, x full)", lambda r, k=key: f"{r['decode'][k]:.1f} ({r['decode'][k] / r['decode']['full']:.2f}x)")
+        add(f"  cache MiB: kept / budget x full (error), kept per head", lambda r, k=key: (
+            f"{_mb(r['caches'][k]['cache_bytes'])} / {_mb(r['caches'][k]['expected_bytes'])} "
+            f"({r['caches'][k]['bytes_error']:+.2%}) {r['caches'][k]['kept_shape'] or r['caches'][k]['head_tokens']}"))
+    for i, entry in enumerate(lengths[0].get("full_history", [])):
+        add(f"H2O full-history {entry['score']}, 1 layer: s, extra peak MiB (% of KV cache; L x L would be)", lambda r, i=i: (
+            f"{r['full_history'][i]['seconds']:.2f} s, {_mb(r['full_history'][i]['extra_peak_bytes'])} "
+            f"({r['full_history'][i]['extra_peak_bytes'] / r['full_history'][i]['cache_bytes']:.1%}; "
+            f"{_mb(r['full_history'][i]['l_by_l_bytes'])})"))
+    if "memory" in lengths[0]:
+        what = "GPU max allocated" if report["device"].startswith("cuda") else "peak RSS"
+        add(f"{what} after model load (MiB)", lambda r: _mb(r["memory"]["plain"]["baseline_bytes"]))
+        add(f"{what} plain prefill (MiB)", lambda r: _mb(r["memory"]["plain"]["peak_bytes"]))
+        for key, name in (("uniform", uniform), ("mode", mode)):
+            add(f"{what} prefill + {name} eviction (MiB, x plain)", lambda r, k=key: (
+                f"{_mb(r['memory'][k]['peak_bytes'])} ({r['memory'][k]['peak_bytes'] / r['memory']['plain']['peak_bytes']:.3f}x)"))
+    return rows
+
+
+def _side_by_side(report: dict, row: dict) -> list[str]:
+    """Full cache | uniform policy | mode at the same budget, for one context length."""
+    same = budget_key(report["budget"])
+    caches, decode = row["caches"], row["decode"]
+    columns = [("full", None), (same, "uniform"), ("mode", "mode")]  # (cache key, role)
+    evictions = {"uniform": report["uniform"], "mode": "mode"}
+    full_bytes, plain_peak = caches["full"]["cache_bytes"], row.get("memory", {}).get("plain", {}).get("peak_bytes")
+
+    def cells(fn) -> list[str]:
+        return [fn(cache, role) for cache, role in columns]
+
+    rows = [
+        ("K/V cache MiB (x full)", cells(lambda c, _: f"{_mb(caches[c]['cache_bytes'])} ({caches[c]['cache_bytes'] / full_bytes:.3f}x)")),
+        ("slot index KiB (% of K/V)", cells(lambda c, _: (
+            f"{caches[c]['index_bytes'] / 1024:.1f} ({caches[c]['index_bytes'] / caches[c]['cache_bytes']:.2%})"))),
+        ("layout, kept tokens per KV head (min-max)", cells(lambda c, _: f"{caches[c]['layout']}, {'-'.join(map(str, caches[c]['head_tokens']))}")),
+        ("decode tok/s (x full, x uniform)", cells(lambda c, _: (
+            f"{decode[c]:.1f} ({decode[c] / decode['full']:.2f}x, {decode[c] / decode[same]:.2f}x)"))),
+        ("eviction select + keep (% of prefill)", cells(lambda _, p: "-" if p is None else (
+            f"{eviction_fraction(row, evictions[p]):.2%}"))),
+        ("eviction inside a hooked prefill (% of prefill)", cells(lambda _, p: "-" if p is None else (
+            f"{row['hooked'][p]['eviction_seconds'] / row['prefill_seconds']:.2%}"))),
+    ]
+    if plain_peak is not None:
+        rows.append(("peak RSS / GPU memory of the prefill, MiB (x plain)", cells(lambda _, p: (
+            f"{_mb(row['memory'][p or 'plain']['peak_bytes'])} ({row['memory'][p or 'plain']['peak_bytes'] / plain_peak:.3f}x)"))))
+    title = f"{row['length']} tokens, budget {report['budget']}: side by side"
+    return [title, "", *_table(["measure", "full cache", report["uniform"], report["mode"]], rows)]
+
+
+def format_report(report: dict) -> str:
+    """The printed report: the table over lengths, the side-by-side comparison per length, the targets."""
+    lines = [f"model {report['model']}, device {report['device']}, dtype {report['dtype']}, attn {report['attn']}, "
+             f"torch threads {report['machine']['torch_threads']}", ""]
+    lines += _table(["measure", *(str(r["length"]) for r in report["lengths"])], _over_lengths(report))
+    for row in report["lengths"]:
+        lines += ["", *_side_by_side(report, row)]
+    lines += ["", "targets (at the longest length):"]
+    for t in report["targets"]:
+        lines.append(f"  [{'PASS' if t['passed'] else 'MISS'}] {t['target']}: {_value(t['value'], t['unit'])} "
+                     f"(target {_OP_TEXT[t['op']]} {_value(t['limit'], t['unit'])})")
+    return "\n".join(lines)
