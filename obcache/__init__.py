@@ -13,14 +13,14 @@ from obcache.generation import GenerationResult, generate
 from obcache.hooks import attach
 from obcache.loading import load_model, load_tokenizer
 from obcache.policies import (
-    H2O, POLICIES, TOVA, AdaKV, Policy, PyramidKV, ScoredPolicy, SnapKV, StreamingLLM, make_policy, paper_preset,
+    H2O, POLICIES, TOVA, AdaKV, Decoding, Policy, PyramidKV, ScoredPolicy, SnapKV, StreamingLLM, make_policy, paper_preset,
 )
 from obcache.scores import SCORE_KINDS, saliency
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "AdaKV", "EvictableCache", "GenerationResult", "H2O", "POLICIES", "Policy", "PyramidKV", "SCORE_KINDS",
+    "AdaKV", "Decoding", "EvictableCache", "GenerationResult", "H2O", "POLICIES", "Policy", "PyramidKV", "SCORE_KINDS",
     "ScoredPolicy", "SnapKV", "StreamingLLM", "TOVA", "attach", "generate", "load_model", "load_tokenizer",
     "make_policy", "paper_preset", "saliency",
 ]

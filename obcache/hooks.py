@@ -85,10 +85,9 @@ class LayerHooks:
         if not isinstance(cache, EvictableCache):
             return
         state = layer_state(self.adapter, module, args, kwargs, outputs=outputs, num_layers=len(self.attentions))
-        if state is not None:
-            prefill = module.layer_idx not in cache.evicted_layers and state.length == state_queries(args, kwargs)
-            with torch.no_grad():
-                self.layer_done(module.layer_idx, state, cache, prefill)
+        prefill = module.layer_idx not in cache.evicted_layers and state.length == state_queries(args, kwargs)
+        with torch.no_grad():
+            self.layer_done(module.layer_idx, state, cache, prefill)
 
 
 class EvictionHooks(LayerHooks):
@@ -130,14 +129,17 @@ class EvictionHooks(LayerHooks):
         self._caches.clear()
 
     def layer_done(self, layer_idx: int, state: LayerState, cache: EvictableCache, prefill: bool) -> None:
-        if not prefill or self.policy is None:
+        if self.policy is None:
+            return
+        decode_select = getattr(self.policy, "decode_select", None)  # optional for custom selectors
+        if not prefill and decode_select is None:
             return
         start = time.perf_counter()
-        mask = self.policy.select(state)
-        if mask is None:
-            cache.mark_kept_all(layer_idx)
-        else:
+        mask = self.policy.select(state) if prefill else decode_select(state)
+        if mask is not None:
             cache.keep(layer_idx, mask)
+        elif prefill:
+            cache.mark_kept_all(layer_idx)
         cache.eviction_seconds += time.perf_counter() - start
 
     def _before_forward(self, module, args, kwargs):
@@ -189,25 +191,45 @@ def state_queries(args, kwargs) -> int:
 
 def layer_state(
     adapter: FamilyAdapter, module: nn.Module, args, kwargs, *, outputs: torch.Tensor | None = None, num_layers: int = 1
-) -> LayerState | None:
-    """The policy's view of a uniform attention layer right after a forward (None for a ragged layer).
+) -> LayerState:
+    """The policy's view of an attention layer right after a forward.
 
-    Only the slots of this forward's tokens (the last q) have queries and
-    outputs. `outputs`, if given, is the input of the module's output
-    projection in that forward, [B, q, Hq * d] (per-head attention outputs,
-    heads side by side); the state serves them sliced per head.
+    For a uniform layer, keys/values are the cached [B, Hkv, n, d] and
+    `queries(start, end)` serves the slots of this forward's tokens (the last
+    q). A ragged layer gets a shape-only view: keys/values of head_dim 0 over a
+    [B, Hkv, W] grid whose segments end at the right edge, and a per-head
+    key_mask; its slots are read from `state.layer`. `outputs`, if given, is
+    the input of the module's output projection in that forward,
+    [B, q, Hq * d] (per-head attention outputs, heads side by side).
     """
     cache = kwargs.get("past_key_values")
     hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
     layer = cache.layers[module.layer_idx]
-    if cache.is_ragged(module.layer_idx):
-        return None
     cos, sin = kwargs["position_embeddings"]
-    first = layer.get_seq_length() - hidden.shape[1]  # slot of this forward's first token
+    tokens = hidden.shape[1]
+
+    def new_queries() -> torch.Tensor:
+        return adapter.queries(module, hidden, cos, sin)
+
+    new_outputs = None
+    if outputs is not None and outputs.shape[:2] == hidden.shape[:2]:
+
+        def new_outputs() -> torch.Tensor:
+            # [B, q, Hq * dv] -> [B, Hq, q, dv]: the layout of the attention before its reshape (a view).
+            heads = outputs.shape[-1] // module.head_dim  # this rank's heads under tensor parallelism
+            return outputs.view(outputs.shape[0], tokens, heads, -1).transpose(1, 2)
+
+    if cache.is_ragged(module.layer_idx):
+        _, valid = layer.right_aligned()
+        keys = values = layer.keys.new_empty(*valid.shape, 0)
+        key_mask, first = valid, None
+    else:
+        keys, values, key_mask = layer.keys, layer.values, layer.slot_mask()
+        first = layer.get_seq_length() - tokens  # slot of this forward's first token
 
     def rows(start: int, end: int) -> slice:
-        if start < first:
-            raise ValueError(f"only slots {first}.. were computed in this forward, not {start}")
+        if first is None or start < first:
+            raise ValueError(f"only the slots of this forward's {tokens} tokens have queries, not slot {start}")
         return slice(start - first, end - first)
 
     def queries(start: int, end: int) -> torch.Tensor:
@@ -215,24 +237,24 @@ def layer_state(
         return adapter.queries(module, hidden[:, part], cos[:, part], sin[:, part])
 
     window_outputs = None
-    if outputs is not None and outputs.shape[:2] == hidden.shape[:2]:
-        query_heads = outputs.shape[-1] // module.head_dim  # this rank's heads under tensor parallelism
+    if new_outputs is not None:
 
         def window_outputs(start: int, end: int) -> torch.Tensor:
-            # [B, W, Hq * dv] -> [B, Hq, W, dv]: the layout of the attention before its reshape (a view).
-            part = outputs[:, rows(start, end)]
-            return part.view(part.shape[0], part.shape[1], query_heads, -1).transpose(1, 2)
+            return new_outputs()[:, :, rows(start, end)]
 
     return LayerState(
-        keys=layer.keys,
-        values=layer.values,
+        keys=keys,
+        values=values,
         scaling=module.scaling,
-        query_heads=module.config.num_attention_heads * layer.keys.shape[1] // module.config.num_key_value_heads,
-        key_mask=layer.slot_mask(),
+        query_heads=module.config.num_attention_heads * keys.shape[1] // module.config.num_key_value_heads,
+        key_mask=key_mask,
         queries=queries,
         outputs=window_outputs,
         layer_idx=module.layer_idx,
         num_layers=num_layers,
+        layer=layer,
+        new_queries=new_queries,
+        new_outputs=new_outputs,
     )
 
 

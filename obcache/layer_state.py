@@ -20,13 +20,18 @@ class LayerState:
     keys, values: [B, Hkv, L, d] (keys post-RoPE), the layer's cached tokens.
     scaling: the module's logit scale.
     query_heads: Hq, the number of query heads (a multiple of Hkv).
-    key_mask: [B, L] bool, False for padding slots; None if no padding.
+    key_mask: [B, L] bool, False for padding slots; None if no padding. A
+        per-head [B, Hkv, L] mask only for shape-only views of ragged layers.
     queries: queries(start, end) -> [B, Hq, end - start, d], post-RoPE queries of
         cache slots start..end-1 (tokens of this forward), recomputed on demand.
     outputs: outputs(start, end) -> [B, Hq, end - start, dv], the attention
         outputs o_i the model computed for those slots (captured during the
         forward), or None: the scores then recompute them.
     layer_idx, num_layers: where the layer sits in the model (per-layer budgets).
+    layer: the cache layer itself (`obcache.layouts`), for policies that keep
+        state across forwards (decoding-time eviction); None for synthetic states.
+    new_queries, new_outputs: () -> [B, Hq, q, d], the queries and attention
+        outputs of this forward's q tokens, whatever the layer's layout.
     """
 
     keys: torch.Tensor
@@ -38,6 +43,9 @@ class LayerState:
     outputs: Callable[[int, int], torch.Tensor] | None = None
     layer_idx: int = 0
     num_layers: int = 1
+    layer: object | None = None
+    new_queries: Callable[[], torch.Tensor] | None = None
+    new_outputs: Callable[[], torch.Tensor | None] | None = None
 
     def window(self, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(queries, outputs or None) of slots start..end-1."""
@@ -72,4 +80,9 @@ class Selector(Protocol):
         """Raise a clear ValueError, before any model work, if prompts of these real lengths cannot be evicted."""
 
     def select(self, layer: LayerState) -> torch.Tensor | None:
-        """Keep mask [B, Hkv, L] (bool) of the layer's slots, or None to keep them all."""
+        """After the prefill: keep mask [B, Hkv, L] (bool) of the layer's slots, or None to keep them all."""
+
+    def decode_select(self, layer: LayerState) -> torch.Tensor | None:
+        """After any later forward: keep mask of the layer's slots ([B, Hkv, n] uniform, [T] ragged), or None.
+
+        Optional: the hooks skip selectors without it (nothing is evicted during decoding)."""

@@ -11,7 +11,10 @@ positions and later evictions never depend on where a slot sits.
   to the longest head; bytes held are sum(kept) x d x 2 x dtype size.
 
 A layer changes layout only through `keep(mask)`, which returns the layer
-that holds the kept slots (uniform when every head keeps as many).
+that holds the kept slots (uniform when every head keeps as many). Two
+optional riders follow the slots: `scores`, a float32 running score per slot
+(H2O's accumulated attention during decoding; new slots start at 0), and
+`extras`, per-layer state a policy keeps across forwards (carried as is).
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ class UniformLayer(CacheLayerMixin):
         super().__init__()
         self.positions: torch.Tensor | None = None  # [B, 1 or Hkv, n] int32, -1 = padding
         self.padded = False  # whether any slot is padding
+        self.scores: torch.Tensor | None = None  # [B, Hkv, n] float32 running scores, or None
+        self.extras: dict = {}
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -49,6 +54,8 @@ class UniformLayer(CacheLayerMixin):
         self.values = torch.cat([self.values, value_states], dim=-2)
         new = positions.to(torch.int32).unsqueeze(1).expand(-1, self.positions.shape[1], -1)
         self.positions = torch.cat([self.positions, new], dim=-1)
+        if self.scores is not None:
+            self.scores = torch.cat([self.scores, self.scores.new_zeros(*key_states.shape[:3])], dim=-1)
         self.padded = self.padded or bool((positions < 0).any())
         return self.keys, self.values
 
@@ -95,9 +102,14 @@ class UniformLayer(CacheLayerMixin):
             layer.values = self.values.gather(2, index.unsqueeze(-1).expand(-1, -1, -1, self.values.shape[-1]))
             layer.positions = self.positions.expand(-1, heads, -1).gather(2, index)
             layer.padded = self.padded and bool((layer.positions < 0).any())
+            layer.scores = self.scores.gather(2, index) if self.scores is not None else None
+            layer.extras = self.extras
             return layer
         real = mask & (self.positions >= 0)
-        return RaggedLayer.from_tensors(self.keys, self.values, self.positions.expand(-1, heads, -1), real)
+        layer = RaggedLayer.from_tensors(self.keys, self.values, self.positions.expand(-1, heads, -1), real)
+        layer.scores = self.scores[real] if self.scores is not None else None
+        layer.extras = self.extras
+        return layer
 
     def kept_positions(self) -> list[list[torch.Tensor]]:
         """Per batch row and KV head, the sorted positions of its real slots."""
@@ -129,6 +141,8 @@ class RaggedLayer(CacheLayerMixin):
         self.lengths: list[int] = []  # slots per segment, segment s = row s // Hkv, head s % Hkv
         self.batch = self.heads = 0
         self.padded = False
+        self.scores: torch.Tensor | None = None  # [T] float32 running scores, or None
+        self.extras: dict = {}
 
     @classmethod
     def from_tensors(cls, keys, values, positions, mask) -> RaggedLayer:
@@ -179,6 +193,8 @@ class RaggedLayer(CacheLayerMixin):
         self.values = _scatter_rows(total, old, self.values, new, value_states.reshape(segments * q, -1))
         new_positions = positions.to(torch.int32)[:, None, :].expand(-1, heads, -1).reshape(-1)
         self.positions = _scatter_rows(total, old, self.positions[:, None], new, new_positions[:, None])[:, 0]
+        if self.scores is not None:
+            self.scores = _scatter_rows(total, old, self.scores[:, None], new, self.scores.new_zeros(new.shape[0], 1))[:, 0]
         self.lengths = [length + q for length in self.lengths]
         self.padded = self.padded or bool((positions < 0).any())
         return self.keys, self.values
@@ -200,7 +216,23 @@ class RaggedLayer(CacheLayerMixin):
         layer.keys, layer.values, layer.positions = self.keys[mask], self.values[mask], self.positions[mask]
         layer.lengths = [int(part.sum()) for part in mask.split(self.lengths)]
         layer.padded = self.padded and bool((layer.positions < 0).any())
+        layer.scores = self.scores[mask] if self.scores is not None else None
+        layer.extras = self.extras
         return layer
+
+    def right_aligned(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(index [T], valid [B, Hkv, W]): where each slot sits in a [B, Hkv, W] grid (W = longest segment)
+        whose segments end at the right edge, so every segment's last slots share columns."""
+        width = self.get_seq_length()
+        device = self.keys.device
+        lengths = torch.tensor(self.lengths, device=device)
+        segment = torch.arange(len(self.lengths), device=device).repeat_interleave(lengths)
+        starts = torch.cumsum(lengths, 0) - lengths
+        slot = torch.arange(self.keys.shape[0], device=device) - starts[segment]
+        index = segment * width + (width - lengths[segment]) + slot
+        valid = torch.zeros(len(self.lengths) * width, dtype=torch.bool, device=device)
+        valid[index] = True
+        return index, valid.view(self.batch, self.heads, width)
 
     def kept_positions(self) -> list[list[torch.Tensor]]:
         rows: list[list[torch.Tensor]] = [[] for _ in range(self.batch)]

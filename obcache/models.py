@@ -97,6 +97,11 @@ def attention_layers(model: nn.Module) -> list[nn.Module]:
 def check_attention_implementation(model: nn.Module) -> None:
     """Only attention implementations that take the standard 4-D/2-D masks are supported."""
     implementation = model.config._attn_implementation
+    if implementation.startswith("obcache-"):
+        raise RuntimeError(
+            "obcache is already attached to this model (nested `attach`); "
+            "use one `with policy.attach(model):` block at a time"
+        )
     if implementation not in ("sdpa", "eager"):
         raise UnsupportedModelError(
             f"attention implementation {implementation!r} is not supported; use 'sdpa' (default) or 'eager'"

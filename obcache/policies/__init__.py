@@ -12,6 +12,7 @@ import dataclasses
 from obcache.layer_state import LayerState
 from obcache.policies.allocation import AdaKV, BudgetWrapper, PyramidKV
 from obcache.policies.base import Policy, ScoredPolicy
+from obcache.policies.decoding import Decoding
 from obcache.policies.h2o import H2O
 from obcache.policies.snapkv import SnapKV
 from obcache.policies.streaming import StreamingLLM
@@ -105,7 +106,7 @@ def paper_preset(setting: str, policy: str, *, budget: float | int, score: str |
 
 
 __all__ = [
-    "ALLOCATIONS", "AdaKV", "BudgetWrapper", "H2O", "LayerState", "POLICIES", "PRESETS", "Policy", "PyramidKV",
+    "ALLOCATIONS", "AdaKV", "BudgetWrapper", "Decoding", "H2O", "LayerState", "POLICIES", "PRESETS", "Policy", "PyramidKV",
     "REGISTRY", "ScoredPolicy", "SnapKV", "StreamingLLM", "TOVA", "allocate", "make_policy", "paper_preset",
     "policy_allocation", "policy_label", "policy_options",
 ]

@@ -45,8 +45,8 @@ class BudgetWrapper:
     def layer_budget(self, layer: LayerState) -> int:
         return self.policy.layer_budget(layer)
 
-    def prepared_scores(self, layer: LayerState) -> torch.Tensor:
-        return self.policy.prepared_scores(layer)
+    def prepared_scores(self, layer: LayerState, scores: torch.Tensor | None = None) -> torch.Tensor:
+        return self.policy.prepared_scores(layer, scores)
 
     def allocate(self, scores: torch.Tensor, kept: int, layer: LayerState) -> torch.Tensor:
         return self.policy.allocate(scores, kept, layer)
@@ -55,6 +55,7 @@ class BudgetWrapper:
         self.policy.check_prompt(prompt_lengths)
 
     select = Policy.select
+    decode_select = Policy.decode_select
     attach = Policy.attach
 
 

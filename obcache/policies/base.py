@@ -53,12 +53,15 @@ class Policy:
     Subclasses set `name` and `summary`, implement `token_scores`, and declare
     their protected tokens through `window_protected` (the last tokens) and
     `sinks` (the first real tokens). `takes_score` says whether a `score`
-    field chooses the token score (see `ScoredPolicy`).
+    field chooses the token score (see `ScoredPolicy`); `decode_accumulates`
+    whether, during decoding (`obcache.Decoding`), scores are summed over
+    every query as it passes instead of recomputed from the latest queries.
     """
 
     name: ClassVar[str] = "policy"
     summary: ClassVar[str] = ""
     takes_score: ClassVar[bool] = False
+    decode_accumulates: ClassVar[bool] = False  # during decoding: running sum of every query's score (H2O)
 
     budget: float | int = option(0.1, "kept per KV head: fraction of the prompt (0.1) or tokens (256)")
     sinks: int = option(0, "first real tokens always kept")
@@ -104,15 +107,16 @@ class Policy:
         """Tokens kept per KV head in this layer."""
         return self.kept_tokens(layer.longest())
 
-    def prepared_scores(self, layer: LayerState) -> torch.Tensor:
-        """[B, Hkv or 1, L] float32: scores after sharing and chunking; protected +inf, padding -inf."""
-        scores = self.token_scores(layer).float()
+    def prepared_scores(self, layer: LayerState, scores: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, Hkv or 1, L] float32: token scores (given, or `token_scores`) after sharing and chunking;
+        protected tokens +inf, padding -inf."""
+        scores = (self.token_scores(layer) if scores is None else scores).float()
         if self.selection == "shared":
             scores = combine_heads(scores, self.combine)
         scores = chunk_scores(scores, self.chunk)
-        scores = scores.masked_fill(self.protected_mask(layer).unsqueeze(1), float("inf"))
+        scores = scores.masked_fill(_per_head(self.protected_mask(layer)), float("inf"))
         if layer.key_mask is not None:
-            scores = scores.masked_fill(~layer.key_mask.unsqueeze(1), float("-inf"))
+            scores = scores.masked_fill(~_per_head(layer.key_mask), float("-inf"))
         return scores
 
     def allocate(self, scores: torch.Tensor, kept: int, layer: LayerState) -> torch.Tensor:
@@ -125,6 +129,10 @@ class Policy:
         if kept >= layer.length:
             return None
         return self.allocate(self.prepared_scores(layer), kept, layer)
+
+    def decode_select(self, layer: LayerState) -> torch.Tensor | None:
+        """After a forward past the prefill: nothing is evicted (wrap in `obcache.Decoding` for that)."""
+        return None
 
     # -- checks and protection --
 
@@ -151,10 +159,15 @@ class Policy:
             )
 
     def protected_mask(self, layer: LayerState) -> torch.Tensor:
-        """[B, L] bool: the recent window and the first `sinks` real tokens of each row."""
+        """[B, L] bool (or [B, Hkv, L] with a per-head key mask): the last `window_protected` slots and the
+        first `sinks` real tokens of each row (head)."""
         length = layer.length
         positions = torch.arange(length, device=layer.keys.device)
-        protected = (positions >= length - self.window_protected).expand(layer.keys.shape[0], -1)
+        protected = positions >= length - self.window_protected
+        if layer.key_mask is not None:
+            protected = protected.expand_as(layer.key_mask)
+        else:
+            protected = protected.expand(layer.keys.shape[0], -1)
         if self.sinks:
             real = layer.key_mask if layer.key_mask is not None else torch.ones_like(protected)
             protected = protected | (real & (real.cumsum(-1) <= self.sinks))
@@ -210,6 +223,11 @@ class WindowPolicy(ScoredPolicy):
     @property
     def min_context(self) -> int:
         return self.window
+
+
+def _per_head(mask: torch.Tensor) -> torch.Tensor:
+    """A [B, L] mask as [B, 1, L]; a per-head [B, Hkv, L] mask as is."""
+    return mask.unsqueeze(1) if mask.dim() == 2 else mask
 
 
 def check_budget(budget) -> None:

@@ -27,6 +27,7 @@ class H2O(WindowPolicy):
     """
 
     name: ClassVar[str] = "h2o"
+    decode_accumulates: ClassVar[bool] = True
     summary: ClassVar[str] = (
         "heavy hitters: scores summed over the last `window` queries (or all, --full-history); keeps the last `window` tokens"
     )

@@ -1,0 +1,181 @@
+"""Eviction during generation: a fixed cache budget however long the output.
+
+    with Decoding(H2O(score="obc-joint", budget=0.2), budget=512, interval=16).attach(model):
+        model.generate(...)
+
+The prompt is evicted by the wrapped policy as usual. After every later
+forward, once the KV heads of a layer hold `budget + interval` slots on
+average, the layer is evicted back to `budget` per head, with the wrapped
+policy's selection (shared, chunks, AdaKV, protected sinks and recent window)
+and its own score, as each policy defines it during decoding:
+
+- H2O: the running sum of every query's score (prompt window first, then each
+  generated token's query as it passes: `layer.scores`);
+- TOVA: the newest query alone;
+- SnapKV: the last `window` queries (kept post-RoPE as they pass), pooled;
+- StreamingLLM: sinks and the most recent tokens.
+
+Scores use the queries and attention outputs of the forwards as they pass,
+and never build an L x L matrix; eviction every `interval` steps amortises the
+scoring and the copy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import ClassVar
+
+import torch
+
+from obcache.layer_state import LayerState
+from obcache.layouts import RaggedLayer
+from obcache.policies.allocation import BudgetWrapper
+from obcache.policies.base import Policy, check_count
+from obcache.scores import saliency
+
+
+@dataclass
+class Decoding(BudgetWrapper):
+    """Evict during generation too: back to `budget` tokens per KV head every `interval` new tokens."""
+
+    name: ClassVar[str] = "decoding"
+    budget: int = 512
+    interval: int = 16
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_count("budget", self.budget, minimum=1)
+        check_count("interval", self.interval, minimum=1)
+        base = self.base
+        if not isinstance(base, Policy):
+            raise TypeError(f"Decoding needs a policy that scores tokens (H2O, TOVA, SnapKV, ...), got {base!r}")
+        protected = base.window_protected + base.sinks
+        if self.budget < protected:
+            raise ValueError(
+                f"decode budget {self.budget} is smaller than the {protected} protected tokens "
+                f"(sinks {base.sinks} + window {base.window_protected}); raise the budget or shrink the window/sinks"
+            )
+        if self.budget < base.chunk:
+            raise ValueError(f"decode budget {self.budget} is smaller than the chunk {base.chunk}")
+
+    @property
+    def base(self) -> Policy:
+        """The innermost policy (under every wrapper)."""
+        policy = self.policy
+        while isinstance(policy, BudgetWrapper):
+            policy = policy.policy
+        return policy
+
+    @property
+    def query_window(self) -> int:
+        """How many of the latest queries the policy scores with during decoding (0: none, or accumulated)."""
+        base = self.base
+        if base.decode_accumulates or not base.takes_score:
+            return 0
+        return getattr(base, "window", 1)
+
+    # -- prefill: the wrapped policy, plus what decoding will need --
+
+    def select(self, layer: LayerState) -> torch.Tensor | None:
+        scores = self.base.token_scores(layer)
+        if self.base.decode_accumulates:
+            layer.layer.scores = scores.float()  # follows the kept slots through `keep`
+        if self.query_window:
+            layer.layer.extras["queries"] = layer.queries(layer.length - self.query_window, layer.length)
+        kept = self.policy.layer_budget(layer)
+        if kept >= layer.length:
+            return None
+        return self.policy.allocate(self.policy.prepared_scores(layer, scores), kept, layer)
+
+    # -- later forwards --
+
+    def decode_select(self, layer: LayerState) -> torch.Tensor | None:
+        cache_layer = layer.layer
+        if self.base.decode_accumulates:
+            self._accumulate(layer)
+        elif self.query_window:
+            recent = layer.new_queries()
+            if "queries" in cache_layer.extras:
+                recent = torch.cat([cache_layer.extras["queries"], recent], dim=-2)
+            cache_layer.extras["queries"] = recent[:, :, -self.query_window :]
+        if _mean_slots(cache_layer) < self.budget + self.interval:
+            return None
+        if isinstance(cache_layer, RaggedLayer):
+            index, _ = cache_layer.right_aligned()
+            grid = torch.zeros(layer.key_mask.numel(), device=index.device)
+            grid[index] = self._ragged_scores(layer)
+            mask = self._allocate(layer, grid.view_as(layer.key_mask))
+            return mask.reshape(-1)[index]
+        view = replace(layer, queries=_buffered_queries(layer.length, cache_layer.extras.get("queries")), outputs=None)
+        raw = cache_layer.scores if self.base.decode_accumulates else self.base.token_scores(view)
+        return self._allocate(view, raw)
+
+    def _allocate(self, view: LayerState, raw: torch.Tensor) -> torch.Tensor:
+        budget = min(self.budget, view.length)
+        return self.policy.allocate(self.policy.prepared_scores(view, raw), budget, view)
+
+    def _segments(self, layer: LayerState):
+        """(row, head query slice, segment state) of every segment of a ragged layer."""
+        cache_layer: RaggedLayer = layer.layer
+        group = layer.query_heads // cache_layer.heads
+        for row, head, keys, values, positions in cache_layer.segments():
+            heads = slice(head * group, (head + 1) * group)
+            mask = (positions >= 0)[None] if cache_layer.padded else None
+            yield row, heads, replace(
+                layer, keys=keys[None, None], values=values[None, None], key_mask=mask, query_heads=group, outputs=None,
+            )
+
+    def _ragged_scores(self, layer: LayerState) -> torch.Tensor:
+        """[T] raw scores of a ragged layer's slots: the running sums, or the policy's score per segment."""
+        cache_layer: RaggedLayer = layer.layer
+        if self.base.decode_accumulates:
+            return cache_layer.scores
+        recent = cache_layer.extras.get("queries")
+        parts = []
+        for row, heads, segment in self._segments(layer):
+            if recent is not None:
+                segment = replace(segment, queries=_buffered_queries(segment.length, recent[row : row + 1, heads]))
+            parts.append(self.base.token_scores(segment)[0, 0])
+        return torch.cat(parts)
+
+    def _accumulate(self, layer: LayerState) -> None:
+        """H2O: add the score of this forward's queries over the current slots to the running scores."""
+        base, cache_layer = self.base, layer.layer
+        queries, outputs = layer.new_queries(), layer.new_outputs() if layer.new_outputs is not None else None
+        tokens = queries.shape[-2]
+
+        def score(q, o, keys, values, key_mask):
+            length = keys.shape[-2]
+            return saliency(q, keys, values, base.score, scaling=layer.scaling, key_mask=key_mask, outputs=o,
+                            gqa=base.gqa, query_positions=range(length - tokens, length))
+
+        if cache_layer.scores is None:  # a cache not prefilled under this policy: sums start now
+            size = cache_layer.keys.shape[0] if isinstance(cache_layer, RaggedLayer) else layer.keys.shape[:3]
+            cache_layer.scores = torch.zeros(size, device=queries.device)
+        if not isinstance(cache_layer, RaggedLayer):
+            cache_layer.scores += score(queries, outputs, layer.keys, layer.values, layer.key_mask)
+            return
+        parts = []
+        for row, heads, segment in self._segments(layer):
+            o = outputs[row : row + 1, heads] if outputs is not None else None
+            parts.append(score(queries[row : row + 1, heads], o, segment.keys, segment.values, segment.key_mask)[0, 0])
+        cache_layer.scores += torch.cat(parts)
+
+
+def _buffered_queries(length: int, recent: torch.Tensor | None):
+    """queries(start, end) of a layer's latest slots (`length` in all), from `recent` [B, Hq, w, d] kept as they passed."""
+
+    def queries(start: int, end: int) -> torch.Tensor:
+        first = length - (recent.shape[-2] if recent is not None else 0)
+        if recent is None or start < first:
+            raise ValueError(f"only the latest {length - first} queries are kept, not slot {start}")
+        return recent[:, :, start - first : end - first]
+
+    return queries
+
+
+def _mean_slots(cache_layer) -> float:
+    """Slots per KV head, averaged over the heads and rows of a layer."""
+    if isinstance(cache_layer, RaggedLayer):
+        return sum(cache_layer.lengths) / len(cache_layer.lengths)
+    return cache_layer.get_seq_length()
