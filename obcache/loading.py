@@ -108,9 +108,17 @@ def _converted(alias: str) -> Path:
 
 
 def _resolve(name: str | None) -> str:
-    """A loadable folder or hub id for `name` (None means DEFAULT_MODEL)."""
-    name = name or DEFAULT_MODEL
+    """A loadable folder or hub id for `name` (None means DEFAULT_MODEL; an empty name is a ValueError)."""
+    if name is None:
+        name = DEFAULT_MODEL
+    elif not isinstance(name, str) or not name.strip():
+        raise ValueError(f"model name {name!r} is empty: give a built-in alias ({', '.join(MODELS)}), "
+                         "a local folder, or None for the default model")
     return str(_converted(name)) if name in MODELS else name
+
+
+def _one_line(error: Exception) -> str:
+    return " ".join(str(error).split())
 
 
 def _offline_config(source: str):
@@ -120,8 +128,25 @@ def _offline_config(source: str):
     except OSError as err:
         raise OSError(
             f"cannot load {source!r} offline: models must be a local folder (or a hub id already in the "
-            f"Hugging Face cache) or one of the built-in aliases: {', '.join(MODELS)}. ({err})"
+            f"Hugging Face cache) or one of the built-in aliases: {', '.join(MODELS)}. ({_one_line(err)})"
         ) from err
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """None -> CUDA if available, else CPU; ValueError for a malformed device or a CUDA device torch cannot use."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {str(device)!r} asked for, but CUDA is not available to this torch "
+                             f"({torch.__version__}); use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"device {str(device)!r} asked for, but only {torch.cuda.device_count()} CUDA device(s) exist")
+    return device
 
 
 def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:
@@ -139,7 +164,10 @@ def load_tokenizer(name: str | None = None) -> PreTrainedTokenizerBase:
     """The tokenizer of `name`, padding on the left, with pad token = eos token if it had none."""
     source = _resolve(name)
     _offline_config(source)
-    tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise OSError(f"cannot load the tokenizer of {source!r}: {_one_line(err)}") from err
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -158,15 +186,20 @@ def load_model(
     `name`: a built-in alias (see MODELS; None means DEFAULT_MODEL), a local
     folder, or a hub id already in the local Hugging Face cache. `dtype`:
     None means float32 on CPU and bfloat16 on CUDA. `device`: None means CUDA
-    if available, else CPU. Unsupported families fail before weights are read.
+    if available, else CPU. Bad names, devices and dtypes raise ValueError and
+    unsupported families fail before weights are read; missing files raise a
+    one-line OSError.
     """
     if attn_implementation not in ("sdpa", "eager"):
         raise ValueError(f"attn_implementation must be 'sdpa' or 'eager', not {attn_implementation!r}")
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
     source = _resolve(name)
     check_supported_config(_offline_config(source))
-    model = AutoModelForCausalLM.from_pretrained(
-        source, dtype=dtype, attn_implementation=attn_implementation, local_files_only=True
-    )
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            source, dtype=dtype, attn_implementation=attn_implementation, local_files_only=True
+        )
+    except OSError as err:
+        raise OSError(f"cannot load the weights of {source!r}: {_one_line(err)}") from err
     return model.to(device).eval(), load_tokenizer(source)

