@@ -12,14 +12,25 @@ from obcache.evaluation.cli import register as register_evaluation
 
 
 def command_generate(args: argparse.Namespace) -> None:
+    import stat
+
     from obcache.generation import generate
     from obcache.loading import load_model
 
     policy = policy_from_args(args)
     path = Path(args.context_file)
-    if not path.is_file():
+    if not path.exists():
         raise ValueError(f"context file {str(path)!r} does not exist")
-    context = path.read_text(encoding="utf-8")
+    if not path.is_file():
+        mode = path.stat().st_mode
+        kinds = {stat.S_ISDIR: "directory", stat.S_ISCHR: "character device", stat.S_ISBLK: "block device",
+                 stat.S_ISFIFO: "named pipe", stat.S_ISSOCK: "socket"}
+        kind = next((name for test, name in kinds.items() if test(mode)), "special file")
+        raise ValueError(f"context file {str(path)!r} is a {kind}, not a regular text file")
+    try:
+        context = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"context file {str(path)!r} is not UTF-8 text (byte {error.start}: {error.reason})") from None
     model, tokenizer = load_model(args.model, attn_implementation=args.attn, dtype=args.dtype, device=args.device)
     result = generate(
         model, tokenizer, context, args.question, policy=policy, query_aware=args.query_aware,
@@ -74,12 +85,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the command line; bad input, a failed load or an interrupt end in one line on stderr, not a traceback."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         args.run(args)
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, OSError, ModuleNotFoundError) as error:
         parser.exit(2, f"obcache {args.command}: error: {error}\n")
+    except KeyboardInterrupt:
+        hint = getattr(args, "interrupt_hint", None)
+        parser.exit(130, f"obcache {args.command}: interrupted" + (f"; {hint(args)}" if hint else "") + "\n")
     return 0
 
 

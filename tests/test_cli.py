@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 
+import obcache.evaluation.fanout
 import obcache.loading
 from obcache import cli
 from obcache.loading import load_tokenizer
@@ -51,6 +55,8 @@ def no_model(monkeypatch):
         (["--score", "obc"], "invalid choice"),
         (["--policy", "tova", "--window", "8"], "tova has no option --window"),
         (["--context-file", "/nonexistent/context.txt"], "does not exist"),
+        (["--context-file", "/"], "context file '/' is a directory, not a regular text file"),
+        (["--context-file", "/dev/null"], "context file '/dev/null' is a character device, not a regular text file"),
     ],
 )
 def test_bad_input_fails_before_loading_the_model(extra, message, tmp_path, capsys, no_model):
@@ -77,3 +83,91 @@ def test_generate_prints_answer_and_one_line_summary(tmp_path, capsys, monkeypat
     assert out.strip()  # the answer (random weights: any text)
     summary = err.strip().splitlines()[-1]
     assert summary.startswith("SnapKV(budget=0.25,") and "score='obc-joint'" in summary and "tokens per head" in summary
+
+
+def test_a_context_file_that_is_not_utf8_is_named(tmp_path, capsys, no_model):
+    context = tmp_path / "latin1.txt"
+    context.write_bytes("caf\u00e9 au lait".encode("latin-1"))
+    code, _, err = run(["generate", "--context-file", str(context), "--question", "Q?"], capsys)
+    assert code == 2
+    assert err == f"obcache generate: error: context file {str(context)!r} is not UTF-8 text (byte 3: invalid continuation byte)\n"
+
+
+@pytest.fixture(scope="module")
+def config_only_folder(tmp_path_factory) -> Path:
+    """A supported (Llama) config with no weights next to it."""
+    folder = tmp_path_factory.mktemp("config-only")
+    tiny_model().config.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("command", [
+    ["generate", "--context-file", "CONTEXT", "--question", "Q?"],
+    ["eval", "fidelity", "--lengths", "300", "--window", "8", "--out", "OUT"],
+    ["demo"],
+])
+@pytest.mark.parametrize("model", ["CONFIG_ONLY", "/no/such/folder"])
+def test_a_failed_model_load_is_one_line_and_leaves_no_output_folder(command, model, config_only_folder, tmp_path, capsys):
+    context = tmp_path / "context.txt"
+    context.write_text("some context")
+    names = {"CONTEXT": str(context), "OUT": str(tmp_path / "out"), "CONFIG_ONLY": str(config_only_folder)}
+    argv = [names.get(arg, arg) for arg in [*command, "--model", model]]
+    code, _, err = run(argv, capsys)
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith(f"obcache {command[0]}: error: cannot load")
+    assert ("no file named model.safetensors" if model == "CONFIG_ONLY" else "must be a local folder") in err
+    assert not (tmp_path / "out").exists()
+
+
+def write_rows(folder: Path, lines: list[str]) -> None:
+    folder.mkdir()
+    (folder / "results.jsonl").write_text("".join(line + "\n" for line in lines))
+
+
+@pytest.mark.parametrize("line,message", [
+    ("[1, 2]", "expected a JSON object (one result row), got a list"),
+    ("{}", "not a result row: it has no 'task' string"),
+    ('{"task": "fidelity", "mode": "teacher-forced"}', "a fidelity row lacks the field(s) model, seed, length"),
+])
+@pytest.mark.parametrize("command", [["report", "DIR"], ["eval", "fidelity", "--out", "DIR"]])
+def test_a_results_line_of_the_wrong_shape_is_a_clear_error(line, message, command, tmp_path, capsys, no_model):
+    write_rows(tmp_path / "runs", [line])
+    code, _, err = run([str(tmp_path / "runs") if arg == "DIR" else arg for arg in command], capsys)
+    assert code == 2 and err.count("\n") == 1
+    assert f"results.jsonl, line 1: {message}" in err
+
+
+@pytest.mark.parametrize("value", ["0", "-3"])
+def test_eval_rejects_non_positive_max_new_tokens_before_any_work(value, tmp_path, capsys, no_model):
+    code, _, err = run(["eval", "niah_single_number", "--out", str(tmp_path / "out"), "--max-new-tokens", value], capsys)
+    assert code == 2 and f"max_new_tokens must be an int >= 1, got {value}" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_interrupted_eval_says_how_to_resume_and_the_same_command_finishes(tmp_path, capsys, monkeypatch):
+    tokenizer = load_tokenizer()
+    model = tiny_model(vocab_size=len(tokenizer))
+    monkeypatch.setattr(obcache.loading, "load_model", lambda *a, **k: (model, tokenizer))
+    out = tmp_path / "out"
+    argv = ["eval", "niah_single_number", "--out", str(out), "--lengths", "300", "--samples", "3", "--policies", "snapkv",
+            "--scores", "attention", "--budgets", "0.5", "--window", "8", "--max-new-tokens", "2", "--no-progress"]
+    prefill, calls = obcache.evaluation.fanout.shared_prefill, []
+
+    def interrupted_on_the_second_sample(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return prefill(*args, **kwargs)
+
+    monkeypatch.setattr(obcache.evaluation.fanout, "shared_prefill", interrupted_on_the_second_sample)
+    code, _, err = run(argv, capsys)
+    assert code == 130
+    assert err == (f"obcache eval: interrupted; the rows already in {out / 'results.jsonl'} are kept; run the same "
+                   "command again to resume (only the missing rows are computed)\n")
+    first = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert [r["sample"] for r in first] == [0, 0]  # full cache and snapkv of the sample that ended
+    monkeypatch.setattr(obcache.evaluation.fanout, "shared_prefill", prefill)
+    code, printed, _ = run(argv, capsys)
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert code == 0 and printed.strip() == str(out / "results.jsonl")
+    assert rows[:2] == first and sorted(r["sample"] for r in rows) == [0, 0, 1, 1, 2, 2]

@@ -12,10 +12,11 @@ import torch
 import obcache
 
 from obcache import H2O, TOVA, EvictableCache, SnapKV, StreamingLLM, generate
-from obcache.evaluation import fidelity, oracle, runner
+from obcache.evaluation import fidelity, oracle
 from obcache.evaluation.cli import register
 from obcache.evaluation.fanout import shared_prefill
 from obcache.evaluation.runner import EvalSpec, read_rows, row_key, run_eval
+from obcache.evaluation.store import KEY_FIELDS
 from obcache.evaluation.tasks import make_sample
 from obcache.generation import build_prompt, continue_greedy, eos_token_ids
 from obcache.loading import load_tokenizer
@@ -97,7 +98,7 @@ def test_rows_record_everything(model, tokenizer, tmp_path):
     assert len(rows) == 2 * (1 + 2 * 2 * 2 + 2)  # samples x (full + h2o/snapkv x scores x budgets + streaming)
     assert len({row_key(r) for r in rows}) == len(rows)
     for row in rows:
-        assert set(runner.KEY_FIELDS) <= set(row)
+        assert set(KEY_FIELDS) <= set(row)
         assert {"obcache", "torch", "transformers"} == set(row["versions"])
         assert row["expected"] and 0.0 <= row["correct"] <= 1.0 and isinstance(row["prediction"], str)
         assert row["decode_seconds"] >= 0 and row["prefill_seconds"] > 0
@@ -126,10 +127,78 @@ def test_resume_after_a_kill_neither_duplicates_nor_loses_rows(model, tokenizer,
     assert path.read_text() == text
 
 
+#: A row of the shape the harness writes for a needle task (what read_rows checks).
+NEEDLE_ROW = {"task": "niah_single_number", "mode": "query-aware", "model": "m", "seed": 0, "length": 300, "depth": 0.5,
+              "sample": 0, "policy": "full", "policy_repr": "full cache", "score": None, "budget": None,
+              "settings": {"dtype": "float32", "attn": "sdpa", "max_new_tokens": None},
+              "prediction": "1234567", "expected": ["1234567"], "correct": 1.0}
+
+
+@pytest.mark.parametrize("task,first,second,settings", [
+    ("niah_single_number", {"max_new_tokens": 2}, {"max_new_tokens": 5}, ("max_new_tokens", 2, 5)),
+    ("niah_single_number", {}, {"attn": "eager"}, ("attn", "sdpa", "eager")),
+    ("fidelity", {"future": 24}, {"future": 12}, ("future", 24, 12)),
+    ("fidelity", {}, {"dtype": "bfloat16"}, ("dtype", "float32", "bfloat16")),
+    ("oracle", {"layers": (0,)}, {"layers": (1,)}, ("layers", [0], [1])),
+])
+def test_a_rerun_with_other_settings_computes_new_rows(task, first, second, settings, tokenizer, tmp_path):
+    """Rows of other settings are never taken for done: both runs' rows are there, each recording its settings."""
+    name, before, after = settings
+
+    def run(overrides: dict) -> list[dict]:
+        spec = small_spec(tmp_path, task, policies=("snapkv",), scores=("attention",), budgets=(0.5,), samples=1,
+                          **overrides)
+        model = tiny_model(attn=overrides.get("attn", "sdpa"), vocab_size=len(tokenizer))
+        if "dtype" in overrides:
+            model = model.to(getattr(torch, overrides["dtype"]))
+        return read_rows(run_eval(spec, model=model, tokenizer=tokenizer, progress=False))
+
+    def values(rows: list[dict]) -> set[str]:
+        return {json.dumps(r["settings"][name]) for r in rows}
+
+    rows = run(first)
+    assert len(rows) > 0 and values(rows) == {json.dumps(before)}
+    assert run(first) == rows  # the same settings: nothing new
+    both = run(second)
+    assert both[: len(rows)] == rows and len(both) == 2 * len(rows)
+    assert values(both[len(rows):]) == {json.dumps(after)}
+    if name == "max_new_tokens":  # the answers were decoded under each setting; the report keeps them apart
+        assert all(len(tokenizer.encode(r["prediction"], add_special_tokens=False)) <= 2 for r in rows)
+        from obcache.evaluation.report import write_report
+
+        text = write_report(tmp_path / task).read_text()
+        sections = [line for line in text.splitlines() if line.startswith("## ")]
+        assert len(sections) == 2 and sections[1].endswith("; dtype float32, attn sdpa, max_new_tokens 5")
+        assert len(list((tmp_path / task).glob("*max_new_tokens-5*.png"))) == 3  # curves + 2 heatmaps
+
+
+def test_a_preloaded_model_must_match_the_spec_settings(tokenizer, tmp_path):
+    model = tiny_model(vocab_size=len(tokenizer)).to(torch.bfloat16)
+    with pytest.raises(ValueError, match="dtype bfloat16 \\(the spec says float32\\)"):
+        run_eval(small_spec(tmp_path, "fidelity"), model=model, tokenizer=tokenizer, progress=False)
+    assert not (tmp_path / "fidelity").exists()
+
+
+@pytest.mark.parametrize("line,message", [
+    ("[1, 2]", "expected a JSON object \\(one result row\\), got a list"),
+    ("{}", "not a result row: it has no 'task' string"),
+    ('{"task": "niah_single_number"}', "a niah_single_number row lacks the field\\(s\\) mode, model, seed, length"),
+    (json.dumps({**NEEDLE_ROW, "length": "300"}), "field 'length' must be an integer, got \"300\""),
+    (json.dumps({**NEEDLE_ROW, "expected": [7]}), "field 'expected' must be a list of strings"),
+    (json.dumps({**NEEDLE_ROW, "task": "nope"}), "unknown task 'nope'"),
+])
+def test_rows_of_the_wrong_shape_are_reported_with_file_and_line(line, message, tmp_path):
+    path = tmp_path / "results.jsonl"
+    path.write_text(json.dumps(NEEDLE_ROW) + "\n" + line + "\n")
+    with pytest.raises(ValueError, match=f"results.jsonl, line 2: {message}"):
+        read_rows(path)
+
+
 def test_a_corrupt_line_in_the_middle_is_reported(tmp_path):
     path = tmp_path / "results.jsonl"
-    path.write_text('{"a": 1}\n{oops\n{"b": 2}\n')
-    with pytest.raises(ValueError, match="corrupt line"):
+    row = json.dumps(NEEDLE_ROW)
+    path.write_text(f"{row}\n{{oops\n{row}\n")
+    with pytest.raises(ValueError, match="line 2: corrupt line"):
         read_rows(path, repair=True)
 
 
@@ -244,11 +313,18 @@ def test_bad_names_fail_in_argument_parsing(argv, message, capsys):
     (["--budgets", "0.001", "--lengths", "1000"], "fewer than"),
     (["--depths", "1.5"], "depths"),
     (["--kernel", "9", "--policies", "tova"], "option"),
+    (["--max-new-tokens", "0"], "max_new_tokens must be an int >= 1, got 0"),
+    (["--max-new-tokens", "-3"], "max_new_tokens must be an int >= 1, got -3"),
+    (["--samples", "0"], "samples must be an int >= 1, got 0"),
+    (["--future", "1"], "future must be an int >= 2, got 1"),
+    (["--layers", "1,-1"], "layers must be an int >= 0, got -1"),
+    (["--attn", "eager", "--device", "gpu"], "unknown device 'gpu'"),
 ])
 def test_bad_values_fail_before_loading(extra, message, no_model_loading, tmp_path):
     args = parse(["eval", "niah_single_number", "--out", str(tmp_path / "x"), *extra])
     with pytest.raises(ValueError, match=message):
         args.run(args)
+    assert not (tmp_path / "x").exists()  # nothing created for a run that cannot start
 
 
 def test_unwritable_output_dir_fails_before_loading(no_model_loading, tmp_path):

@@ -6,11 +6,26 @@ import argparse
 from pathlib import Path
 
 from obcache.cli_args import EPILOG, add_model_arguments, add_policy_options, comma_list, given_options, parse_budget
-from obcache.evaluation.runner import ALL_TASKS, EvalSpec
+from obcache.evaluation.families import ALL_TASKS
+from obcache.evaluation.spec import EvalSpec
+from obcache.evaluation.store import RESULTS_FILE
 from obcache.policies import POLICIES
 from obcache.scores import SCORE_KINDS
 
 TASK_HELP = "tasks:\n" + "\n".join(f"  {name:19s} {text}" for name, text in ALL_TASKS.items())
+RESUME_HELP = f"""\
+Results are appended to OUT/{RESULTS_FILE} as each sample ends. Rerunning a
+command into the same --out resumes it: rows already there are skipped, the
+rest are computed (an interrupted run loses at most the sample in progress).
+
+A row is identified by its task, mode, model, sample (length, depth, seed,
+index), policy with its options, score and budget, and by the settings that
+change its numbers: --dtype (resolved, e.g. float32) and --attn for every
+task, --max-new-tokens for the needle tasks, --future for fidelity and
+oracle, --layers and --oracle-step for oracle. A rerun with other settings
+therefore computes new rows next to the old ones, never mixing them:
+`obcache report` shows each settings group in its own section. --device
+(beyond the dtype it implies) and --no-progress are not part of the key."""
 
 
 def _depth(text: str) -> float | None:
@@ -39,7 +54,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     add_policy_options(parser, grid=True)
     run = parser.add_argument_group("run")
     run.add_argument("--out", type=Path, default=Path("obcache-eval"), help="results folder (results.jsonl is appended)")
-    run.add_argument("--max-new-tokens", type=int, help="answer tokens (default: the expected answer's + 8)")
+    run.add_argument("--max-new-tokens", type=int, help="answer tokens, >= 1 (default: the expected answer's + 8)")
     run.add_argument("--future", type=int, default=256, help="fidelity/oracle: tokens after the prompt (default 256)")
     run.add_argument("--layers", type=comma_list(int, what="layer"), help="oracle: captured layers (default 4 spread)")
     run.add_argument("--oracle-step", type=float, default=0.05, help="oracle: fraction removed per greedy round")
@@ -56,18 +71,20 @@ def spec_from_args(args: argparse.Namespace) -> EvalSpec:
         out=args.out, options=options, selections=axes.get("selection", ("per-head",)), chunks=axes.get("chunk", (1,)),
         allocations=args.allocation or ("uniform",), alpha=args.alpha, beta=args.beta,
         max_new_tokens=args.max_new_tokens, future=args.future, layers=args.layers, oracle_step=args.oracle_step,
+        dtype=args.dtype, attn=args.attn, device=args.device,
     )
 
 
 def command_eval(args: argparse.Namespace) -> None:
-    from obcache.evaluation.runner import check_spec, run_eval
-    from obcache.loading import load_model
+    from obcache.evaluation.runner import run_eval
 
-    spec = spec_from_args(args)
-    check_spec(spec)  # every input error before the model loads
-    model, tokenizer = load_model(args.model, attn_implementation=args.attn, dtype=args.dtype, device=args.device)
-    path = run_eval(spec, model=model, tokenizer=tokenizer, progress=not args.no_progress)
-    print(path)
+    print(run_eval(spec_from_args(args), progress=not args.no_progress))
+
+
+def resume_hint(args: argparse.Namespace) -> str:
+    """What an interrupted `obcache eval` tells its user."""
+    return (f"the rows already in {args.out / RESULTS_FILE} are kept; run the same command again to resume "
+            "(only the missing rows are computed)")
 
 
 def command_report(args: argparse.Namespace) -> None:
@@ -80,9 +97,10 @@ def register(commands) -> None:
     """Add `eval` and `report` to an argparse subparsers object."""
     formatter = argparse.RawDescriptionHelpFormatter
     evaluate = commands.add_parser("eval", help="run a task over policies x scores x budgets (resumable)",
-                                   epilog=TASK_HELP + "\n\n" + EPILOG, formatter_class=formatter)
+                                   description=RESUME_HELP, epilog=TASK_HELP + "\n\n" + EPILOG,
+                                   formatter_class=formatter)
     add_eval_arguments(evaluate)
-    evaluate.set_defaults(run=command_eval)
+    evaluate.set_defaults(run=command_eval, interrupt_hint=resume_hint)
     report = commands.add_parser("report", help="markdown tables and PNG plots of an eval folder")
     report.add_argument("dir", type=Path, help="folder holding results.jsonl")
     report.set_defaults(run=command_report)

@@ -10,13 +10,14 @@ is (mean err_attention - mean err_s) / (mean err_attention - mean err_oracle).
 
 from __future__ import annotations
 
-from collections import defaultdict
+import re
+from collections import Counter, defaultdict
 from pathlib import Path
 from statistics import mean
 
-from obcache.evaluation.runner import EXTRA_TASKS, FULL, RESULTS_FILE, read_rows
-
-
+from obcache.evaluation.families import family_of
+from obcache.evaluation.spec import FULL
+from obcache.evaluation.store import RESULTS_FILE, read_rows
 
 def prefix_match(row: dict) -> float:
     """Mean over expected values e of the longest prefix of e found in the prediction, over len(e).
@@ -216,46 +217,47 @@ def write_report(folder: str | Path) -> Path:
         raise ValueError(f"no results in {folder / RESULTS_FILE}")
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for row in rows:
-        groups[(row["task"], row["mode"], row["model"])].append(row)
+        groups[(row["task"], row["mode"], row["model"], _settings_text(row.get("settings")))].append(row)
     out = [f"# obcache evaluation report: {folder}", "",
            "Budgets are the fraction of the prompt KEPT per layer and KV head. Cells are means over samples; "
            "after an OBCache score, in parentheses, its difference to the `attention` score of the same policy.",
            "Needle tasks: accuracy is RULER's string match of all expected values; 'answer prefix recovered' "
            "gives partial credit (the longest prefix of each expected value found in the answer)."]
-    for (task, mode, model), group_rows in sorted(groups.items()):
-        group, slug = _Group(group_rows), f"{task}_{mode}_{model}".replace("/", "-")
+    several = Counter(key[:3] for key in groups)  # (task, mode, model) run under several settings
+    for (task, mode, model, settings), group_rows in sorted(groups.items()):
+        family, group, apart = family_of(task), _Group(group_rows), several[(task, mode, model)] > 1
+        slug = re.sub(r"[^A-Za-z0-9._-]+", "-", f"{task}_{mode}_{model}" + (f"_{settings}" if apart else ""))
         versions = group_rows[0].get("versions", {})
         n = len({(r["length"], r["depth"], r["sample"]) for r in group_rows})
-        out += ["", f"## {task} ({mode}), {model}", "",
-                f"{n} samples; lengths {sorted({r['length'] for r in group_rows})}; "
+        out += ["", f"## {task} ({mode}), {model}" + (f"; {settings}" if apart else ""), "",
+                f"{n} samples; lengths {sorted({r['length'] for r in group_rows})}; settings: {settings}; "
                 f"versions {', '.join(f'{k} {v}' for k, v in versions.items())}.", ""]
-        if task == "fidelity":
-            metrics = ["perplexity", "kl", "top1", "layer_error"]
-            future = group_rows[0].get("future")
-            out.append(f"Teacher forcing on the next {future} tokens of the document.")
-        elif task == "oracle":
-            metrics = ["error"]
-            out.append(f"Relative attention-output error of the next {group_rows[0].get('future')} queries over the "
-                       f"prompt keys, mean over layers {group_rows[0].get('layers')}.")
-        else:
-            metrics = ["accuracy", "prefix"]
-        for metric in metrics:
+        description = family.describe(group_rows)
+        if description:
+            out.append(description)
+        for metric in family.metrics:
             out += ["", f"**{METRICS[metric][3]}**", "", group.table(metric)]
-        if task == "oracle":
+        if family.gap_table:
             out += ["", "**fraction of the attention-to-oracle error gap closed**", "", group.gap_table()]
         png = folder / f"{slug}.png"
-        _curves(plt, group, metrics, png, f"{task} ({mode}), {model}")
+        _curves(plt, group, list(family.metrics), png, f"{task} ({mode}), {model}")
         out += ["", f"![{task} {mode}]({png.name})"]
-        if task == "fidelity":
+        if family.layer_plot:
             layers_png = folder / f"{slug}_layers.png"
             _layer_errors(plt, group, layers_png, f"{task}, {model}")
             out += ["", f"![{task} per-layer errors]({layers_png.name})"]
-        if task not in EXTRA_TASKS:
-            for metric in metrics:
-                heat = folder / f"{slug}_{metric}_heatmap.png"
-                budget = _heatmaps(plt, group, metric, heat, f"{task} ({mode}), {model}")
-                out += ["", f"{METRICS[metric][3]} by depth and length at budget {budget} (the budget whose mean "
-                        "is closest to 50%):", "", f"![{task} {mode} {metric} heatmap]({heat.name})"]
+        for metric in family.metrics if family.heatmaps else ():
+            heat = folder / f"{slug}_{metric}_heatmap.png"
+            budget = _heatmaps(plt, group, metric, heat, f"{task} ({mode}), {model}")
+            out += ["", f"{METRICS[metric][3]} by depth and length at budget {budget} (the budget whose mean "
+                    "is closest to 50%):", "", f"![{task} {mode} {metric} heatmap]({heat.name})"]
     path = folder / "report.md"
     path.write_text("\n".join(out) + "\n", encoding="utf-8")
     return path
+
+
+def _settings_text(settings: dict | None) -> str:
+    """'dtype float32, attn sdpa, future 256' (rows written before settings were recorded: 'not recorded')."""
+    if settings is None:
+        return "not recorded"
+    return ", ".join(f"{name} {'default' if value is None else value}" for name, value in settings.items())

@@ -1,0 +1,257 @@
+"""The task families of the evaluation grid, one object each, in the table FAMILIES.
+
+- needle tasks (tasks.py, RULER-style): greedy answers scored by string match;
+- `fidelity` (fidelity.py): perplexity, KL and top-1 vs the full cache, teacher-forced;
+- `oracle` (oracle.py): future-query output error of each kept set vs a greedy oracle.
+
+A family owns, for its tasks: the settings that change its numbers
+(`settings`, part of every row's key), the rows one sample is expected to
+produce (`expected_rows`) and how they are computed (`rows`), the row fields
+it writes (`fields`, checked when a results file is read), and what the report
+shows of it (`metrics`, `describe`, and the optional sections `heatmaps`,
+`layer_plot`, `gap_table`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from obcache.evaluation.tasks import TASKS, make_sample, score_prediction
+from obcache.layer_state import Selector
+from obcache.policies import policy_allocation
+
+if TYPE_CHECKING:
+    from obcache.evaluation.spec import EvalSpec
+
+NUMBER = (int, float)
+#: Field types of a row: a type, a tuple of types, or [type] for a list of that type.
+FieldTypes = dict[str, "type | tuple | list"]
+
+
+def policy_fields(key: tuple, policy: Selector | None) -> dict:
+    """The identifying fields of a grid policy's row (key: (policy label, score, budget))."""
+    label, score, budget = key
+    fields = {"policy": label, "policy_repr": repr(policy) if policy is not None else "full cache", "score": score,
+              "budget": budget}
+    if policy is not None:
+        fields.update(selection=policy.selection, chunk=policy.chunk, allocation=policy_allocation(policy))
+    return fields
+
+
+class TaskFamily:
+    """Defaults shared by the teacher-forced families (fidelity, oracle); see the module docstring."""
+
+    tasks: dict[str, str]  # task name -> one-line description
+    fields: FieldTypes
+    metrics: tuple[str, ...]  # report.METRICS names
+    heatmaps = layer_plot = gap_table = False
+
+    def mode(self, spec: EvalSpec) -> str:
+        return "teacher-forced"
+
+    def depths(self, spec: EvalSpec) -> tuple[float | None, ...]:
+        return (None,)
+
+    def settings(self, spec: EvalSpec) -> dict:
+        """The spec's settings (beyond dtype and attention) that change this family's numbers."""
+        return {"future": spec.future}
+
+    def expected_rows(self, spec: EvalSpec, grid: dict, length: int) -> list[dict]:
+        """The identifying fields of every row a sample of `length` tokens produces."""
+        return [policy_fields(key, policy) for key, policy in grid.items()]
+
+    def positions(self, spec: EvalSpec, tokenizer, length: int) -> int:
+        """Positions a sample of `length` tokens needs: prompt plus continuation."""
+        return length + spec.future + 1
+
+    def check_model(self, spec: EvalSpec, model, tokenizer) -> None:
+        """Raise ValueError, before any sample runs, if the model cannot run the spec."""
+        window = getattr(model.config, "max_position_embeddings", None)
+        for length in spec.lengths if window is not None else ():
+            needed = self.positions(spec, tokenizer, length)
+            if needed > window:
+                raise ValueError(
+                    f"length {length} needs {needed} positions (prompt + continuation), more than the model's "
+                    f"window max_position_embeddings={window}"
+                )
+
+    def rows(self, spec: EvalSpec, model, tokenizer, unit: dict, missing: dict, grid: dict,
+             advance: Callable[[int], object]) -> list[dict]:
+        """The rows of one sample (`unit`) for the `missing` grid policies; `advance(n)` reports progress."""
+        raise NotImplementedError
+
+    def describe(self, rows: list[dict]) -> str | None:
+        """A sentence for the report about what the rows measure."""
+        return None
+
+
+def _prompt(sample, tokenizer) -> tuple[list[int], list[int]]:
+    from obcache.generation import build_prompt
+
+    return build_prompt(tokenizer, sample.context, sample.question, answer_prefix=sample.answer_prefix)
+
+
+def _document(spec: EvalSpec, tokenizer, unit: dict) -> list[int]:
+    from obcache.evaluation.text import document_ids
+
+    return document_ids(tokenizer, unit["length"] + spec.future + 1, seed=spec.seed + unit["sample"])
+
+
+class NeedleFamily(TaskFamily):
+    """RULER-style tasks: one prefill per sample, then each policy's greedy answer."""
+
+    tasks = TASKS
+    fields = {"prediction": str, "expected": [str], "correct": NUMBER}
+    metrics = ("accuracy", "prefix")
+    heatmaps = True
+
+    def mode(self, spec: EvalSpec) -> str:
+        return "query-aware" if spec.query_aware else "query-agnostic"
+
+    def depths(self, spec: EvalSpec) -> tuple[float | None, ...]:
+        return spec.depths
+
+    def settings(self, spec: EvalSpec) -> dict:
+        return {"max_new_tokens": spec.max_new_tokens}
+
+    def positions(self, spec: EvalSpec, tokenizer, length: int) -> int:
+        sample = make_sample(spec.task, tokenizer, length, seed=spec.seed, depth=spec.depths[0])
+        return sum(map(len, _prompt(sample, tokenizer))) + self._max_new_tokens(spec, sample, tokenizer)
+
+    @staticmethod
+    def _max_new_tokens(spec: EvalSpec, sample, tokenizer) -> int:
+        if spec.max_new_tokens is not None:
+            return spec.max_new_tokens
+        return len(tokenizer.encode(" " + ", ".join(sample.expected), add_special_tokens=False)) + 8
+
+    def rows(self, spec, model, tokenizer, unit, missing, grid, advance):
+        from obcache.evaluation.fanout import shared_prefill
+        from obcache.generation import continue_greedy, eos_token_ids
+        from obcache.hooks import attach
+
+        sample = make_sample(spec.task, tokenizer, unit["length"], seed=spec.seed + unit["sample"], depth=unit["depth"])
+        context_ids, question_ids = _prompt(sample, tokenizer)
+        prefill_ids = context_ids + question_ids if spec.query_aware else context_ids
+        rest_ids = [] if spec.query_aware else question_ids
+        shared = shared_prefill(model, prefill_ids, missing)
+        eos, max_new = eos_token_ids(model, tokenizer), self._max_new_tokens(spec, sample, tokenizer)
+        rows = []
+        for key, policy in missing.items():
+            cache = shared.evicted(key)
+            kept, nbytes = cache.kept_tokens()[0], cache.nbytes()
+            start = time.perf_counter()
+            with attach(model):
+                tokens = continue_greedy(model, cache, shared.logits, rest_ids, eos=eos, max_new_tokens=max_new)
+            decode_seconds = time.perf_counter() - start
+            prediction = tokenizer.decode(tokens, skip_special_tokens=True)
+            rows.append({
+                **policy_fields(key, policy),
+                "prompt_tokens": len(prefill_ids), "question_tokens": len(question_ids),
+                "prediction": prediction, "expected": list(sample.expected),
+                "correct": score_prediction(sample, prediction),
+                "kept_tokens": kept, "cache_bytes": nbytes, "cache_bytes_full": shared.cache.nbytes(),
+                "prefill_seconds": shared.prefill_seconds, "select_seconds": shared.select_seconds[key],
+                "decode_seconds": decode_seconds,
+            })
+            advance(1)
+        return rows
+
+
+class FidelityFamily(TaskFamily):
+    """`fidelity`: teacher-forced next tokens of a document after each policy's eviction."""
+
+    tasks = {"fidelity": "Perplexity, KL and top-1 agreement vs the full cache on the next tokens of a document."}
+    fields = {"perplexity": NUMBER, "kl": NUMBER, "top1": NUMBER, "layer_errors": [NUMBER], "future": int}
+    metrics = ("perplexity", "kl", "top1", "layer_error")
+    layer_plot = True
+
+    def rows(self, spec, model, tokenizer, unit, missing, grid, advance):
+        from obcache.evaluation.fidelity import evaluate_fidelity
+
+        results = evaluate_fidelity(model, _document(spec, tokenizer, unit), unit["length"], missing)
+        return [
+            {**policy_fields(key, missing[key]), "future": spec.future, "perplexity": r.perplexity, "kl": r.kl,
+             "top1": r.top1, "layer_errors": r.layer_errors, "kept_tokens": r.kept_tokens,
+             "cache_bytes": r.cache_bytes, "forward_seconds": r.seconds}
+            for key, r in results.items()
+        ]
+
+    def describe(self, rows: list[dict]) -> str:
+        return f"Teacher forcing on the next {rows[0]['future']} tokens of the document."
+
+
+def default_layers(num_layers: int) -> tuple[int, ...]:
+    """Four layers spread over the model: 1, L/3, 2L/3, L-1 (deduplicated)."""
+    return tuple(sorted({min(1, num_layers - 1), num_layers // 3, 2 * num_layers // 3, num_layers - 1}))
+
+
+def _evicting_budgets(grid: dict, length: int) -> dict[float | int, int]:
+    """budget -> tokens kept, for the budgets that evict something from a `length`-token prompt."""
+    sizes = {policy.budget: policy.kept_tokens(length) for policy in grid.values() if policy is not None}
+    return {budget: size for budget, size in sizes.items() if size < length}
+
+
+class OracleFamily(TaskFamily):
+    """`oracle`: every policy's kept set, plus the oracle's and the greedy set's per evicting budget."""
+
+    tasks = {"oracle": "Future-query output error of each score's kept set vs a greedy oracle (captured layers)."}
+    fields = {"error": NUMBER, "layer_errors": [NUMBER], "layers": [int], "future": int}
+    metrics = ("error",)
+    gap_table = True
+
+    def settings(self, spec: EvalSpec) -> dict:
+        layers = None if spec.layers is None else list(spec.layers)
+        return {"future": spec.future, "layers": layers, "oracle_step": spec.oracle_step}
+
+    def expected_rows(self, spec, grid, length):
+        rows = super().expected_rows(spec, grid, length)
+        for budget in _evicting_budgets(grid, length):
+            rows += [self._fields("oracle", spec, budget), self._fields("greedy", spec, budget)]
+        return rows
+
+    @staticmethod
+    def _fields(name: str, spec: EvalSpec, budget: float | int) -> dict:
+        return {"policy": name, "policy_repr": f"{name}(step={spec.oracle_step})", "score": name, "budget": budget}
+
+    def check_model(self, spec, model, tokenizer):
+        super().check_model(spec, model, tokenizer)
+        count = model.config.num_hidden_layers
+        if spec.layers is not None and max(spec.layers) >= count:
+            raise ValueError(f"layers must lie in [0, {count - 1}] (the model has {count}), got {list(spec.layers)}")
+
+    def rows(self, spec, model, tokenizer, unit, missing, grid, advance):
+        """Every policy's row, even when resuming: the oracle is compared with every score's set."""
+        from obcache.evaluation.oracle import evaluate_oracle
+
+        layers = list(spec.layers or default_layers(model.config.num_hidden_layers))
+        ids = _document(spec, tokenizer, unit)[:-1]
+        per_policy, oracle, greedy = evaluate_oracle(model, ids, unit["length"], grid, layers, step=spec.oracle_step)
+        common = {"layers": layers, "future": spec.future}
+        rows = [
+            {**policy_fields(key, policy), **common, "error": per_policy[key].error,
+             "layer_errors": per_policy[key].layer_errors, "kept_tokens": per_policy[key].kept_tokens}
+            for key, policy in grid.items()
+        ]
+        for budget, size in _evicting_budgets(grid, unit["length"]).items():
+            for name, results in (("oracle", oracle), ("greedy", greedy)):
+                rows.append({**self._fields(name, spec, budget), **common, "error": results[size].error,
+                             "layer_errors": results[size].layer_errors, "kept_tokens": size})
+        return rows
+
+    def describe(self, rows: list[dict]) -> str:
+        return (f"Relative attention-output error of the next {rows[0]['future']} queries over the prompt keys, "
+                f"mean over layers {rows[0]['layers']}.")
+
+
+FAMILIES: tuple[TaskFamily, ...] = (NeedleFamily(), FidelityFamily(), OracleFamily())
+ALL_TASKS: dict[str, str] = {name: text for family in FAMILIES for name, text in family.tasks.items()}
+
+
+def family_of(task: str) -> TaskFamily:
+    """The family of a task name (ValueError for an unknown one)."""
+    for family in FAMILIES:
+        if task in family.tasks:
+            return family
+    raise ValueError(f"unknown task {task!r}; available: {', '.join(ALL_TASKS)}")

@@ -1,0 +1,141 @@
+"""What an evaluation run is (`EvalSpec`), its grid of policies, and every check that needs no model.
+
+`check_spec` creates nothing: the output folder is made when the run starts,
+after the model has loaded, so a failed load leaves no empty folder behind.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from obcache.cli_args import build_policy
+from obcache.evaluation.families import family_of
+from obcache.layer_state import Selector
+from obcache.policies import POLICIES, policy_label, policy_options
+from obcache.scores import check_score_kind
+
+FULL = "full"  # policy name of the full-cache row
+ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager")
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    """One evaluation run. budgets: fraction kept in (0, 1] or tokens kept (see obcache.policies)."""
+
+    task: str
+    policies: tuple[str, ...] = ("h2o", "tova", "snapkv")
+    scores: tuple[str, ...] = ("attention", "obc-value", "obc-key", "obc-joint")
+    budgets: tuple[float | int, ...] = (0.05, 0.1, 0.2)
+    lengths: tuple[int, ...] = (2048,)
+    depths: tuple[float | None, ...] = (None,)
+    samples: int = 1
+    seed: int = 0
+    query_aware: bool = False
+    model: str | None = None
+    out: Path = Path("results")
+    options: dict = field(default_factory=dict)  # policy fields (window, kernel, ...), where a policy has them
+    selections: tuple[str, ...] = ("per-head",)  # grid axes of the scored policies
+    chunks: tuple[int, ...] = (1,)
+    allocations: tuple[str, ...] = ("uniform",)
+    alpha: float = 0.2  # adakv
+    beta: float = 20.0  # pyramid
+    max_new_tokens: int | None = None  # default: the expected answer's tokens + 8
+    future: int = 256  # fidelity / oracle: tokens scored after the prompt
+    layers: tuple[int, ...] | None = None  # oracle: captured layers (default: 4 spread over the model)
+    oracle_step: float = 0.05  # oracle: fraction of the kept set removed per greedy round
+    dtype: str | None = None  # model dtype (default: float32 on CPU, bfloat16 on CUDA)
+    attn: str = "sdpa"  # attention implementation: sdpa | eager
+    device: str | None = None  # cpu | cuda (default: cuda if available)
+
+    @property
+    def mode(self) -> str:
+        return family_of(self.task).mode(self)
+
+
+def run_settings(spec: EvalSpec) -> dict:
+    """The settings that change a row's numbers: resolved dtype, attention, and the task family's own."""
+    from obcache.loading import resolve_device, resolve_dtype
+
+    dtype = resolve_dtype(spec.dtype, resolve_device(spec.device))
+    return {"dtype": str(dtype).removeprefix("torch."), "attn": spec.attn, **family_of(spec.task).settings(spec)}
+
+
+def build_grid(spec: EvalSpec) -> dict[tuple[str, str | None, float | int | None], Selector | None]:
+    """(policy label, score, budget) -> policy, the full cache first (raises ValueError on bad input).
+
+    Scored policies run in every allocation x selection x chunk of the spec
+    (AdaKV with shared selection excepted: it has no meaning); StreamingLLM once.
+    """
+    for name in spec.policies:
+        if name not in POLICIES:
+            raise ValueError(f"unknown policy {name!r}; allowed: {', '.join(POLICIES)}")
+    for score in spec.scores:
+        check_score_kind(score)
+    unused = set(spec.options) - {f for name in spec.policies for f in policy_options(POLICIES[name])}
+    if unused:
+        raise ValueError(f"no chosen policy has the option(s) {', '.join(sorted(unused))}")
+    grid: dict[tuple[str, str | None, float | int | None], Selector | None] = {(FULL, None, None): None}
+    for name in spec.policies:
+        scored = POLICIES[name].takes_score
+        modes = itertools.product(spec.allocations, spec.selections, spec.chunks) if scored else [("uniform", "per-head", 1)]
+        for allocation, selection, chunk in modes:
+            if allocation == "adakv" and selection == "shared":
+                continue
+            for score in spec.scores if scored else (None,):
+                for budget in spec.budgets:
+                    options = {**spec.options, "selection": selection, "chunk": chunk}
+                    policy = build_policy(name, budget=budget, score=score, options=options, allocation=allocation,
+                                          alpha=spec.alpha, beta=spec.beta, strict=False)
+                    grid[(policy_label(policy), score, budget)] = policy
+    return grid
+
+
+def _check_int(name: str, value, minimum: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+
+
+def check_spec(spec: EvalSpec) -> dict:
+    """Validate everything that needs no model and return the grid; creates nothing (ValueError on bad input)."""
+    family_of(spec.task)
+    if not spec.budgets or not spec.lengths:
+        raise ValueError("give at least one budget and one length")
+    grid = build_grid(spec)
+    _check_int("samples", spec.samples)
+    for length in spec.lengths:
+        _check_int("lengths", length)
+        for policy in grid.values():
+            if policy is not None:
+                policy.check_prompt([length])
+    for depth in spec.depths:
+        if depth is not None and not 0.0 <= depth <= 1.0:
+            raise ValueError(f"depths must lie in [0, 1], got {depth!r}")
+    if spec.max_new_tokens is not None:
+        _check_int("max_new_tokens", spec.max_new_tokens)
+    _check_int("future", spec.future, minimum=2)
+    for layer in spec.layers or ():
+        _check_int("layers", layer, minimum=0)
+    if not 0.0 < spec.oracle_step <= 1.0:
+        raise ValueError(f"oracle_step must lie in (0, 1], got {spec.oracle_step}")
+    if spec.attn not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(f"attn must be one of {', '.join(ATTENTION_IMPLEMENTATIONS)}, got {spec.attn!r}")
+    run_settings(spec)  # dtype and device
+    check_output_folder(spec.out)
+    return grid
+
+
+def check_output_folder(out: Path) -> None:
+    """Raise ValueError unless `out` is, or could be created as, a writable folder (nothing is created)."""
+    existing = out
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    problem = None
+    if not existing.is_dir():
+        problem = f"{str(existing)!r} is not a folder"
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        problem = f"{str(existing)!r} is not writable"
+    if problem:
+        raise ValueError(f"output folder {str(out)!r} is not writable: {problem}")

@@ -1,0 +1,105 @@
+"""The results file `results.jsonl`: one JSON object per line, appended as samples end.
+
+Rows are appended in one write per sample, flushed and fsynced, so a killed
+run leaves at most one half-written last line; `read_rows(path, repair=True)`
+cuts it off. Every complete line must be a row of the shape the harness
+writes (`check_row`): anything else is a ValueError naming the file and line.
+A row's identity is `row_key`: its sample, policy, score, budget and the
+settings that change its numbers; a resumed run never writes a key twice.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+from obcache.evaluation.families import family_of
+
+RESULTS_FILE = "results.jsonl"
+KEY_FIELDS = ("model", "task", "length", "depth", "seed", "sample", "policy", "policy_repr", "score", "budget", "mode",
+              "settings")
+NONE = type(None)
+#: Fields every row has, with their JSON types ([t]: a list of t). Rows written before settings were
+#: recorded have none; they are kept apart from every newer row by row_key.
+BASE_FIELDS = {"task": str, "mode": str, "model": str, "seed": int, "length": int, "depth": (int, float, NONE),
+               "sample": int, "policy": str, "policy_repr": str, "score": (str, NONE), "budget": (int, float, NONE)}
+OPTIONAL_FIELDS = {"settings": dict}
+JSON_NAMES = {dict: "an object", list: "a list", str: "a string", int: "an integer", float: "a number",
+              bool: "a boolean", NONE: "null"}
+PLURAL_NAMES = {str: "strings", int: "integers", float: "numbers"}
+
+
+def row_key(row: dict) -> tuple:
+    """A row's identity: the same key is never written twice."""
+    return tuple(json.dumps(row.get(name), sort_keys=True) for name in KEY_FIELDS)
+
+
+def _has_type(value, kind) -> bool:
+    if isinstance(kind, list):
+        return isinstance(value, list) and all(_has_type(item, kind[0]) for item in value)
+    return not isinstance(value, bool) and isinstance(value, kind)
+
+
+def _type_name(kind, plural: bool = False) -> str:
+    """'an integer', 'a number or null', 'a list of strings', ... (int next to float reads as 'number')."""
+    if isinstance(kind, list):
+        return "a list of " + _type_name(kind[0], plural=True)
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    names = PLURAL_NAMES if plural else JSON_NAMES
+    return " or ".join(names[k] for k in kinds if not (k is int and float in kinds))
+
+
+def check_row(row) -> None:
+    """Raise ValueError saying what is wrong unless `row` has the shape of a result row."""
+    if not isinstance(row, dict):
+        raise ValueError(f"expected a JSON object (one result row), got {JSON_NAMES.get(type(row), type(row).__name__)}")
+    if not isinstance(row.get("task"), str):
+        raise ValueError("not a result row: it has no 'task' string")
+    fields = {**BASE_FIELDS, **family_of(row["task"]).fields}
+    missing = [name for name in fields if name not in row]
+    if missing:
+        raise ValueError(f"a {row['task']} row lacks the field(s) {', '.join(missing)}")
+    for name, kind in {**fields, **OPTIONAL_FIELDS}.items():
+        if name in row and not _has_type(row[name], kind):
+            raise ValueError(f"field {name!r} must be {_type_name(kind)}, got {json.dumps(row[name])[:60]}")
+
+
+def read_rows(path: Path, *, repair: bool = False) -> list[dict]:
+    """The complete rows of a results file; with `repair`, cut off a half-written last line.
+
+    Raises ValueError naming the line for a corrupt line before the last, or a row of the wrong shape.
+    """
+    if not path.exists():
+        return []
+    data = path.read_bytes()
+    rows, good = [], 0
+    for number, line in enumerate(data.splitlines(keepends=True), 1):
+        try:
+            if not line.endswith(b"\n"):
+                raise ValueError("unterminated line")
+            row = json.loads(line)
+        except ValueError:
+            if good + len(line) != len(data):
+                raise ValueError(f"{path}, line {number}: corrupt line (not JSON), not at the end; fix or remove it") from None
+            if repair:
+                print(f"obcache eval: dropping a half-written last line of {path}", file=sys.stderr)
+                with open(path, "r+b") as file:
+                    file.truncate(good)
+            break
+        try:
+            check_row(row)
+        except ValueError as error:
+            raise ValueError(f"{path}, line {number}: {error}; fix or remove the line") from None
+        rows.append(row)
+        good += len(line)
+    return rows
+
+
+def append_rows(path: Path, rows: list[dict]) -> None:
+    """Append rows in one write, flushed and fsynced."""
+    with open(path, "a", encoding="utf-8") as file:
+        file.write("".join(json.dumps(row) + "\n" for row in rows))
+        file.flush()
+        os.fsync(file.fileno())
