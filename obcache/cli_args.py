@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from typing import Callable
 
-from obcache.policies import ALLOCATIONS, POLICIES, REGISTRY, allocate, make_policy, policy_options
+from obcache.policies import ALLOCATIONS, POLICIES, REGISTRY, Decoding, allocate, make_policy, policy_options
 from obcache.scores import GQA_REDUCTIONS, SCORE_KINDS
 
 #: Policy fields with their own flags (--budget, --score) or none at all.
@@ -106,6 +106,10 @@ def add_policy_arguments(parser: argparse.ArgumentParser, *, default_policy: str
                        help=f"eviction policy ('none' = full cache; default {default_policy})")
     group.add_argument("--score", default="obc-joint", choices=list(SCORE_KINDS), help="token score (default obc-joint)")
     group.add_argument("--budget", type=parse_budget, default=0.1, help="kept per KV head: fraction (0.1) or tokens (256)")
+    group.add_argument("--decode-budget", type=int, default=None,
+                       help="also evict during generation: tokens kept per KV head (obcache.Decoding; default: off)")
+    group.add_argument("--decode-interval", type=int, default=16,
+                       help="with --decode-budget: evict every this many new tokens (default 16)")
     add_policy_options(parser)
 
 
@@ -134,6 +138,11 @@ def build_policy(name: str, *, budget, score: str | None, options: dict, allocat
 def policy_from_args(args: argparse.Namespace):
     """Build (and so validate) the policy of `generate`/`demo` before any model is loaded; None = full cache."""
     if args.policy == "none":
+        if args.decode_budget is not None:
+            raise ValueError("--decode-budget needs a policy to score tokens (not --policy none)")
         return None
-    return build_policy(args.policy, budget=args.budget, score=args.score, options=given_options(args),
-                        allocation=args.allocation, alpha=args.alpha, beta=args.beta)
+    policy = build_policy(args.policy, budget=args.budget, score=args.score, options=given_options(args),
+                          allocation=args.allocation, alpha=args.alpha, beta=args.beta)
+    if args.decode_budget is not None:
+        policy = Decoding(policy, budget=args.decode_budget, interval=args.decode_interval)
+    return policy

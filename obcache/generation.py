@@ -1,20 +1,26 @@
-"""Answer a question about a long context, evicting the cache after prefill.
+"""Answer a question about a long context, evicting the cache after prefill; continue in later turns.
 
 One readable path: tokenize (context | question), prefill, evict (inside the
 hooks), feed the question if it was not part of the compressed prompt, then
-decode greedily token by token on the shrunken cache.
+decode greedily token by token on the shrunken cache. A later turn
+(`history=result`) feeds only the new user message, at its true positions, on
+the evicted cache of the turn before:
+
+    first = obcache.generate(model, tokenizer, document, "Who signed it?", policy=policy)
+    second = obcache.generate(model, tokenizer, "And when?", history=first)
 """
 
 from __future__ import annotations
 
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from obcache.cache import EvictableCache
-from obcache.policies.base import Policy
+from obcache.hooks import attach
+from obcache.layer_state import Selector
 
 
 @dataclass
@@ -24,7 +30,10 @@ class GenerationResult:
     kept_per_layer: tokens per KV head in each layer right after eviction.
     cache_bytes_full / cache_bytes_kept: KV bytes before and after eviction.
     prefill_seconds includes eviction_seconds; decode_seconds covers feeding the
-    question (query-agnostic mode) and the greedy decoding.
+    question (query-agnostic mode) and the greedy decoding. `cache`,
+    `messages` and `pending` let a later turn continue (`generate(..., history=result)`):
+    the cache after this turn, the conversation so far, and the generated
+    token not yet fed to the model (when generation stopped at max_new_tokens).
     """
 
     text: str
@@ -38,6 +47,10 @@ class GenerationResult:
     eviction_seconds: float
     decode_seconds: float
     policy: str = "full cache"
+    cache: EvictableCache | None = field(default=None, repr=False)
+    messages: list[dict] = field(default_factory=list, repr=False)
+    pending: list[int] = field(default_factory=list, repr=False)
+    chat_template: bool = True
 
     @property
     def tokens_seen(self) -> int:
@@ -87,27 +100,35 @@ def generate(
     context: str,
     question: str | None = None,
     *,
-    policy: Policy | None = None,
+    policy: Selector | None = None,
     query_aware: bool = False,
     max_new_tokens: int = 64,
     chat_template: bool = True,
     answer_prefix: str = "",
+    history: GenerationResult | None = None,
 ) -> GenerationResult:
     """Prefill `context` (plus `question` if `query_aware`), evict with `policy`, then answer greedily.
 
     Query-agnostic (default): the question comes after compression, so the kept
     tokens cannot depend on it (the cache could serve any question).
+    With `history` (the result of an earlier turn), `context` (plus `question`)
+    is the next user message, fed on that turn's evicted cache; `policy` then
+    only matters if it evicts during decoding (`obcache.Decoding`).
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if history is not None:
+        return _next_turn(model, tokenizer, history, context, question, policy=policy,
+                          max_new_tokens=max_new_tokens, answer_prefix=answer_prefix)
     context_ids, question_ids = build_prompt(tokenizer, context, question, chat_template=chat_template, answer_prefix=answer_prefix)
     prefill_ids = context_ids + question_ids if query_aware else context_ids
     rest_ids = [] if query_aware else question_ids
+    if not prefill_ids:
+        raise ValueError("the prompt is empty: give a context (or a question with query_aware=True)")
     if policy is not None:
         policy.check_prompt([len(prefill_ids)])
     cache = EvictableCache(config=model.config)
-    hooks = policy.attach(model) if policy is not None else nullcontext()
-    with hooks:
+    with attach(model, policy):
         start = time.perf_counter()
         logits = forward_tokens(model, cache, prefill_ids)
         prefill_seconds = time.perf_counter() - start
@@ -115,10 +136,17 @@ def generate(
         bytes_kept = cache.nbytes()
         bytes_full = cache.full_bytes or bytes_kept
         start = time.perf_counter()
-        generated = continue_greedy(model, cache, logits, rest_ids, eos=eos_token_ids(model, tokenizer), max_new_tokens=max_new_tokens)
+        generated, pending = continue_greedy(
+            model, cache, logits, rest_ids, eos=eos_token_ids(model, tokenizer), max_new_tokens=max_new_tokens,
+            return_pending=True,
+        )
         decode_seconds = time.perf_counter() - start
+    text = tokenizer.decode(generated, skip_special_tokens=True)
+    separator = "\n\n" if question else ""
+    messages = [{"role": "user", "content": context + separator + (question or "")},
+                {"role": "assistant", "content": answer_prefix + text}]
     return GenerationResult(
-        text=tokenizer.decode(generated, skip_special_tokens=True),
+        text=text,
         token_ids=generated,
         context_tokens=len(context_ids),
         question_tokens=len(question_ids),
@@ -129,7 +157,58 @@ def generate(
         eviction_seconds=cache.eviction_seconds,
         decode_seconds=decode_seconds,
         policy=repr(policy) if policy is not None else "full cache",
+        cache=cache, messages=messages, pending=pending, chat_template=chat_template,
     )
+
+
+def _next_turn(model, tokenizer, history: GenerationResult, message: str, question: str | None, *, policy,
+               max_new_tokens: int, answer_prefix: str) -> GenerationResult:
+    """One more user message and answer on the cache of `history` (see `generate`)."""
+    if history.cache is None:
+        raise ValueError("history has no cache to continue (it was not made by obcache.generate)")
+    content = message + ("\n\n" + question if question else "")
+    if not content:
+        raise ValueError("the next turn's message is empty")
+    messages = history.messages + [{"role": "user", "content": content}]
+    ids = history.pending + turn_ids(tokenizer, history.messages, content, chat_template=history.chat_template,
+                                     answer_prefix=answer_prefix)
+    cache = history.cache
+    with attach(model, policy):
+        start = time.perf_counter()
+        logits = forward_tokens(model, cache, ids)
+        generated, pending = continue_greedy(
+            model, cache, logits, [], eos=eos_token_ids(model, tokenizer), max_new_tokens=max_new_tokens,
+            return_pending=True,
+        )
+        seconds = time.perf_counter() - start
+    text = tokenizer.decode(generated, skip_special_tokens=True)
+    return GenerationResult(
+        text=text, token_ids=generated, context_tokens=len(ids), question_tokens=0,
+        kept_per_layer=cache.kept_tokens(), cache_bytes_full=cache.full_bytes or cache.nbytes(),
+        cache_bytes_kept=cache.nbytes(), prefill_seconds=0.0, eviction_seconds=cache.eviction_seconds,
+        decode_seconds=seconds, policy=history.policy if policy is None else repr(policy), cache=cache,
+        messages=messages + [{"role": "assistant", "content": answer_prefix + text}], pending=pending,
+        chat_template=history.chat_template,
+    )
+
+
+def turn_ids(tokenizer, messages: list[dict], content: str, *, chat_template: bool, answer_prefix: str = "") -> list[int]:
+    """Token ids that follow a conversation's last answer: its end of turn, the next user turn, the answer header.
+
+    Found by rendering the conversation with and without the new turn, so any
+    chat template that renders messages verbatim works.
+    """
+    if not chat_template:
+        return tokenizer("\n\n" + content + ("\n" + answer_prefix if answer_prefix else ""), add_special_tokens=False)["input_ids"]
+    *earlier, last = messages
+    head = tokenizer.apply_chat_template(earlier, tokenize=False, add_generation_prompt=True) + last["content"]
+    done = tokenizer.apply_chat_template(messages, tokenize=False)
+    following = tokenizer.apply_chat_template(messages + [{"role": "user", "content": content}], tokenize=False,
+                                              add_generation_prompt=True)
+    if not (done.startswith(head) and following.startswith(done)):
+        raise ValueError("this chat template does not render earlier turns verbatim; continue with model.generate")
+    text = done[len(head):] + following[len(done):] + answer_prefix
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 def forward_tokens(model, cache: EvictableCache, ids: list[int], *, every_position: bool = False) -> torch.Tensor:
@@ -149,24 +228,29 @@ def forward_tokens(model, cache: EvictableCache, ids: list[int], *, every_positi
 
 @torch.no_grad()
 def continue_greedy(
-    model, cache: EvictableCache, logits: torch.Tensor, rest_ids: list[int], *, eos: set[int], max_new_tokens: int
-) -> list[int]:
-    """After a prefill that gave `logits` [1, V]: feed `rest_ids` (if any), then decode greedily.
+    model, cache: EvictableCache, logits: torch.Tensor, rest_ids: list[int], *, eos: set[int], max_new_tokens: int,
+    return_pending: bool = False,
+):
+    """After a forward that gave `logits` [1, V]: feed `rest_ids` (if any), then decode greedily.
 
     Stops at an `eos` token (not returned) or after `max_new_tokens` tokens; grows `cache`.
+    Returns the generated ids; with `return_pending`, also the ids generated but
+    not yet fed (the last one when stopped at max_new_tokens).
     """
     if rest_ids:
         logits = forward_tokens(model, cache, rest_ids)
     generated: list[int] = []
+    pending: list[int] = []
     for _ in range(max_new_tokens):
         token = int(logits.argmax(-1))
         if token in eos:
             break
         generated.append(token)
         if len(generated) == max_new_tokens:
+            pending = [token]
             break
         logits = forward_tokens(model, cache, [token])
-    return generated
+    return (generated, pending) if return_pending else generated
 
 
 def eos_token_ids(model, tokenizer) -> set[int]:
