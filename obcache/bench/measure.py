@@ -151,7 +151,7 @@ def decode_configs(model: nn.Module, full: DynamicCache, cache: EvictableCache,
 
 @torch.no_grad()
 def measure_decode(model: nn.Module, token: torch.Tensor, configs: Mapping[str, Callable[[], tuple[object, AbstractContextManager]]],
-                   new_tokens: int, device: torch.device, rounds: int = 2) -> dict[str, float]:
+                   new_tokens: int, device: torch.device, rounds: int = 3) -> dict[str, float]:
     """Best tokens/s of `new_tokens` greedy steps after one warm-up step, per configuration.
 
     Each round decodes every configuration on a fresh cache (`configs[key]()`

@@ -109,7 +109,7 @@ def _over_lengths(report: dict) -> list[tuple[str, list[str]]]:
             continue
         name = f"{uniform} {key}" if key != "mode" else f"{mode} budget {report['budget']}"
         add(f"decode {name} (tok/s, x full)", lambda r, k=key: f"{r['decode'][k]:.1f} ({r['decode'][k] / r['decode']['full']:.2f}x)")
-        add(f"  cache MiB: kept / budget x full (error), kept per head", lambda r, k=key: (
+        add(f"  cache MiB at {name}: kept / budget x full (error), kept shape or min-max per head", lambda r, k=key: (
             f"{_mb(r['caches'][k]['cache_bytes'])} / {_mb(r['caches'][k]['expected_bytes'])} "
             f"({r['caches'][k]['bytes_error']:+.2%}) {r['caches'][k]['kept_shape'] or r['caches'][k]['head_tokens']}"))
     for i, entry in enumerate(lengths[0].get("full_history", [])):
