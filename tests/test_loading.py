@@ -7,6 +7,7 @@ and are deselected by default: `python -m pytest tests/test_loading.py -m model 
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import time
@@ -64,20 +65,16 @@ def test_dtype_resolution(dtype, device, expected):
     assert loading.resolve_dtype(dtype, torch.device(device)) is expected
 
 
-@pytest.mark.parametrize("name", ["/no/such/folder", "some-org/not-a-cached-model"])
-def test_unknown_name_gives_offline_error(name, no_weight_loading):
-    with pytest.raises(OSError, match="must be a local folder.*smollm2-135m-instruct, qwen2.5-coder-0.5b-instruct"):
-        load_model(name, device="cpu")
-    with pytest.raises(OSError, match="built-in aliases"):
-        load_tokenizer(name)
-
-
-@pytest.mark.parametrize("name", ["", "   "])
-def test_an_empty_model_name_is_an_error_not_the_default_model(name, no_weight_loading):
-    with pytest.raises(ValueError, match="model name .* is empty: give a built-in alias"):
-        load_model(name, device="cpu")
-    with pytest.raises(ValueError, match="is empty"):
-        load_tokenizer(name)
+@pytest.mark.parametrize("name,error,message", [
+    ("/no/such/folder", OSError, "must be a local folder.*built-in aliases: smollm2-135m-instruct, qwen2.5-coder"),
+    ("some-org/not-a-cached-model", OSError, "must be a local folder.*built-in aliases"),
+    ("", ValueError, "model name '' is empty: give a built-in alias"),  # not the default model
+    ("   ", ValueError, "model name '   ' is empty"),
+])
+def test_unknown_or_empty_names_fail_clearly(name, error, message, no_weight_loading):
+    for load in (functools.partial(load_model, device="cpu"), load_tokenizer):
+        with pytest.raises(error, match=message):
+            load(name)
 
 
 @pytest.fixture
