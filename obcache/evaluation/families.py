@@ -126,7 +126,8 @@ class NeedleFamily(TaskFamily):
             return spec.max_new_tokens
         return len(tokenizer.encode(" " + ", ".join(sample.expected), add_special_tokens=False)) + 8
 
-    def rows(self, spec, model, tokenizer, unit, missing, grid, advance):
+    def rows(self, spec: EvalSpec, model, tokenizer, unit: dict, missing: dict, grid: dict,
+             advance: Callable[[int], object]) -> list[dict]:
         from obcache.evaluation.fanout import shared_prefill
         from obcache.generation import continue_greedy, eos_token_ids
         from obcache.hooks import attach
@@ -167,7 +168,8 @@ class FidelityFamily(TaskFamily):
     metrics = ("perplexity", "kl", "top1", "layer_error")
     layer_plot = True
 
-    def rows(self, spec, model, tokenizer, unit, missing, grid, advance):
+    def rows(self, spec: EvalSpec, model, tokenizer, unit: dict, missing: dict, grid: dict,
+             advance: Callable[[int], object]) -> list[dict]:
         from obcache.evaluation.fidelity import evaluate_fidelity
 
         results = evaluate_fidelity(model, _document(spec, tokenizer, unit), unit["length"], missing)
@@ -205,7 +207,7 @@ class OracleFamily(TaskFamily):
         layers = None if spec.layers is None else list(spec.layers)
         return {"future": spec.future, "layers": layers, "oracle_step": spec.oracle_step}
 
-    def expected_rows(self, spec, grid, length):
+    def expected_rows(self, spec: EvalSpec, grid: dict, length: int) -> list[dict]:
         rows = super().expected_rows(spec, grid, length)
         for budget in _evicting_budgets(grid, length):
             rows += [self._fields("oracle", spec, budget), self._fields("greedy", spec, budget)]
@@ -215,13 +217,14 @@ class OracleFamily(TaskFamily):
     def _fields(name: str, spec: EvalSpec, budget: float | int) -> dict:
         return {"policy": name, "policy_repr": f"{name}(step={spec.oracle_step})", "score": name, "budget": budget}
 
-    def check_model(self, spec, model, tokenizer):
+    def check_model(self, spec: EvalSpec, model, tokenizer) -> None:
         super().check_model(spec, model, tokenizer)
         count = model.config.num_hidden_layers
         if spec.layers is not None and max(spec.layers) >= count:
             raise ValueError(f"layers must lie in [0, {count - 1}] (the model has {count}), got {list(spec.layers)}")
 
-    def rows(self, spec, model, tokenizer, unit, missing, grid, advance):
+    def rows(self, spec: EvalSpec, model, tokenizer, unit: dict, missing: dict, grid: dict,
+             advance: Callable[[int], object]) -> list[dict]:
         """Every policy's row, even when resuming: the oracle is compared with every score's set."""
         from obcache.evaluation.oracle import evaluate_oracle
 
