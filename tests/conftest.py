@@ -46,6 +46,30 @@ def family(request) -> str:
     return request.param
 
 
+@pytest.fixture(scope="module")
+def tokenizer():
+    """The real default tokenizer (SmolLM2's), loaded offline."""
+    from obcache.loading import load_tokenizer
+
+    return load_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    """A tiny random model with the real tokenizer's vocabulary."""
+    return tiny_model(vocab_size=len(tokenizer))
+
+
+@pytest.fixture
+def no_model_loading(monkeypatch):
+    """Fail loudly if anything tries to load real weights."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model must not be loaded here")
+
+    monkeypatch.setattr("obcache.loading.load_model", refuse)
+
+
 def kept_indices(mask: torch.Tensor) -> torch.Tensor:
     """Sorted kept positions [B, H, k] of a keep mask [B, H, L] in which every head keeps k tokens."""
     batch, heads, _ = mask.shape

@@ -37,13 +37,6 @@ def test_parse_budget(text, value):
     assert parsed == value and type(parsed) is type(value)
 
 
-@pytest.fixture
-def no_model(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise AssertionError("the model must not be loaded for bad input")
-
-    monkeypatch.setattr(obcache.loading, "load_model", refuse)
-
 
 @pytest.mark.parametrize(
     "extra,message",
@@ -59,7 +52,7 @@ def no_model(monkeypatch):
         (["--context-file", "/dev/null"], "context file '/dev/null' is a character device, not a regular text file"),
     ],
 )
-def test_bad_input_fails_before_loading_the_model(extra, message, tmp_path, capsys, no_model):
+def test_bad_input_fails_before_loading_the_model(extra, message, tmp_path, capsys, no_model_loading):
     context = tmp_path / "context.txt"
     context.write_text("some context")
     argv = ["generate", "--context-file", str(context), "--question", "Q?", *extra]
@@ -85,7 +78,7 @@ def test_generate_prints_answer_and_one_line_summary(tmp_path, capsys, monkeypat
     assert summary.startswith("SnapKV(budget=0.25,") and "score='obc-joint'" in summary and "tokens per head" in summary
 
 
-def test_a_context_file_that_is_not_utf8_is_named(tmp_path, capsys, no_model):
+def test_a_context_file_that_is_not_utf8_is_named(tmp_path, capsys, no_model_loading):
     context = tmp_path / "latin1.txt"
     context.write_bytes("caf\u00e9 au lait".encode("latin-1"))
     code, _, err = run(["generate", "--context-file", str(context), "--question", "Q?"], capsys)
@@ -130,7 +123,7 @@ def write_rows(folder: Path, lines: list[str]) -> None:
     ('{"task": "fidelity", "mode": "teacher-forced"}', "a fidelity row lacks the field(s) model, seed, length"),
 ])
 @pytest.mark.parametrize("command", [["report", "DIR"], ["eval", "fidelity", "--out", "DIR"]])
-def test_a_results_line_of_the_wrong_shape_is_a_clear_error(line, message, command, tmp_path, capsys, no_model):
+def test_a_results_line_of_the_wrong_shape_is_a_clear_error(line, message, command, tmp_path, capsys, no_model_loading):
     write_rows(tmp_path / "runs", [line])
     code, _, err = run([str(tmp_path / "runs") if arg == "DIR" else arg for arg in command], capsys)
     assert code == 2 and err.count("\n") == 1
@@ -138,7 +131,7 @@ def test_a_results_line_of_the_wrong_shape_is_a_clear_error(line, message, comma
 
 
 @pytest.mark.parametrize("value", ["0", "-3"])
-def test_eval_rejects_non_positive_max_new_tokens_before_any_work(value, tmp_path, capsys, no_model):
+def test_eval_rejects_non_positive_max_new_tokens_before_any_work(value, tmp_path, capsys, no_model_loading):
     code, _, err = run(["eval", "niah_single_number", "--out", str(tmp_path / "out"), "--max-new-tokens", value], capsys)
     assert code == 2 and f"max_new_tokens must be an int >= 1, got {value}" in err
     assert not (tmp_path / "out").exists()

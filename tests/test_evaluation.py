@@ -25,24 +25,7 @@ from tests.conftest import tiny_model
 LENGTH = 300  # context tokens of the tiny-model runs
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    return load_tokenizer()
 
-
-@pytest.fixture(scope="module")
-def model(tokenizer):
-    return tiny_model(vocab_size=len(tokenizer))
-
-
-@pytest.fixture
-def no_model_loading(monkeypatch):
-    """Fail loudly if anything tries to load real weights."""
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("a model was loaded")
-
-    monkeypatch.setattr("obcache.loading.load_model", refuse)
 
 
 def small_spec(tmp_path: Path, task: str = "niah_single_number", **overrides) -> EvalSpec:

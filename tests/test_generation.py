@@ -14,14 +14,6 @@ from tests.conftest import tiny_model
 CONTEXT = "The quick brown fox jumps over the lazy dog. " * 12
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    return load_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def model(tokenizer):
-    return tiny_model(vocab_size=len(tokenizer))
 
 
 def test_an_empty_prompt_is_a_clear_error(model, tokenizer):

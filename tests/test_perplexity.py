@@ -65,3 +65,25 @@ def test_a_bounded_cache_changes_the_perplexity_and_stays_bounded():
     assert bounded.kept_tokens <= 24 + CHUNK and bounded.cache_bytes < full.cache_bytes / 2
     assert bounded.perplexity != pytest.approx(full.perplexity, rel=1e-4)
     assert len(bounded.bucket_perplexities(50)) == 3
+
+
+def test_the_perplexity_task_runs_resumes_and_reports(model, tokenizer, tmp_path):
+    from obcache.evaluation.report import write_report
+    from obcache.evaluation.runner import EvalSpec, read_rows, run_eval
+    from obcache.evaluation.spec import check_spec
+
+    spec = EvalSpec(task="perplexity", policies=("h2o", "streamingllm"), scores=("attention", "obc-joint"),
+                    budgets=(32, 64), lengths=(200,), samples=1, out=tmp_path / "ppl", options={"window": 4, "sinks": 4},
+                    stream_chunk=16)
+    rows = read_rows(run_eval(spec, model=model, tokenizer=tokenizer, progress=False))
+    assert len(rows) == 1 + 2 * 2 + 2  # full + h2o x scores x budgets + streaming x budgets
+    full = next(r for r in rows if r["policy"] == "full")
+    assert full["kept_tokens"] == 200 and len(full["bucket_perplexities"]) == 1
+    for row in rows:
+        if row["policy"] != "full":
+            assert row["kept_tokens"] < row["budget"] + 16 + 1 and row["perplexity"] != full["perplexity"]
+    assert len(read_rows(run_eval(spec, model=model, tokenizer=tokenizer, progress=False))) == len(rows)  # resumed
+    report = write_report(spec.out).read_text()
+    assert "perplexity (streaming)" in report and "_positions.png" in report
+    with pytest.raises(ValueError, match="token counts"):
+        check_spec(EvalSpec(task="perplexity", budgets=(0.1,), out=tmp_path / "bad"))

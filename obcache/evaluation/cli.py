@@ -22,7 +22,8 @@ A row is identified by its task, mode, model, sample (length, depth, seed,
 index), policy with its options, score and budget, and by the settings that
 change its numbers: --dtype (resolved, e.g. float32) and --attn for every
 task, --max-new-tokens for the needle tasks, --future for fidelity and
-oracle, --layers and --oracle-step for oracle. A rerun with other settings
+oracle, --layers and --oracle-step for oracle, --stream-chunk for
+perplexity. A rerun with other settings
 therefore computes new rows next to the old ones, never mixing them:
 `obcache report` shows each settings group in its own section. --device
 (beyond the dtype it implies) and --no-progress are not part of the key."""
@@ -56,6 +57,8 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--out", type=Path, default=Path("obcache-eval"), help="results folder (results.jsonl is appended)")
     run.add_argument("--max-new-tokens", type=int, help="answer tokens, >= 1 (default: the expected answer's + 8)")
     run.add_argument("--future", type=int, default=256, help="fidelity/oracle: tokens after the prompt (default 256)")
+    run.add_argument("--stream-chunk", type=int, default=64,
+                     help="perplexity: tokens fed per forward; the cache is evicted after each (default 64)")
     run.add_argument("--layers", type=comma_list(int, what="layer"), help="oracle: captured layers (default 4 spread)")
     run.add_argument("--oracle-step", type=float, default=0.05, help="oracle: fraction removed per greedy round")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -71,6 +74,7 @@ def spec_from_args(args: argparse.Namespace) -> EvalSpec:
         out=args.out, options=options, selections=axes.get("selection", ("per-head",)), chunks=axes.get("chunk", (1,)),
         allocations=args.allocation or ("uniform",), alpha=args.alpha, beta=args.beta,
         max_new_tokens=args.max_new_tokens, future=args.future, layers=args.layers, oracle_step=args.oracle_step,
+        stream_chunk=args.stream_chunk,
         dtype=args.dtype, attn=args.attn, device=args.device,
     )
 

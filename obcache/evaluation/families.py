@@ -2,14 +2,15 @@
 
 - needle tasks (tasks.py, RULER-style): greedy answers scored by string match;
 - `fidelity` (fidelity.py): perplexity, KL and top-1 vs the full cache, teacher-forced;
-- `oracle` (oracle.py): future-query output error of each kept set vs a greedy oracle.
+- `oracle` (oracle.py): future-query output error of each kept set vs a greedy oracle;
+- `perplexity` (perplexity.py): streaming perplexity with eviction during the stream.
 
 A family owns, for its tasks: the settings that change its numbers
 (`settings`, part of every row's key), the rows one sample is expected to
 produce (`expected_rows`) and how they are computed (`rows`), the row fields
 it writes (`fields`, checked when a results file is read), and what the report
 shows of it (`metrics`, `describe`, and the optional sections `heatmaps`,
-`layer_plot`, `gap_table`).
+`layer_plot`, `gap_table`, `position_plot`).
 """
 
 from __future__ import annotations
@@ -46,7 +47,10 @@ class TaskFamily:
     tasks: dict[str, str]  # task name -> one-line description
     fields: FieldTypes
     metrics: tuple[str, ...]  # report.METRICS names
-    heatmaps = layer_plot = gap_table = False
+    heatmaps = layer_plot = gap_table = position_plot = False
+
+    def check(self, spec: EvalSpec) -> None:
+        """Raise ValueError for settings this family cannot run (no model needed)."""
 
     def mode(self, spec: EvalSpec) -> str:
         return "teacher-forced"
@@ -248,7 +252,56 @@ class OracleFamily(TaskFamily):
                 f"mean over layers {rows[0]['layers']}.")
 
 
-FAMILIES: tuple[TaskFamily, ...] = (NeedleFamily(), FidelityFamily(), OracleFamily())
+class PerplexityFamily(TaskFamily):
+    """`perplexity`: a long text streamed in chunks, each policy evicting back to its budget during the stream."""
+
+    tasks = {"perplexity": "Streaming perplexity of a long text fed in chunks; after each chunk the cache is "
+             "evicted back to the budget (tokens per KV head)."}
+    fields = {"perplexity": NUMBER, "bucket_perplexities": [NUMBER], "bucket": int, "stream_chunk": int}
+    metrics = ("perplexity",)
+    position_plot = True
+    bucket = 512  # tokens per point of the perplexity-over-position curve
+
+    def mode(self, spec: EvalSpec) -> str:
+        return "streaming"
+
+    def settings(self, spec: EvalSpec) -> dict:
+        return {"stream_chunk": spec.stream_chunk}
+
+    def check(self, spec: EvalSpec) -> None:
+        floats = [budget for budget in spec.budgets if isinstance(budget, float)]
+        if floats:
+            raise ValueError(f"perplexity budgets are token counts (ints like 256), got {floats}")
+
+    def positions(self, spec: EvalSpec, tokenizer, length: int) -> int:
+        return length
+
+    def rows(self, spec: EvalSpec, model, tokenizer, unit: dict, missing: dict, grid: dict,
+             advance: Callable[[int], object]) -> list[dict]:
+        from obcache.evaluation.perplexity import stream
+        from obcache.evaluation.text import document_ids
+        from obcache.policies import Decoding
+
+        ids = document_ids(tokenizer, unit["length"], seed=spec.seed + unit["sample"])
+        rows = []
+        for key, policy in missing.items():
+            bounded = None if policy is None else Decoding(policy, budget=policy.budget, interval=spec.stream_chunk)
+            result = stream(model, ids, bounded, chunk=spec.stream_chunk)
+            rows.append({
+                **policy_fields(key, policy), "perplexity": result.perplexity,
+                "bucket_perplexities": result.bucket_perplexities(self.bucket), "bucket": self.bucket,
+                "stream_chunk": spec.stream_chunk, "kept_tokens": result.kept_tokens,
+                "cache_bytes": result.cache_bytes, "forward_seconds": result.seconds,
+            })
+            advance(1)
+        return rows
+
+    def describe(self, rows: list[dict]) -> str:
+        return (f"The text is fed {rows[0]['stream_chunk']} tokens at a time; after each chunk every KV head is "
+                "evicted back to the budget (`obcache.Decoding`). Perplexity over all tokens after the first.")
+
+
+FAMILIES: tuple[TaskFamily, ...] = (NeedleFamily(), FidelityFamily(), OracleFamily(), PerplexityFamily())
 ALL_TASKS: dict[str, str] = {name: text for family in FAMILIES for name, text in family.tasks.items()}
 
 

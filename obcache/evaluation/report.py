@@ -102,6 +102,17 @@ class _Group:
         return "\n".join(lines)
 
 
+def _legend(fig, axes, *, columns: int | None = None, fontsize=None) -> int:
+    """One figure legend below the panels, each label once; returns the number of entries."""
+    handles: dict = {}
+    for ax in axes.flat:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, handle)
+    fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=min(columns or len(handles), len(handles)),
+               frameon=False, fontsize=fontsize)
+    return len(handles)
+
+
 def _curves(plt, group: _Group, metrics: list[str], path: Path, title: str, extra=("oracle", "greedy")) -> None:
     """One row of panels per metric, one column per policy: metric vs budget, a line per score."""
     fig, axes = plt.subplots(len(metrics), len(group.policies), figsize=(3.6 * len(group.policies), 2.9 * len(metrics)),
@@ -131,11 +142,7 @@ def _curves(plt, group: _Group, metrics: list[str], path: Path, title: str, extr
                 ax.set_xlabel("budget (fraction kept)")
             if metric == "kl" and any(v > 0 for v in ax.get_lines()[0].get_ydata()):
                 ax.set_yscale("log")
-    handles, labels = {}, []
-    for ax in axes.flat:
-        for handle, label in zip(*ax.get_legend_handles_labels()):
-            handles.setdefault(label, handle)
-    fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=len(handles), frameon=False)
+    _legend(fig, axes)
     fig.suptitle(title)
     fig.tight_layout(rect=(0, 0.06, 1, 1))
     fig.savefig(path, dpi=80)
@@ -192,16 +199,43 @@ def _layer_errors(plt, group: _Group, path: Path, title: str) -> str:
         ax.set_xlabel("layer")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("||o - o_full|| / ||o_full||")
-    handles = {}
-    for ax in axes.flat:
-        for handle, label in zip(*ax.get_legend_handles_labels()):
-            handles.setdefault(label, handle)
-    fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=len(handles), frameon=False)
+    _legend(fig, axes)
     fig.suptitle(f"{title}: per-layer attention-output error at budget {_budget_label(budget)}")
     fig.tight_layout(rect=(0, 0.08, 1, 1))
     fig.savefig(path, dpi=80)
     plt.close(fig)
     return _budget_label(budget)
+
+
+def _positions(plt, group: _Group, path: Path, title: str) -> None:
+    """Perplexity over position (buckets of the stream), a panel per budget, a line per policy x score."""
+    fig, axes = plt.subplots(1, len(group.budgets), figsize=(4.6 * len(group.budgets), 3.6), squeeze=False, sharey=True)
+    styles = ["-", "--", ":", "-."]
+
+    def curve(rows: list[dict]) -> tuple[list[float], list[float]]:
+        buckets = [mean(values) for values in zip(*(r["bucket_perplexities"] for r in rows))]
+        size = rows[0]["bucket"]
+        return [size * (i + 0.5) for i in range(len(buckets))], buckets
+
+    full = [r for r in group.rows if r["policy"] == FULL]
+    for ax, budget in zip(axes[0], group.budgets):
+        if full:
+            ax.plot(*curve(full), color="gray", lw=2.2, alpha=0.6, marker="o", ms=3, label="full cache")
+        for index, policy in enumerate(group.policies):
+            for score in group.scores[policy]:
+                rows = [r for r in group.rows if r["policy"] == policy and r["score"] == score and r["budget"] == budget]
+                if rows:
+                    ax.plot(*curve(rows), ls=styles[index % len(styles)], color=SCORE_STYLE.get(score, "tab:brown"),
+                            marker="o", ms=2, label=f"{policy} {score or ''}".strip())
+        ax.set_title(f"budget {_budget_label(budget)}")
+        ax.set_xlabel("position in the stream (tokens)")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("perplexity (per bucket)")
+    entries = _legend(fig, axes, columns=5, fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0.05 + 0.03 * (entries // 5), 1, 1))
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
 
 
 def write_report(folder: str | Path) -> Path:
@@ -242,6 +276,10 @@ def write_report(folder: str | Path) -> Path:
         png = folder / f"{slug}.png"
         _curves(plt, group, list(family.metrics), png, f"{task} ({mode}), {model}")
         out += ["", f"![{task} {mode}]({png.name})"]
+        if family.position_plot:
+            positions_png = folder / f"{slug}_positions.png"
+            _positions(plt, group, positions_png, f"{task} over position, {model}")
+            out += ["", f"![{task} over position]({positions_png.name})"]
         if family.layer_plot:
             layers_png = folder / f"{slug}_layers.png"
             _layer_errors(plt, group, layers_png, f"{task}, {model}")

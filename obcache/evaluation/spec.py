@@ -46,6 +46,7 @@ class EvalSpec:
     future: int = 256  # fidelity / oracle: tokens scored after the prompt
     layers: tuple[int, ...] | None = None  # oracle: captured layers (default: 4 spread over the model)
     oracle_step: float = 0.05  # oracle: fraction of the kept set removed per greedy round
+    stream_chunk: int = 64  # perplexity: tokens fed per forward (the cache is evicted after each)
     dtype: str | None = None  # model dtype (default: float32 on CPU, bfloat16 on CUDA)
     attn: str = "sdpa"  # attention implementation: sdpa | eager
     device: str | None = None  # cpu | cuda (default: cuda if available)
@@ -100,7 +101,7 @@ def _check_int(name: str, value, minimum: int = 1) -> None:
 
 def check_spec(spec: EvalSpec) -> dict:
     """Validate everything that needs no model and return the grid; creates nothing (ValueError on bad input)."""
-    family_of(spec.task)
+    family_of(spec.task).check(spec)
     if not spec.budgets or not spec.lengths:
         raise ValueError("give at least one budget and one length")
     grid = build_grid(spec)
@@ -116,6 +117,7 @@ def check_spec(spec: EvalSpec) -> dict:
     if spec.max_new_tokens is not None:
         _check_int("max_new_tokens", spec.max_new_tokens)
     _check_int("future", spec.future, minimum=2)
+    _check_int("stream_chunk", spec.stream_chunk)
     for layer in spec.layers or ():
         _check_int("layers", layer, minimum=0)
     if not 0.0 < spec.oracle_step <= 1.0:
