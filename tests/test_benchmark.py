@@ -172,6 +172,13 @@ def test_each_target_passes_or_misses_at_its_limit(change, key, ok):
     assert passed(synthetic_report(**change))[key] is ok
 
 
+@pytest.mark.parametrize("slowdowns, warned", [([1.1, 0.9], False), ([1.2, 40.0], True), ([None, None], False)])
+def test_report_warns_when_other_processes_held_the_cpu(slowdowns, warned):
+    report = synthetic_report()
+    report["machine"]["oversubscription"] = slowdowns
+    assert ("WARNING: other processes held the CPU" in format_report(report)) is warned
+
+
 def test_report_prints_side_by_side_ratios_and_pass_miss():
     text = format_report(synthetic_report(mode_decode=8.4))
     assert "| measure | 2048 | 8192 |" in text

@@ -17,7 +17,7 @@ from torch import nn
 import obcache.bench
 from obcache.bench.measure import (
     cache_entry, decode_configs, hooked_prefill, measure_decode, measure_eviction, measure_full_history,
-    measure_scoring, plain_prefill, recorded_prefill,
+    measure_scoring, oversubscription, plain_prefill, recorded_prefill,
 )
 from obcache.bench.memory import run_memory_worker
 from obcache.bench.report import budget_key, check_targets, format_report
@@ -194,7 +194,8 @@ def run(args: argparse.Namespace) -> dict:
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
     model = load_benchmark_model(args.model, args.random_weights, args.attn, args.dtype, device)
-    report = {"machine": machine(), "device": str(device), "dtype": str(model.dtype), "attn": args.attn,
+    report = {"machine": machine() | {"oversubscription": [oversubscription(device)]},
+              "device": str(device), "dtype": str(model.dtype), "attn": args.attn,
               "model": f"random weights, {args.random_weights} shape" if args.random_weights else args.model or "smollm2-135m-instruct",
               "command": " ".join(sys.argv), "kv_heads": model.config.num_key_value_heads,
               "query_heads": model.config.num_attention_heads, "new_tokens": args.new_tokens, "window": plan.window,
@@ -205,6 +206,7 @@ def run(args: argparse.Namespace) -> dict:
         print(f"obcache bench: {length} tokens ...", file=sys.stderr, flush=True)
         report["lengths"].append(bench_length(model, length, args, plan, device))
     report["machine"]["loadavg_end"] = os.getloadavg()
+    report["machine"]["oversubscription"].append(oversubscription(device))
     report["targets"] = check_targets(report)
     Path(args.out).write_text(json.dumps(report, indent=1))
     print(format_report(report))

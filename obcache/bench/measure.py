@@ -50,6 +50,24 @@ def timed(fn: Callable[[], T], device: torch.device) -> tuple[T, float]:
     return result, time.perf_counter() - start
 
 
+def oversubscription(device: torch.device, reps: int = 30) -> float | None:
+    """Median time of a small matmul on all torch threads / on one thread (CPU with > 1 thread, else None).
+
+    About 1 on an idle machine; far above 1 when other processes hold the
+    cores, because every parallel op then waits for its threads' time slices
+    (small ops suffer most: eviction steps, decode-time cache updates).
+    """
+    threads = torch.get_num_threads()
+    if device.type != "cpu" or threads == 1:
+        return None
+    x, w = torch.randn(16, 576), torch.randn(576, 576)
+    many = statistics.median(timed(partial(torch.matmul, x, w), device)[1] for _ in range(reps))
+    torch.set_num_threads(1)
+    one = statistics.median(timed(partial(torch.matmul, x, w), device)[1] for _ in range(reps))
+    torch.set_num_threads(threads)
+    return many / one
+
+
 class Window(NamedTuple):
     """What scoring one layer needs: window queries [B, Hq, W, d], their captured outputs, keys, values."""
 

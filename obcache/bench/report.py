@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import operator
 
+#: A small op this many times slower on all threads than on one means the CPU was shared (see `measure.oversubscription`).
+SHARED_CPU = 3.0
 #: target key -> (comparison, limit); ratios are "x", fractions "%".
 TARGETS: dict[str, tuple[str, float]] = {
     "overhead": ("<=", 0.03), "joint_vs_attention": ("<=", 1.5), "full_history_memory": ("<", 0.10),
@@ -161,6 +163,10 @@ def format_report(report: dict) -> str:
     """The printed report: the table over lengths, the side-by-side comparison per length, the targets."""
     lines = [f"model {report['model']}, device {report['device']}, dtype {report['dtype']}, attn {report['attn']}, "
              f"torch threads {report['machine']['torch_threads']}", ""]
+    slowdowns = [x for x in report["machine"].get("oversubscription", []) if x is not None]
+    if slowdowns and max(slowdowns) > SHARED_CPU:
+        lines += [f"WARNING: other processes held the CPU: a small op ran {' / '.join(f'{x:.0f}x' for x in slowdowns)} "
+                  "slower on all threads than on one (start / end); times of small ops (eviction, decode) are inflated.", ""]
     lines += _table(["measure", *(str(r["length"]) for r in report["lengths"])], _over_lengths(report))
     for row in report["lengths"]:
         lines += ["", *_side_by_side(report, row)]
