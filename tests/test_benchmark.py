@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from obcache import AdaKV, PyramidKV, SnapKV, TOVA
-from obcache.bench.cli import DEFAULT_LENGTHS, Plan, plan_from_args, register, run
+from obcache.bench.cli import DEFAULT_LENGTHS, plan_from_args, register, run
 from obcache.bench.measure import measure_eviction, recorded_prefill
 from obcache.bench.memory import run_memory_worker
 from obcache.bench.report import TARGETS, check_targets, format_report
@@ -55,6 +55,7 @@ def test_mode_flags_shape_the_mode_and_the_uniform_policy_drops_them():
 
 @pytest.mark.parametrize("argv, message", [
     (["--policy", "none"], "give a policy"),
+    (["--decode-budget", "64"], "not benchmarked"),
     (["--lengths", "12"], "window"),
     (["--policy", "tova", "--window", "8"], "no option --window"),
     (["--allocation", "adakv", "--selection", "shared"], "per-head"),

@@ -100,6 +100,8 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
     """Build (and so validate) every policy of a run, before any model is loaded."""
     if args.policy == "none":
         raise ValueError("bench compares eviction with the full cache: give a policy, not 'none'")
+    if args.decode_budget is not None:
+        raise ValueError("bench measures eviction after the prefill; --decode-budget is not benchmarked")
     options = given_options(args)
     uniform_options = {name: value for name, value in options.items() if name not in GRID_AXES}
     mode = {"name": args.policy, "budget": args.budget, "score": args.score, "options": options,
@@ -196,7 +198,8 @@ def run(args: argparse.Namespace) -> dict:
     model = load_benchmark_model(args.model, args.random_weights, args.attn, args.dtype, device)
     report = {"machine": machine() | {"oversubscription": [oversubscription(device)]},
               "device": str(device), "dtype": str(model.dtype), "attn": args.attn,
-              "model": f"random weights, {args.random_weights} shape" if args.random_weights else args.model or "smollm2-135m-instruct",
+              "model": f"random weights, {args.random_weights} shape" if args.random_weights
+              else args.model or "smollm2-135m-instruct",
               "command": " ".join(sys.argv), "kv_heads": model.config.num_key_value_heads,
               "query_heads": model.config.num_attention_heads, "new_tokens": args.new_tokens, "window": plan.window,
               "budget": args.budget, "uniform": plan.uniform, "mode": policy_label(plan.policies["mode"]),

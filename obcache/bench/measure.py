@@ -32,6 +32,8 @@ from obcache.policies import H2O
 from obcache.scores import SCORE_KINDS, saliency
 
 T = TypeVar("T")
+#: Makes a fresh cache and the context to decode it in.
+DecodeConfig = Callable[[], tuple[object, AbstractContextManager]]
 #: Scores measured again with the attention outputs recomputed (the path without capture).
 RECOMPUTED = ("obc-key", "obc-joint", "exact-removal")
 
@@ -106,7 +108,9 @@ class Recorder(EvictionHooks):
 
 
 @torch.no_grad()
-def recorded_prefill(model: nn.Module, ids: torch.Tensor, policies: Mapping[str, Selector], window: int) -> tuple[Recorder, EvictableCache]:
+def recorded_prefill(
+    model: nn.Module, ids: torch.Tensor, policies: Mapping[str, Selector], window: int
+) -> tuple[Recorder, EvictableCache]:
     """One prefill of `ids` on a full `EvictableCache` under a `Recorder` (full-history layer: the middle one)."""
     recorder = Recorder(model, policies, window, full_layer=len(model.get_decoder().layers) // 2)
     cache = EvictableCache()
@@ -115,7 +119,9 @@ def recorded_prefill(model: nn.Module, ids: torch.Tensor, policies: Mapping[str,
     return recorder, cache
 
 
-def measure_eviction(recorder: Recorder, cache: EvictableCache, device: torch.device, keys: list[str]) -> dict[str, dict[str, float]]:
+def measure_eviction(
+    recorder: Recorder, cache: EvictableCache, device: torch.device, keys: list[str]
+) -> dict[str, dict[str, float]]:
     """Per policy key, seconds over all layers of `select` (in the hooks) and of `keep` (`cache.subset`)."""
     seconds = {}
     for key in keys:
@@ -158,7 +164,7 @@ def cache_entry(cache: EvictableCache, fraction: float | None) -> dict:
 
 
 def decode_configs(model: nn.Module, full: DynamicCache, cache: EvictableCache,
-                   masks: Mapping[str, list[torch.Tensor | None]]) -> dict[str, Callable[[], tuple]]:
+                   masks: Mapping[str, list[torch.Tensor | None]]) -> dict[str, DecodeConfig]:
     """What `measure_decode` runs: the model's own full cache, the full cache under `obcache.attach`, each masked cache."""
     configs = {"full": lambda: (copy.deepcopy(full), nullcontext()),
                "full attached": lambda: (cache.subset([None] * len(cache.layers)), attach(model))}
@@ -168,8 +174,10 @@ def decode_configs(model: nn.Module, full: DynamicCache, cache: EvictableCache,
 
 
 @torch.no_grad()
-def measure_decode(model: nn.Module, token: torch.Tensor, configs: Mapping[str, Callable[[], tuple[object, AbstractContextManager]]],
-                   new_tokens: int, device: torch.device, rounds: int = 3) -> dict[str, float]:
+def measure_decode(
+    model: nn.Module, token: torch.Tensor, configs: Mapping[str, DecodeConfig], new_tokens: int, device: torch.device,
+    rounds: int = 3,
+) -> dict[str, float]:
     """Best tokens/s of `new_tokens` greedy steps after one warm-up step, per configuration.
 
     Each round decodes every configuration on a fresh cache (`configs[key]()`

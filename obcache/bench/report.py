@@ -54,8 +54,8 @@ def check_targets(report: dict) -> list[dict]:
     memory = row.get("memory")
     if memory:
         plain = memory["plain"]["peak_bytes"]
-        add("peak_memory", f"peak memory, prefill + {uniform} eviction / plain prefill", memory["uniform"]["peak_bytes"] / plain, "x")
-        add("mode_peak_memory", f"peak memory, prefill + {mode} eviction / plain prefill", memory["mode"]["peak_bytes"] / plain, "x")
+        for key, role, name in (("peak_memory", "uniform", uniform), ("mode_peak_memory", "mode", mode)):
+            add(key, f"peak memory, prefill + {name} eviction / plain prefill", memory[role]["peak_bytes"] / plain, "x")
     for key, entry in caches.items():
         if key.startswith("budget "):
             add("cache_bytes", f"cache bytes error at {key}, {kv_heads} KV heads kept", entry["bytes_error"], "%",
@@ -84,6 +84,11 @@ def _table(header: list[str], rows: list[tuple[str, list[str]]]) -> list[str]:
     return lines + ["| " + " | ".join([label, *cells]) + " |" for label, cells in rows]
 
 
+def _x(part: float, whole: float, digits: int = 2) -> str:
+    """part / whole as a ratio: "1.23x"."""
+    return f"{part / whole:.{digits}f}x"
+
+
 def _over_lengths(report: dict) -> list[tuple[str, list[str]]]:
     """The rows of the main table: one column per context length."""
     lengths, uniform, mode = report["lengths"], report["uniform"], report["mode"]
@@ -95,66 +100,72 @@ def _over_lengths(report: dict) -> list[tuple[str, list[str]]]:
     add("prefill, no eviction (s)", lambda r: f"{r['prefill_seconds']:.2f}")
     for key, name in (("uniform", uniform), ("mode", mode)):
         add(f"prefill + {name} eviction (s, x plain)",
-            lambda r, k=key: f"{r['hooked'][k]['seconds']:.2f} ({r['hooked'][k]['seconds'] / r['prefill_seconds']:.3f}x)")
-        add("  eviction inside that prefill (s, % of plain)",
-            lambda r, k=key: f"{r['hooked'][k]['eviction_seconds']:.3f} ({r['hooked'][k]['eviction_seconds'] / r['prefill_seconds']:.2%})")
+            lambda r, k=key: f"{r['hooked'][k]['seconds']:.2f} ({_x(r['hooked'][k]['seconds'], r['prefill_seconds'], 3)})")
+        add("  eviction inside that prefill (s, % of plain)", lambda r, k=key: (
+            f"{r['hooked'][k]['eviction_seconds']:.3f} ({r['hooked'][k]['eviction_seconds'] / r['prefill_seconds']:.2%})"))
     for key in lengths[0]["eviction_seconds"]:
         add(f"eviction {mode if key == 'mode' else key}: select + keep (% of prefill)",
             lambda r, k=key: f"{eviction_fraction(r, k):.2%}")
     for key in lengths[0]["scoring_seconds"]:
         add(f"scoring/layer {key} (ms, x attention)", lambda r, k=key: (
-            f"{r['scoring_seconds'][k] * 1e3:.2f} ({r['scoring_seconds'][k] / r['scoring_seconds']['attention']:.2f}x)"))
+            f"{r['scoring_seconds'][k] * 1e3:.2f} ({_x(r['scoring_seconds'][k], r['scoring_seconds']['attention'])})"))
     add("decode full cache, model's own attention (tok/s)", lambda r: f"{r['decode']['full']:.1f}")
     add("decode full cache under obcache.attach (tok/s)", lambda r: f"{r['decode']['full attached']:.1f}")
     for key in lengths[0]["caches"]:
         if key == "full":
             continue
         name = f"{uniform} {key}" if key != "mode" else f"{mode} budget {report['budget']}"
-        add(f"decode {name} (tok/s, x full)", lambda r, k=key: f"{r['decode'][k]:.1f} ({r['decode'][k] / r['decode']['full']:.2f}x)")
+        add(f"decode {name} (tok/s, x full)",
+            lambda r, k=key: f"{r['decode'][k]:.1f} ({_x(r['decode'][k], r['decode']['full'])})")
         add(f"  cache MiB at {name}: kept / budget x full (error), kept shape or min-max per head", lambda r, k=key: (
             f"{_mb(r['caches'][k]['cache_bytes'])} / {_mb(r['caches'][k]['expected_bytes'])} "
             f"({r['caches'][k]['bytes_error']:+.2%}) {r['caches'][k]['kept_shape'] or r['caches'][k]['head_tokens']}"))
     for i, entry in enumerate(lengths[0].get("full_history", [])):
-        add(f"H2O full-history {entry['score']}, 1 layer: s, extra peak MiB (% of KV cache; L x L would be)", lambda r, i=i: (
-            f"{r['full_history'][i]['seconds']:.2f} s, {_mb(r['full_history'][i]['extra_peak_bytes'])} "
-            f"({r['full_history'][i]['extra_peak_bytes'] / r['full_history'][i]['cache_bytes']:.1%}; "
-            f"{_mb(r['full_history'][i]['l_by_l_bytes'])})"))
+        add(f"H2O full-history {entry['score']}, 1 layer: s, extra peak MiB (% of KV cache; L x L would be)",
+            lambda r, i=i: _full_history(r["full_history"][i]))
     if "memory" in lengths[0]:
         what = "GPU max allocated" if report["device"].startswith("cuda") else "peak RSS"
         add(f"{what} after model load (MiB)", lambda r: _mb(r["memory"]["plain"]["baseline_bytes"]))
         add(f"{what} plain prefill (MiB)", lambda r: _mb(r["memory"]["plain"]["peak_bytes"]))
         for key, name in (("uniform", uniform), ("mode", mode)):
             add(f"{what} prefill + {name} eviction (MiB, x plain)", lambda r, k=key: (
-                f"{_mb(r['memory'][k]['peak_bytes'])} ({r['memory'][k]['peak_bytes'] / r['memory']['plain']['peak_bytes']:.3f}x)"))
+                f"{_mb(r['memory'][k]['peak_bytes'])} ({_x(r['memory'][k]['peak_bytes'], r['memory']['plain']['peak_bytes'], 3)})"))
     return rows
+
+
+def _full_history(entry: dict) -> str:
+    extra = entry["extra_peak_bytes"]
+    return f"{entry['seconds']:.2f} s, {_mb(extra)} ({extra / entry['cache_bytes']:.1%}; {_mb(entry['l_by_l_bytes'])})"
 
 
 def _side_by_side(report: dict, row: dict) -> list[str]:
     """Full cache | uniform policy | mode at the same budget, for one context length."""
     same = budget_key(report["budget"])
-    caches, decode = row["caches"], row["decode"]
+    caches, decode, prefill = row["caches"], row["decode"], row["prefill_seconds"]
     columns = [("full", None), (same, "uniform"), ("mode", "mode")]  # (cache key, role)
     evictions = {"uniform": report["uniform"], "mode": "mode"}
-    full_bytes, plain_peak = caches["full"]["cache_bytes"], row.get("memory", {}).get("plain", {}).get("peak_bytes")
+    full_bytes = caches["full"]["cache_bytes"]
 
     def cells(fn) -> list[str]:
-        return [fn(cache, role) for cache, role in columns]
+        return [fn(caches[key], decode[key], role) for key, role in columns]
 
     rows = [
-        ("K/V cache MiB (x full)", cells(lambda c, _: f"{_mb(caches[c]['cache_bytes'])} ({caches[c]['cache_bytes'] / full_bytes:.3f}x)")),
-        ("slot index KiB (% of K/V)", cells(lambda c, _: (
-            f"{caches[c]['index_bytes'] / 1024:.1f} ({caches[c]['index_bytes'] / caches[c]['cache_bytes']:.2%})"))),
-        ("layout, kept tokens per KV head (min-max)", cells(lambda c, _: f"{caches[c]['layout']}, {'-'.join(map(str, caches[c]['head_tokens']))}")),
-        ("decode tok/s (x full, x uniform)", cells(lambda c, _: (
-            f"{decode[c]:.1f} ({decode[c] / decode['full']:.2f}x, {decode[c] / decode[same]:.2f}x)"))),
-        ("eviction select + keep (% of prefill)", cells(lambda _, p: "-" if p is None else (
-            f"{eviction_fraction(row, evictions[p]):.2%}"))),
-        ("eviction inside a hooked prefill (% of prefill)", cells(lambda _, p: "-" if p is None else (
-            f"{row['hooked'][p]['eviction_seconds'] / row['prefill_seconds']:.2%}"))),
+        ("K/V cache MiB (x full)", cells(lambda c, _, __: f"{_mb(c['cache_bytes'])} ({_x(c['cache_bytes'], full_bytes, 3)})")),
+        ("slot index KiB (% of K/V)",
+         cells(lambda c, _, __: f"{c['index_bytes'] / 1024:.1f} ({c['index_bytes'] / c['cache_bytes']:.2%})")),
+        ("layout, kept tokens per KV head (min-max)",
+         cells(lambda c, _, __: f"{c['layout']}, {'-'.join(map(str, c['head_tokens']))}")),
+        ("decode tok/s (x full, x uniform)",
+         cells(lambda _, d, __: f"{d:.1f} ({_x(d, decode['full'])}, {_x(d, decode[same])})")),
+        ("eviction select + keep (% of prefill)",
+         cells(lambda _, __, p: "-" if p is None else f"{eviction_fraction(row, evictions[p]):.2%}")),
+        ("eviction inside a hooked prefill (% of prefill)",
+         cells(lambda _, __, p: "-" if p is None else f"{row['hooked'][p]['eviction_seconds'] / prefill:.2%}")),
     ]
-    if plain_peak is not None:
-        rows.append(("peak RSS / GPU memory of the prefill, MiB (x plain)", cells(lambda _, p: (
-            f"{_mb(row['memory'][p or 'plain']['peak_bytes'])} ({row['memory'][p or 'plain']['peak_bytes'] / plain_peak:.3f}x)"))))
+    if "memory" in row:
+        peaks = {role: worker["peak_bytes"] for role, worker in row["memory"].items()}
+        rows.append(("peak RSS / GPU memory of the prefill, MiB (x plain)", cells(
+            lambda _, __, p: f"{_mb(peaks[p or 'plain'])} ({_x(peaks[p or 'plain'], peaks['plain'], 3)})")))
     title = f"{row['length']} tokens, budget {report['budget']}: side by side"
     return [title, "", *_table(["measure", "full cache", report["uniform"], report["mode"]], rows)]
 
@@ -165,8 +176,9 @@ def format_report(report: dict) -> str:
              f"torch threads {report['machine']['torch_threads']}", ""]
     slowdowns = [x for x in report["machine"].get("oversubscription", []) if x is not None]
     if slowdowns and max(slowdowns) > SHARED_CPU:
-        lines += [f"WARNING: other processes held the CPU: a small op ran {' / '.join(f'{x:.0f}x' for x in slowdowns)} "
-                  "slower on all threads than on one (start / end); times of small ops (eviction, decode) are inflated.", ""]
+        ratios = " / ".join(f"{x:.0f}x" for x in slowdowns)
+        lines += [f"WARNING: other processes held the CPU: a small op ran {ratios} slower on all threads than on one "
+                  "(start / end); times of small ops (eviction, decode) are inflated.", ""]
     lines += _table(["measure", *(str(r["length"]) for r in report["lengths"])], _over_lengths(report))
     for row in report["lengths"]:
         lines += ["", *_side_by_side(report, row)]
