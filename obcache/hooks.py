@@ -57,6 +57,10 @@ class LayerHooks:
     def layer_done(self, layer_idx: int, state: LayerState, cache: EvictableCache, prefill: bool) -> None:
         """What to do with a layer's state (subclasses); by default nothing."""
 
+    def wants_state(self, prefill: bool) -> bool:
+        """Whether `layer_done` should run after this forward (the state costs a little to build)."""
+        return True
+
     def __enter__(self):
         for attention in self.attentions:
             self._handles.append(attention.register_forward_hook(self._after_attention, with_kwargs=True))
@@ -84,8 +88,11 @@ class LayerHooks:
         cache = kwargs.get("past_key_values")
         if not isinstance(cache, EvictableCache):
             return
+        layer = cache.layers[module.layer_idx]
+        prefill = module.layer_idx not in cache.evicted_layers and layer.get_seq_length() == state_queries(args, kwargs)
+        if not self.wants_state(prefill):
+            return
         state = layer_state(self.adapter, module, args, kwargs, outputs=outputs, num_layers=len(self.attentions))
-        prefill = module.layer_idx not in cache.evicted_layers and state.length == state_queries(args, kwargs)
         with torch.no_grad():
             self.layer_done(module.layer_idx, state, cache, prefill)
 
@@ -128,14 +135,15 @@ class EvictionHooks(LayerHooks):
             cache.attached = False
         self._caches.clear()
 
+    def wants_state(self, prefill: bool) -> bool:
+        if type(self).layer_done is not EvictionHooks.layer_done:
+            return True  # a subclass that records states sees every forward
+        # decode_select is optional: only selectors that evict during decoding (obcache.Decoding) have it
+        return self.policy is not None and (prefill or hasattr(self.policy, "decode_select"))
+
     def layer_done(self, layer_idx: int, state: LayerState, cache: EvictableCache, prefill: bool) -> None:
-        if self.policy is None:
-            return
-        decode_select = getattr(self.policy, "decode_select", None)  # optional for custom selectors
-        if not prefill and decode_select is None:
-            return
         start = time.perf_counter()
-        mask = self.policy.select(state) if prefill else decode_select(state)
+        mask = self.policy.select(state) if prefill else self.policy.decode_select(state)
         if mask is not None:
             cache.keep(layer_idx, mask)
         elif prefill:

@@ -85,4 +85,5 @@ class Selector(Protocol):
     def decode_select(self, layer: LayerState) -> torch.Tensor | None:
         """After any later forward: keep mask of the layer's slots ([B, Hkv, n] uniform, [T] ragged), or None.
 
-        Optional: the hooks skip selectors without it (nothing is evicted during decoding)."""
+        Optional: only selectors that evict during decoding (`obcache.Decoding`) define it; the hooks
+        skip the others after the prefill."""

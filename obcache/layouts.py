@@ -181,23 +181,22 @@ class RaggedLayer(CacheLayerMixin):
         if positions is None:
             start = int(self.positions.max()) + 1 if self.positions.numel() else 0
             positions = torch.arange(start, start + q, dtype=torch.int32, device=self.device).expand(batch, -1)
-        segments = batch * heads
-        device = self.keys.device
-        shift = torch.arange(segments, device=device) * q  # segment s moves right by s * q
-        lengths = torch.tensor(self.lengths, device=device)
-        old = torch.arange(self.keys.shape[0], device=device) + shift.repeat_interleave(lengths)
-        ends = lengths.cumsum(0) + shift  # where each segment's new slots start
-        new = (ends[:, None] + torch.arange(q, device=device)).flatten()
-        total = self.keys.shape[0] + segments * q
-        self.keys = _scatter_rows(total, old, self.keys, new, key_states.reshape(segments * q, -1))
-        self.values = _scatter_rows(total, old, self.values, new, value_states.reshape(segments * q, -1))
-        new_positions = positions.to(torch.int32)[:, None, :].expand(-1, heads, -1).reshape(-1)
-        self.positions = _scatter_rows(total, old, self.positions[:, None], new, new_positions[:, None])[:, 0]
+        self.keys = self._interleave(self.keys, key_states.reshape(batch * heads, q, -1))
+        self.values = self._interleave(self.values, value_states.reshape(batch * heads, q, -1))
+        new_positions = positions.to(torch.int32)[:, None, :].expand(-1, heads, -1).reshape(batch * heads, q)
+        self.positions = self._interleave(self.positions, new_positions)
         if self.scores is not None:
-            self.scores = _scatter_rows(total, old, self.scores[:, None], new, self.scores.new_zeros(new.shape[0], 1))[:, 0]
+            self.scores = self._interleave(self.scores, self.scores.new_zeros(batch * heads, q))
         self.lengths = [length + q for length in self.lengths]
         self.padded = self.padded or bool((positions < 0).any())
         return self.keys, self.values
+
+    def _interleave(self, flat: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+        """`flat` [T, ...] with new[s] ([S, q, ...]) appended after segment s's slots, in one copy."""
+        pieces = []
+        for segment, (start, length) in enumerate(zip(self.offsets, self.lengths)):
+            pieces += [flat[start : start + length], new[segment].to(flat.dtype)]
+        return torch.cat(pieces)
 
     def get_seq_length(self) -> int:
         return max(self.lengths, default=0)
@@ -254,9 +253,3 @@ class RaggedLayer(CacheLayerMixin):
         raise NotImplementedError("obcache caches do not support beam search; use greedy or sampling")
 
 
-def _scatter_rows(total: int, old_index, old_rows, new_index, new_rows) -> torch.Tensor:
-    """A [total, ...] tensor with old_rows at old_index and new_rows at new_index."""
-    out = old_rows.new_empty(total, *old_rows.shape[1:])
-    out[old_index] = old_rows
-    out[new_index] = new_rows.to(old_rows.dtype)
-    return out

@@ -55,7 +55,6 @@ class BudgetWrapper:
         self.policy.check_prompt(prompt_lengths)
 
     select = Policy.select
-    decode_select = Policy.decode_select
     attach = Policy.attach
 
 

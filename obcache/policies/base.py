@@ -130,10 +130,6 @@ class Policy:
             return None
         return self.allocate(self.prepared_scores(layer), kept, layer)
 
-    def decode_select(self, layer: LayerState) -> torch.Tensor | None:
-        """After a forward past the prefill: nothing is evicted (wrap in `obcache.Decoding` for that)."""
-        return None
-
     # -- checks and protection --
 
     def check_prompt(self, prompt_lengths: list[int]) -> None:
