@@ -67,10 +67,17 @@ def policy_allocation(selector: Policy | BudgetWrapper) -> str:
 
 
 def policy_label(selector: Policy | BudgetWrapper) -> str:
-    """A short name of a policy's method: "snapkv", "snapkv+shared+chunk8", "adakv(snapkv)", ..."""
+    """A short name of a policy's method: "snapkv", "snapkv[kernel=15]+shared+chunk8", "adakv(snapkv)", ...
+
+    Options that differ from the class defaults (budget and score aside) are shown in brackets.
+    """
     if isinstance(selector, BudgetWrapper):
         return f"{selector.name}({policy_label(selector.policy)})"
-    parts = [selector.name]
+    changed = [
+        f"{name}={getattr(selector, name)}" for name, field in policy_options(type(selector)).items()
+        if name not in ("budget", "score", "selection", "chunk") and getattr(selector, name) != field.default
+    ]
+    parts = [selector.name + (f"[{','.join(changed)}]" if changed else "")]
     if selector.selection == "shared":
         parts.append("shared")
     if selector.chunk > 1:
