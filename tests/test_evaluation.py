@@ -86,7 +86,7 @@ def test_rows_record_everything(model, tokenizer, tmp_path):
         assert row["expected"] and 0.0 <= row["correct"] <= 1.0 and isinstance(row["prediction"], str)
         assert row["decode_seconds"] >= 0 and row["prefill_seconds"] > 0
     full = [r for r in rows if r["policy"] == "full"][0]
-    snap = [r for r in rows if r["policy"] == "snapkv" and r["budget"] == 0.1][0]
+    snap = [r for r in rows if r["policy"] == "snapkv[window=8]" and r["budget"] == 0.1][0]
     assert snap["kept_tokens"] == round(0.1 * snap["prompt_tokens"]) and full["kept_tokens"] == full["prompt_tokens"]
     assert snap["cache_bytes"] < full["cache_bytes"] == full["cache_bytes_full"]
     assert "window=8" in snap["policy_repr"] and rows[0]["mode"] == "query-agnostic"
@@ -263,7 +263,7 @@ def test_grid_runs_fidelity_and_oracle_and_the_report_renders(model, tokenizer, 
     from obcache.evaluation.report import write_report
 
     text = write_report(tmp_path / "all").read_text()
-    assert "| full cache |" in text and "| snapkv | obc-joint |" in text and "gap closed" in text
+    assert "| full cache |" in text and "| snapkv[window=8] | obc-joint |" in text and "gap closed" in text
     assert "(+" in text or "(-" in text  # differences to attention
     pngs = list((tmp_path / "all").glob("*.png"))
     assert len(pngs) == 6 and all(p.stat().st_size < 300_000 for p in pngs)
