@@ -12,11 +12,11 @@ import json
 import pytest
 import torch
 
-from obcache import AdaKV, PyramidKV, SnapKV, TOVA
-from obcache.bench.cli import DEFAULT_LENGTHS, plan_from_args, register, run
+from obcache import H2O, AdaKV, Decoding, PyramidKV, SnapKV, TOVA
+from obcache.bench.cli import DEFAULT_LENGTHS, decode_plan_from_args, plan_from_args, register, run
 from obcache.bench.measure import measure_eviction, recorded_prefill
 from obcache.bench.memory import run_memory_worker
-from obcache.bench.report import TARGETS, check_targets, format_report
+from obcache.bench.report import DECODE_TARGETS, TARGETS, check_targets, format_report
 from obcache.cache import EvictableCache
 from tests.conftest import tiny_model
 
@@ -55,7 +55,7 @@ def test_mode_flags_shape_the_mode_and_the_uniform_policy_drops_them():
 
 @pytest.mark.parametrize("argv, message", [
     (["--policy", "none"], "give a policy"),
-    (["--decode-budget", "64"], "not benchmarked"),
+    (["--decode-budget", "64"], "add --decode"),
     (["--lengths", "12"], "window"),
     (["--policy", "tova", "--window", "8"], "no option --window"),
     (["--allocation", "adakv", "--selection", "shared"], "per-head"),
@@ -63,6 +63,33 @@ def test_mode_flags_shape_the_mode_and_the_uniform_policy_drops_them():
 def test_bad_plans_fail_before_any_model_work(argv, message):
     with pytest.raises(ValueError, match=message):
         plan_from_args(parse(*argv))
+
+
+def test_decode_plan_wraps_the_uniform_policy_in_decoding_at_every_interval():
+    plan = decode_plan_from_args(parse("--decode"))
+    snapkv = SnapKV(budget=512, score="obc-joint", window=16)
+    assert plan.policy == snapkv and plan.label == "snapkv/obc-joint" and plan.interval == 16
+    assert plan.evicting == {k: Decoding(snapkv, budget=512, interval=k) for k in (1, 16, 64)}
+    assert (plan.context, plan.new_tokens, plan.timed, plan.rounds, plan.full_length) == (2048, 2048, 512, 3, 3584)
+    plan = decode_plan_from_args(parse("--decode", "--decode-policy", "h2o", "--decode-budget", "256",
+                                       "--decode-interval", "8", "--decode-intervals", "32", "--window", "4",
+                                       "--selection", "shared"))  # a grid axis: dropped, as for the uniform policy
+    assert plan.evicting == {k: Decoding(H2O(budget=256, score="obc-joint", window=4), budget=256, interval=k)
+                             for k in (8, 32)}
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--decode-policy", "tova", "--window", "8"], "no option --window"),
+    (["--decode-budget", "8"], "protected"),
+    (["--decode-interval", "0"], "interval"),
+    (["--decode-timed", "600", "--decode-tokens", "512"], "more than"),
+    (["--decode-rounds", "0"], "--decode-rounds"),
+    (["--decode-context", "8"], "window"),
+    (["--policy", "none"], "give a policy"),
+])
+def test_bad_decode_plans_fail_before_any_model_work(argv, message):
+    with pytest.raises(ValueError, match=message):
+        decode_plan_from_args(parse("--decode", *argv))
 
 
 # ---------------------------------------------------------------- the library's eviction path
@@ -100,6 +127,29 @@ def test_bench_runs_end_to_end_on_a_tiny_random_model(tmp_path, capsys):
     assert abs(row["caches"]["mode"]["bytes_error"]) < 1e-9  # AdaKV conserves budget x heads per layer
     assert {t["key"] for t in report["targets"]} == set(TARGETS) - {"peak_memory", "mode_peak_memory"}
     assert "| measure | full cache | snapkv/obc-joint | adakv(snapkv) |" in capsys.readouterr().out
+
+
+def test_decode_bench_runs_end_to_end_on_a_tiny_random_model(tmp_path, capsys):
+    out = tmp_path / "decode.json"
+    report = run(parse("--decode", "--random-weights", "tiny", "--decode-context", "64", "--decode-tokens", "24",
+                       "--decode-timed", "8", "--decode-budget", "32", "--decode-interval", "4",
+                       "--decode-intervals", "1", "8", "--decode-rounds", "1", "--threads", "1", "--out", str(out)))
+    entry = json.loads(out.read_text())["decoding"]
+    assert entry == report["decoding"] and "lengths" not in report
+    assert set(entry["decode"]) == {"full", "evicting 1", "static 1", "evicting 4", "static 4", "evicting 8", "static 8"}
+    generation = entry["generation"]
+    token_bytes = 2 * 2 * 2 * 16 * 4  # layers x KV heads x (K, V) x d x float32
+    assert generation["token_bytes"] == token_bytes and generation["seen_tokens"] == 64 + 24
+    assert generation["cache_bytes"] == 32 * token_bytes and generation["bytes_error"] == 0  # 24 steps: 6 evictions
+    assert len(generation["step_seconds"]) == 24 and max(generation["slots"]) == 35 and generation["slots"][0] == 32
+    for k in (1, 4, 8):  # the static cache attends over the same slots as the evicting one, and never evicts
+        assert entry["decode"][f"evicting {k}"]["slots"] == entry["decode"][f"static {k}"]["slots"] == [32, 31 + k]
+        assert entry["decode"][f"evicting {k}"]["eviction_seconds"] > 0 == entry["decode"][f"static {k}"]["eviction_seconds"]
+    assert entry["decode"]["full"]["slots"] == [64 + 24 - 8, 64 + 24 - 1]
+    assert [t["key"] for t in report["targets"]] == list(DECODE_TARGETS) and report["targets"][0]["passed"]
+    text = capsys.readouterr().out
+    assert "| measure | evicting every 4 | static 32 cache | full cache |" in text
+    assert "targets (at the longest length)" not in text and "targets (decode-time eviction):" in text
 
 
 def test_memory_worker_runs_a_policy_spec_in_a_fresh_process():
@@ -191,3 +241,89 @@ def test_report_prints_side_by_side_ratios_and_pass_miss():
     assert "  [MISS] decode, adakv(snapkv) / snapkv/obc-joint at budget 0.1: 0.700x (target >= 0.750x)" in text
     assert "  [PASS] adakv(snapkv) eviction / prefill: 1.00% (target <= 3.00%)" in text
     assert "  [PASS] adakv(snapkv) cache bytes error at budget 0.1: -0.20% (target within +/- 1.00%)" in text
+
+
+# ---------------------------------------------------------------- decode-time eviction: targets and report, synthetic
+
+
+def synthetic_decoding(*, evicting: float = 24.0, static: float = 25.0, full: float = 12.0, held: int = 512) -> dict:
+    """A `bench --decode` report: SmolLM2-shaped bytes (30 layers x 3 KV heads x 64 x K, V x float32), round tok/s."""
+    token_bytes = 30 * 3 * 64 * 2 * 4
+
+    def config(tps, slots, bytes_held, eviction=0.0):
+        return {"tokens_per_second": tps, "rounds": [tps, tps * 0.9], "median_step_seconds": 0.9 / tps,
+                "max_step_seconds": 3 / tps, "eviction_seconds": eviction, "slots": slots,
+                "cache_bytes": bytes_held * token_bytes}
+
+    decode = {"full": config(full, [3584, 4095], 4096)}
+    for k, overhead in ((1, 0.5), (16, 1.0), (64, 1.0)):
+        decode[f"evicting {k}"] = config(evicting * overhead if k == 1 else evicting, [512, 511 + k], 512, 0.256 / k)
+        decode[f"static {k}"] = config(static, [512, 511 + k], 511 + k)
+    generation = {"prefill_seconds": 4.0, "prefill_eviction_seconds": 0.05, "step_seconds": [0.05] * 1536 + [0.04] * 512,
+                  "slots": [512 + i % 16 for i in range(2048)] + [held], "decode_eviction_seconds": 1.024,
+                  "cache_bytes": held * token_bytes, "token_bytes": token_bytes, "seen_tokens": 4096,
+                  "expected_bytes": 512 * token_bytes, "bytes_error": held / 512 - 1}
+    entry = {"policy": "snapkv/obc-joint", "budget": 512, "interval": 16, "intervals": [1, 16, 64], "context": 2048,
+             "new_tokens": 2048, "timed": 512, "rounds": 2, "generation": generation, "decode": decode}
+    report = {"machine": {"torch_threads": 2}, "model": "m", "device": "cpu", "dtype": "torch.float32", "attn": "sdpa",
+              "decoding": entry}
+    report["targets"] = check_targets(report)
+    return report
+
+
+def test_decode_targets_all_pass_on_a_good_run():
+    report = synthetic_decoding()
+    assert passed(report) == dict.fromkeys(DECODE_TARGETS, True)
+    values = {t["key"]: t["value"] for t in report["targets"]}
+    assert values == {"decode_cache_bytes": 0.0, "decode_vs_static": 24 / 25, "decode_vs_full": 2.0}
+
+
+@pytest.mark.parametrize("change, key, ok", [
+    ({"held": 517}, "decode_cache_bytes", True),  # +0.98%
+    ({"held": 518}, "decode_cache_bytes", False),  # +1.17%
+    ({"held": 507}, "decode_cache_bytes", True),
+    ({"held": 506}, "decode_cache_bytes", False),
+    ({"evicting": 21.25}, "decode_vs_static", True),  # exactly 0.85x
+    ({"evicting": 21.2}, "decode_vs_static", False),
+    ({"evicting": 23.9}, "decode_vs_full", False),  # 1.99x the full cache
+    ({"full": 12.5}, "decode_vs_full", False),
+    ({"static": 40.0}, "decode_vs_static", False),
+])
+def test_each_decode_target_passes_or_misses_at_its_limit(change, key, ok):
+    assert passed(synthetic_decoding(**change))[key] is ok
+
+
+def test_decode_targets_judge_the_main_interval_only():
+    report = synthetic_decoding()
+    report["decoding"]["decode"]["evicting 1"]["tokens_per_second"] = 1.0  # interval 1: far too slow, only reported
+    assert passed(report | {"targets": check_targets(report)}) == dict.fromkeys(DECODE_TARGETS, True)
+
+
+def test_report_prints_the_decode_section_side_by_side_with_ratios_and_pass_miss():
+    text = format_report(synthetic_decoding(evicting=20.0, held=527))
+    assert "| measure |" in text and "| 2048 |" not in text and "targets (at the longest length)" not in text
+    assert "decode-time eviction: snapkv/obc-joint, budget 512 tokens per KV head, interval 16; 2048-token prompt" in text
+    assert "| measure | evicting every 16 | static 512 cache | full cache |" in text
+    assert "| decode tok/s, last 512 tokens (x static, x full) | 20.0 (0.80x, 1.67x) | 25.0 (1.00x, 2.08x) | 12.0 (0.48x, 1.00x) |" in text
+    assert "| ms per token (+ vs static) | 50.0 (+10.0) | 40.0 (+0.0) | 83.3 (+43.3) |" in text
+    assert "| slots per KV head before each timed step (min-max) | 512-527 | 512-527 | 3584-4095 |" in text
+    assert "| K/V cache MiB after the last step (x 512 tokens) | 22.5 (1.000x) | 23.2 (1.029x) | 180.0 (8.000x) |" in text
+    assert "| eviction inside the hooks, ms per token | 0.03 | 0.00 | - |" in text
+    assert "| interval | ms per token, evicting | ms per token, static |" in text
+    assert "| 1 | 100.0 | 40.0 | +60.00 (2.50x) | 0.50 | 512-512 |" in text
+    assert "| 64 | 50.0 | 40.0 | +10.00 (1.25x) | 0.01 | 512-575 |" in text
+    assert ("generation: 2048 tokens in 97.3 s (21.1 tok/s; last 512: 25.0 tok/s) after a 4.00 s prefill; "
+            "cache after it 23.2 MiB = 527 tokens' worth (+2.93% vs 512), between steps at most 527 slots") in text
+    assert "targets (decode-time eviction):" in text
+    assert "  [MISS] snapkv/obc-joint evicting to 512 every 16: cache bytes after 2048 tokens / 512 tokens' worth: 2.93% (target within +/- 1.00%)" in text
+    assert "  [MISS] snapkv/obc-joint evicting to 512 every 16: decode, last 512 tokens / static 512 cache: 0.800x (target >= 0.850x)" in text
+    assert "[PASS]" not in text
+
+
+def test_report_with_both_suites_prints_both_target_blocks():
+    report = synthetic_report() | {"decoding": synthetic_decoding()["decoding"]}
+    report["targets"] = check_targets(report)
+    assert {t["key"] for t in report["targets"]} == set(TARGETS) | set(DECODE_TARGETS)
+    text = format_report(report)
+    assert text.index("| measure | 2048 | 8192 |") < text.index("decode-time eviction:") < text.index(
+        "targets (at the longest length):") < text.index("targets (decode-time eviction):")

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 import obcache.bench
+from obcache.bench.decoding import DecodePlan, measure_decoding
 from obcache.bench.measure import (
     cache_entry, decode_configs, hooked_prefill, measure_decode, measure_eviction, measure_full_history,
     measure_scoring, oversubscription, plain_prefill, recorded_prefill,
@@ -24,12 +25,14 @@ from obcache.bench.report import budget_key, check_targets, format_report
 from obcache.bench.shapes import RANDOM_SHAPES, load_benchmark_model, prompt
 from obcache.cli_args import GRID_AXES, add_model_arguments, add_policy_arguments, build_policy, given_options
 from obcache.layer_state import Selector
-from obcache.policies import H2O, POLICIES, REGISTRY, policy_label, policy_options
+from obcache.policies import H2O, POLICIES, REGISTRY, Decoding, policy_label, policy_options
 from obcache.scores import SCORE_KINDS
 
 DEFAULT_LENGTHS = (2048, 4096, 8192)
 DEFAULT_BUDGETS = (0.05, 0.1, 0.2, 0.5)
 WARM_LENGTH = 256
+#: --decode: tokens kept per KV head when --decode-budget is not given.
+DECODE_BUDGET = 512
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -45,6 +48,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--out", default="bench-results.json", help="JSON results file")
     run.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     run.add_argument("--no-full-history", action="store_true", help="skip the H2O full-history measurement")
+    decode = parser.add_argument_group(
+        "decode-time eviction (--decode)",
+        f"--decode-budget (here default {DECODE_BUDGET}) and --decode-interval set obcache.Decoding; --score and the "
+        "policy options (--window, ...) shape the wrapped policy, with uniform allocation.")
+    decode.add_argument("--decode", action="store_true",
+                        help="benchmark eviction during generation (Decoding) instead of the prefill suite")
+    decode.add_argument("--decode-policy", choices=list(POLICIES), default=None,
+                        help="policy that Decoding wraps (default: --policy)")
+    decode.add_argument("--decode-context", type=int, default=2048, help="prompt tokens (default 2048)")
+    decode.add_argument("--decode-tokens", type=int, default=2048, help="tokens generated after it (default 2048)")
+    decode.add_argument("--decode-timed", type=int, default=512, help="last generated tokens timed (default 512)")
+    decode.add_argument("--decode-intervals", type=int, nargs="+", default=[1, 16, 64],
+                        help="eviction intervals whose per-token overhead is measured (default 1 16 64)")
+    decode.add_argument("--decode-rounds", type=int, default=3, help="timed rounds, the best kept (default 3)")
     add_policy_arguments(parser)
     parser.set_defaults(allocation="adakv")
     add_model_arguments(parser)
@@ -101,7 +118,7 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
     if args.policy == "none":
         raise ValueError("bench compares eviction with the full cache: give a policy, not 'none'")
     if args.decode_budget is not None:
-        raise ValueError("bench measures eviction after the prefill; --decode-budget is not benchmarked")
+        raise ValueError("--decode-budget sets the decode-time eviction benchmark: add --decode")
     options = given_options(args)
     uniform_options = {name: value for name, value in options.items() if name not in GRID_AXES}
     mode = {"name": args.policy, "budget": args.budget, "score": args.score, "options": options,
@@ -123,6 +140,29 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
     uniform = f"{args.policy}/{args.score if POLICIES[args.policy].takes_score else '-'}"
     window = options.get("window", policy_options(H2O)["window"].default)
     return Plan(grid, uniform, sweep, specs, policies, window)
+
+
+def decode_plan_from_args(args: argparse.Namespace) -> DecodePlan:
+    """Build (and so validate) the policies of `bench --decode` before any model is loaded."""
+    name = args.decode_policy or args.policy
+    if name == "none":
+        raise ValueError("bench --decode evicts during generation: give a policy, not 'none'")
+    for flag in ("context", "tokens", "timed", "rounds"):
+        if getattr(args, f"decode_{flag}") < 1:
+            raise ValueError(f"--decode-{flag} must be >= 1")
+    if args.decode_timed > args.decode_tokens:
+        raise ValueError(f"--decode-timed {args.decode_timed} is more than the {args.decode_tokens} tokens generated")
+    budget = DECODE_BUDGET if args.decode_budget is None else args.decode_budget
+    options = {key: value for key, value in given_options(args).items() if key not in GRID_AXES}
+    policy = build_policy(name, budget=budget, score=args.score, options=options)
+    evicting = {interval: Decoding(policy, budget=budget, interval=interval)
+                for interval in {*args.decode_intervals, args.decode_interval}}
+    plan = DecodePlan(policy, evicting, f"{policy_label(policy)}/{policy.score if policy.takes_score else '-'}",
+                      budget, args.decode_interval, args.decode_context, args.decode_tokens, args.decode_timed,
+                      args.decode_rounds)
+    plan.policy.check_prompt([plan.context])
+    plan.policy.check_prompt([plan.full_length])
+    return plan
 
 
 def machine() -> dict:
@@ -188,10 +228,11 @@ def warm_up(model: nn.Module, plan: Plan, lengths: list[int], device: torch.devi
 
 
 def run(args: argparse.Namespace) -> dict:
-    """The whole benchmark: measure every length, check the targets, write the JSON, print the report."""
+    """The whole benchmark (or, with --decode, the decode-time eviction one): measure, check the targets, write the
+    JSON, print the report."""
     if args.random_weights is not None and args.model is not None:
         raise ValueError("give --model or --random-weights, not both")
-    plan = plan_from_args(args)
+    plan = decode_plan_from_args(args) if args.decode else plan_from_args(args)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
@@ -201,13 +242,18 @@ def run(args: argparse.Namespace) -> dict:
               "model": f"random weights, {args.random_weights} shape" if args.random_weights
               else args.model or "smollm2-135m-instruct",
               "command": " ".join(sys.argv), "kv_heads": model.config.num_key_value_heads,
-              "query_heads": model.config.num_attention_heads, "new_tokens": args.new_tokens, "window": plan.window,
-              "budget": args.budget, "uniform": plan.uniform, "mode": policy_label(plan.policies["mode"]),
-              "specs": plan.specs, "lengths": []}
-    warm_up(model, plan, args.lengths, device)
-    for length in args.lengths:
-        print(f"obcache bench: {length} tokens ...", file=sys.stderr, flush=True)
-        report["lengths"].append(bench_length(model, length, args, plan, device))
+              "query_heads": model.config.num_attention_heads}
+    if args.decode:
+        print(f"obcache bench --decode: {plan.context} + {plan.new_tokens} tokens ...", file=sys.stderr, flush=True)
+        report["decoding"] = measure_decoding(model, plan, device)
+    else:
+        report.update({"new_tokens": args.new_tokens, "window": plan.window, "budget": args.budget,
+                       "uniform": plan.uniform, "mode": policy_label(plan.policies["mode"]), "specs": plan.specs,
+                       "lengths": []})
+        warm_up(model, plan, args.lengths, device)
+        for length in args.lengths:
+            print(f"obcache bench: {length} tokens ...", file=sys.stderr, flush=True)
+            report["lengths"].append(bench_length(model, length, args, plan, device))
     report["machine"]["loadavg_end"] = os.getloadavg()
     report["machine"]["oversubscription"].append(oversubscription(device))
     report["targets"] = check_targets(report)

@@ -3,7 +3,8 @@
 A report is the JSON `obcache bench` writes: run metadata, `budget`, the keys
 of the two policies compared (`uniform`: the plain policy, every head the same
 budget; `mode`: the policy as given, e.g. AdaKV around it), and one entry per
-context length (see `cli.bench_length`).
+context length (see `cli.bench_length`). `obcache bench --decode` writes the
+run metadata and a `decoding` entry instead (see `decoding.measure_decoding`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,11 @@ TARGETS: dict[str, tuple[str, float]] = {
     "mode_cache_bytes": ("|x|<=", 0.01), "mode_index_bytes": ("<", 0.01), "mode_peak_memory": ("<=", 1.0),
     "mode_decode_vs_full": (">=", 1.5), "mode_decode_vs_uniform": (">=", 0.75), "mode_overhead": ("<=", 0.03),
 }
+#: `bench --decode`: cache bytes after generation vs budget tokens' worth, and decode speed over the timed tokens of
+#: the evicting cache (main interval) vs the static cache at the same slots and vs the full cache at the same length.
+DECODE_TARGETS: dict[str, tuple[str, float]] = {
+    "decode_cache_bytes": ("|x|<=", 0.01), "decode_vs_static": (">=", 0.85), "decode_vs_full": (">=", 2.0),
+}
 _OPS = {"<=": operator.le, "<": operator.lt, ">=": operator.ge, "|x|<=": lambda value, limit: abs(value) <= limit}
 _OP_TEXT = {"<=": "<=", "<": "<", ">=": ">=", "|x|<=": "within +/-"}
 
@@ -33,17 +39,45 @@ def eviction_fraction(row: dict, key: str) -> float:
     return sum(row["eviction_seconds"][key].values()) / row["prefill_seconds"]
 
 
+def _target(key: str, text: str, value: float, unit: str, also: bool = True, **where) -> dict:
+    op, limit = {**TARGETS, **DECODE_TARGETS}[key]
+    return {"key": key, "target": text, **where, "value": value, "op": op, "limit": limit, "unit": unit,
+            "passed": bool(_OPS[op](value, limit) and also)}
+
+
 def check_targets(report: dict) -> list[dict]:
-    """The issue's targets, evaluated at the longest length measured."""
+    """The issue's targets: the prefill suite's at the longest length measured, then decode-time eviction's."""
+    out = check_prefill_targets(report) if report.get("lengths") else []
+    if "decoding" in report:
+        out += check_decode_targets(report["decoding"])
+    return out
+
+
+def check_decode_targets(entry: dict) -> list[dict]:
+    """Decode-time eviction at the main interval: bytes after generation, tokens/s vs static and vs full."""
+    generation, decode, interval = entry["generation"], entry["decode"], entry["interval"]
+    mine = decode[f"evicting {interval}"]["tokens_per_second"]
+    where = {"tokens": entry["new_tokens"]}
+    name = f"{entry['policy']} evicting to {entry['budget']} every {interval}"
+    return [
+        _target("decode_cache_bytes", f"{name}: cache bytes after {entry['new_tokens']} tokens / {entry['budget']} "
+                "tokens' worth", generation["bytes_error"], "%", **where),
+        _target("decode_vs_static", f"{name}: decode, last {entry['timed']} tokens / static {entry['budget']} cache",
+                mine / decode[f"static {interval}"]["tokens_per_second"], "x", **where),
+        _target("decode_vs_full", f"{name}: decode, last {entry['timed']} tokens / full cache",
+                mine / decode["full"]["tokens_per_second"], "x", **where),
+    ]
+
+
+def check_prefill_targets(report: dict) -> list[dict]:
+    """The prefill suite's targets, evaluated at the longest length measured."""
     row = max(report["lengths"], key=lambda r: r["length"])
     uniform, mode, kv_heads = report["uniform"], report["mode"], report["kv_heads"]
     caches, decode = row["caches"], row["decode"]
     out: list[dict] = []
 
     def add(key: str, text: str, value: float, unit: str, also: bool = True) -> None:
-        op, limit = TARGETS[key]
-        out.append({"key": key, "target": text, "length": row["length"], "value": value, "op": op, "limit": limit,
-                    "unit": unit, "passed": bool(_OPS[op](value, limit) and also)})
+        out.append(_target(key, text, value, unit, also, length=row["length"]))
 
     add("overhead", f"{uniform} eviction / prefill", eviction_fraction(row, uniform), "%")
     scoring = row["scoring_seconds"]
@@ -170,8 +204,70 @@ def _side_by_side(report: dict, row: dict) -> list[str]:
     return [title, "", *_table(["measure", "full cache", report["uniform"], report["mode"]], rows)]
 
 
+def _decoding(entry: dict) -> list[str]:
+    """The decode-time eviction section: evicting | static | full side by side, the interval sweep, the generation."""
+    decode, budget, interval, timed = entry["decode"], entry["budget"], entry["interval"], entry["timed"]
+    generation, token_bytes = entry["generation"], entry["generation"]["token_bytes"]
+    columns = [f"evicting {interval}", f"static {interval}", "full"]
+    tps = {key: decode[key]["tokens_per_second"] for key in decode}
+    static = tps[f"static {interval}"]
+
+    def cells(fn) -> list[str]:
+        return [fn(key, decode[key]) for key in columns]
+
+    def hooks_ms(key: str, d: dict) -> str:
+        return "-" if key.startswith("full") else f"{d['eviction_seconds'] / timed * 1e3:.2f}"
+
+    rows = [
+        (f"decode tok/s, last {timed} tokens (x static, x full)",
+         cells(lambda k, _: f"{tps[k]:.1f} ({_x(tps[k], static)}, {_x(tps[k], tps['full'])})")),
+        ("ms per token (+ vs static)", cells(lambda k, _: f"{1e3 / tps[k]:.1f} ({1e3 / tps[k] - 1e3 / static:+.1f})")),
+        ("median / slowest step, ms", cells(
+            lambda _, d: f"{d['median_step_seconds'] * 1e3:.1f} / {d['max_step_seconds'] * 1e3:.1f}")),
+        ("slots per KV head before each timed step (min-max)", cells(lambda _, d: "-".join(f"{n:g}" for n in d["slots"]))),
+        (f"K/V cache MiB after the last step (x {budget} tokens)", cells(
+            lambda _, d: f"{_mb(d['cache_bytes'])} ({_x(d['cache_bytes'], budget * token_bytes, 3)})")),
+        ("eviction inside the hooks, ms per token", cells(hooks_ms)),
+    ]
+    sweep = []
+    for k in entry["intervals"]:
+        mine, same = tps[f"evicting {k}"], tps[f"static {k}"]
+        sweep.append((str(k), [
+            f"{1e3 / mine:.1f}", f"{1e3 / same:.1f}", f"{1e3 / mine - 1e3 / same:+.2f} ({_x(same, mine)})",
+            hooks_ms("", decode[f"evicting {k}"]), "-".join(f"{n:g}" for n in decode[f"evicting {k}"]["slots"])]))
+    steps = generation["step_seconds"]
+    new, last = len(steps), steps[-timed:]
+    most = max(generation["slots"])
+    title = (f"decode-time eviction: {entry['policy']}, budget {budget} tokens per KV head, interval {interval}; "
+             f"{entry['context']}-token prompt evicted to {budget}, {new} tokens generated, the last {timed} timed "
+             f"(best of {entry['rounds']} rounds; static: evicted once, never again, reset every `interval` tokens "
+             "untimed; full: the model's own cache at the same length)")
+    return [
+        title, "",
+        *_table(["measure", f"evicting every {interval}", f"static {budget} cache", "full cache"], rows), "",
+        f"eviction interval sweep (last {timed} tokens; static: the same slots, no eviction)", "",
+        *_table(["interval", "ms per token, evicting", "ms per token, static", "overhead per token, ms (x static)",
+                 "eviction inside the hooks, ms per token", "slots per KV head (min-max)"], sweep), "",
+        f"generation: {new} tokens in {sum(steps):.1f} s ({new / sum(steps):.1f} tok/s; last {timed}: "
+        f"{timed / sum(last):.1f} tok/s) after a {generation['prefill_seconds']:.2f} s prefill; cache after it "
+        f"{_mb(generation['cache_bytes'])} MiB = {generation['cache_bytes'] / token_bytes:g} tokens' worth "
+        f"({generation['bytes_error']:+.2%} vs {budget}), between steps at most {most:g} slots per KV head "
+        f"({most / budget - 1:+.2%}); eviction inside the hooks {generation['decode_eviction_seconds']:.2f} s "
+        f"({generation['decode_eviction_seconds'] / new * 1e3:.2f} ms per token)",
+    ]
+
+
+def _targets(title: str, targets: list[dict]) -> list[str]:
+    lines = ["", title]
+    for t in targets:
+        lines.append(f"  [{'PASS' if t['passed'] else 'MISS'}] {t['target']}: {_value(t['value'], t['unit'])} "
+                     f"(target {_OP_TEXT[t['op']]} {_value(t['limit'], t['unit'])})")
+    return lines
+
+
 def format_report(report: dict) -> str:
-    """The printed report: the table over lengths, the side-by-side comparison per length, the targets."""
+    """The printed report: the table over lengths, the side-by-side comparison per length, the decode-time
+    eviction section (each when measured), the targets."""
     lines = [f"model {report['model']}, device {report['device']}, dtype {report['dtype']}, attn {report['attn']}, "
              f"torch threads {report['machine']['torch_threads']}", ""]
     slowdowns = [x for x in report["machine"].get("oversubscription", []) if x is not None]
@@ -179,11 +275,16 @@ def format_report(report: dict) -> str:
         ratios = " / ".join(f"{x:.0f}x" for x in slowdowns)
         lines += [f"WARNING: other processes held the CPU: a small op ran {ratios} slower on all threads than on one "
                   "(start / end); times of small ops (eviction, decode) are inflated.", ""]
-    lines += _table(["measure", *(str(r["length"]) for r in report["lengths"])], _over_lengths(report))
-    for row in report["lengths"]:
-        lines += ["", *_side_by_side(report, row)]
-    lines += ["", "targets (at the longest length):"]
-    for t in report["targets"]:
-        lines.append(f"  [{'PASS' if t['passed'] else 'MISS'}] {t['target']}: {_value(t['value'], t['unit'])} "
-                     f"(target {_OP_TEXT[t['op']]} {_value(t['limit'], t['unit'])})")
+    if report.get("lengths"):
+        lines += _table(["measure", *(str(r["length"]) for r in report["lengths"])], _over_lengths(report))
+        for row in report["lengths"]:
+            lines += ["", *_side_by_side(report, row)]
+    if "decoding" in report:
+        lines += ([""] if report.get("lengths") else []) + _decoding(report["decoding"])
+    prefill = [t for t in report["targets"] if t["key"] in TARGETS]
+    decode = [t for t in report["targets"] if t["key"] in DECODE_TARGETS]
+    if prefill:
+        lines += _targets("targets (at the longest length):", prefill)
+    if decode:
+        lines += _targets("targets (decode-time eviction):", decode)
     return "\n".join(lines)

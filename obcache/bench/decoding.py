@@ -1,0 +1,201 @@
+"""Decode-time eviction (`obcache bench --decode`): a long greedy generation under `obcache.Decoding`, timed per step.
+
+One **generation**: the prompt (`context` tokens) is prefilled under
+`Decoding(policy, budget, interval)`, whose wrapped policy evicts it to the
+same `budget` tokens per KV head; then `new_tokens` greedy steps by hand, one
+token per forward, each timed. Recorded: K/V bytes after the last step (vs
+`budget` tokens' worth), slots per KV head before every step and after the
+last, the eviction seconds the hooks count.
+
+Then `rounds` interleaved **rounds** time the last `timed` steps again, each
+configuration on a fresh copy of its cache, after one untimed warm-up step:
+
+- `evicting K`: the generation's cache as it was `timed` steps before the
+  end, under `Decoding(..., interval=K)`, for every K of `intervals`;
+- `static K`: a cache evicted once to `budget` (the wrapped policy on a prompt
+  of `context + new_tokens - timed` tokens) and never again, under
+  `obcache.attach`. It decodes in bursts of K steps, each from a fresh copy
+  (copies untimed), so it holds budget .. budget + K - 1 slots, as the
+  evicting cache does: the difference is the eviction work alone;
+- `full`: the model's own `DynamicCache` holding `context + new_tokens - timed`
+  tokens (a plain prefill), decoded `timed` steps: the full cache at the same
+  length.
+
+Each configuration's tokens/s is the best round's.
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import DynamicCache
+
+from obcache.bench.measure import sync
+from obcache.bench.shapes import forward, prompt
+from obcache.cache import EvictableCache
+from obcache.hooks import attach
+from obcache.layer_state import Selector
+from obcache.policies import Decoding
+
+
+@dataclass
+class DecodePlan:
+    """What `measure_decoding` runs (built and checked by `cli.decode_plan_from_args` before any model load).
+
+    policy: the wrapped policy at `budget` tokens (evicts the prompt; alone, the static cache).
+    evicting: interval -> Decoding(policy, budget, interval), for the main `interval` and every sweep interval.
+    label: "policy/score", as the report names it.
+    """
+
+    policy: Selector
+    evicting: dict[int, Decoding]
+    label: str
+    budget: int
+    interval: int
+    context: int
+    new_tokens: int
+    timed: int
+    rounds: int
+
+    @property
+    def full_length(self) -> int:
+        """Tokens the full and the static caches hold before their timed steps."""
+        return self.context + self.new_tokens - self.timed
+
+
+def held(cache) -> float:
+    """Slots per KV head: the mean over heads, the most over layers (an EvictableCache), or the tokens held."""
+    if isinstance(cache, EvictableCache):
+        return max(cache.kept_tokens())
+    return float(cache.get_seq_length())
+
+
+def kv_bytes(cache) -> int:
+    """K/V bytes held by any transformers cache."""
+    if isinstance(cache, EvictableCache):
+        return cache.nbytes()
+    return sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
+
+
+def token_bytes(cache: EvictableCache) -> int:
+    """K/V bytes of one token in every KV head of every layer (of every row)."""
+    return sum(
+        cache.head_lengths(i).numel() * (layer.keys.shape[-1] * layer.keys.element_size()
+                                        + layer.values.shape[-1] * layer.values.element_size())
+        for i, layer in enumerate(cache.layers)
+    )
+
+
+@torch.no_grad()
+def greedy_steps(
+    model: nn.Module, cache, token: torch.Tensor, steps: int, device: torch.device,
+    slots: list[float] | None = None,
+) -> tuple[list[float], torch.Tensor]:
+    """`steps` greedy forwards of one token on `cache`: the seconds of each, and the next token.
+
+    With `slots`, appends the slots per KV head before each step (outside the timing): the step attends over
+    them and its own token.
+    """
+    seconds = []
+    for _ in range(steps):
+        if slots is not None:
+            slots.append(held(cache))
+        sync(device)
+        start = time.perf_counter()
+        token = forward(model, cache, token).argmax(-1, keepdim=True)
+        sync(device)
+        seconds.append(time.perf_counter() - start)
+    return seconds, token
+
+
+@torch.no_grad()
+def generation(model: nn.Module, ids: torch.Tensor, plan: DecodePlan, device: torch.device) -> tuple[dict, EvictableCache, torch.Tensor]:
+    """The generation under Decoding at the main interval: its record, and (a copy of its cache, the token) as
+    they were `plan.timed` steps before the end."""
+    policy = plan.evicting[plan.interval]
+    cache, slots = EvictableCache(), []
+    with policy.attach(model):
+        sync(device)
+        start = time.perf_counter()
+        token = forward(model, cache, ids).argmax(-1, keepdim=True)
+        sync(device)
+        prefill_seconds, prefill_eviction = time.perf_counter() - start, cache.eviction_seconds
+        seconds, token = greedy_steps(model, cache, token, plan.new_tokens - plan.timed, device, slots)
+        snapshot, snapshot_token = copy.deepcopy(cache), token
+        last, token = greedy_steps(model, cache, token, plan.timed, device, slots)
+    slots.append(held(cache))
+    record = {
+        "prefill_seconds": prefill_seconds, "prefill_eviction_seconds": prefill_eviction,
+        "step_seconds": seconds + last, "slots": slots,
+        "decode_eviction_seconds": cache.eviction_seconds - prefill_eviction,
+        "cache_bytes": cache.nbytes(), "token_bytes": token_bytes(cache), "seen_tokens": cache.seen_tokens,
+    }
+    record["expected_bytes"] = plan.budget * record["token_bytes"]
+    record["bytes_error"] = record["cache_bytes"] / record["expected_bytes"] - 1
+    return record, snapshot, snapshot_token
+
+
+#: A timed configuration: (cache, token, context) of its next round, and the burst length (steps per fresh copy).
+Config = tuple[Callable[[], tuple[object, AbstractContextManager]], int]
+
+
+@torch.no_grad()
+def time_config(model: nn.Module, make, token: torch.Tensor, steps: int, burst: int, device: torch.device) -> dict:
+    """One round of one configuration: a warm-up step, then `steps` timed steps in bursts of `burst`, each burst
+    on a fresh cache from `make()`. Seconds of every step, slots after each, eviction seconds, bytes at the end."""
+    seconds, slots, eviction = [], [], 0.0
+    cache, context = make()
+    with context:
+        greedy_steps(model, cache, token, 1, device)
+    done = 0
+    while done < steps:
+        cache, context = make()
+        before = getattr(cache, "eviction_seconds", 0.0)
+        with context:
+            part, _ = greedy_steps(model, cache, token, min(burst, steps - done), device, slots)
+        eviction += getattr(cache, "eviction_seconds", 0.0) - before
+        seconds += part
+        done += len(part)
+    return {"seconds": sum(seconds), "step_seconds": seconds, "slots": slots, "eviction_seconds": eviction,
+            "cache_bytes": kv_bytes(cache)}
+
+
+@torch.no_grad()
+def measure_decoding(model: nn.Module, plan: DecodePlan, device: torch.device) -> dict:
+    """The whole decode-time eviction measurement (the report's `decoding` entry)."""
+    ids = prompt(plan.full_length, model.config.vocab_size, device)
+    record, snapshot, token = generation(model, ids[:, : plan.context], plan, device)
+    full = DynamicCache(config=model.config)
+    forward(model, full, ids)
+    static = EvictableCache()
+    with plan.policy.attach(model):
+        forward(model, static, ids)
+    configs: dict[str, Config] = {"full": (lambda: (copy.deepcopy(full), nullcontext()), plan.timed)}
+    for interval, policy in plan.evicting.items():
+        configs[f"evicting {interval}"] = (lambda p=policy: (copy.deepcopy(snapshot), p.attach(model)), plan.timed)
+        configs[f"static {interval}"] = (lambda: (copy.deepcopy(static), attach(model)), interval)
+    rounds: dict[str, list[dict]] = {key: [] for key in configs}
+    for _ in range(plan.rounds):
+        for key, (make, burst) in configs.items():
+            rounds[key].append(time_config(model, make, token, plan.timed, burst, device))
+    decode = {}
+    for key, results in rounds.items():
+        best = min(results, key=lambda r: r["seconds"])
+        decode[key] = {
+            "tokens_per_second": plan.timed / best["seconds"], "rounds": [plan.timed / r["seconds"] for r in results],
+            "median_step_seconds": statistics.median(best["step_seconds"]), "max_step_seconds": max(best["step_seconds"]),
+            "eviction_seconds": best["eviction_seconds"], "slots": [min(best["slots"]), max(best["slots"])],
+            "cache_bytes": best["cache_bytes"],
+        }
+    return {
+        "policy": plan.label, "budget": plan.budget, "interval": plan.interval, "intervals": sorted(plan.evicting),
+        "context": plan.context, "new_tokens": plan.new_tokens, "timed": plan.timed, "rounds": plan.rounds,
+        "generation": record, "decode": decode,
+    }
