@@ -264,7 +264,8 @@ def test_grid_runs_fidelity_and_oracle_and_the_report_renders(model, tokenizer, 
 
     text = write_report(tmp_path / "all").read_text()
     assert "| full cache |" in text and "| snapkv[window=8] | obc-joint |" in text and "gap closed" in text
-    assert "(+" in text or "(-" in text  # differences to attention
+    assert "### Paired comparisons against attention" in text and "| snapkv[window=8] | obc-joint | 0.1 | 1 |" in text
+    assert "n=1 |" in text and "**Summary.**" in text  # one sample: no interval, n shown
     pngs = list((tmp_path / "all").glob("*.png"))
     assert len(pngs) == 6 and all(p.stat().st_size < 300_000 for p in pngs)
 
