@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from obcache.bench.cli import register as register_bench
-from obcache.cli_args import EPILOG, add_model_arguments, add_policy_arguments, parse_budget, policy_from_args
+from obcache.cli_args import EPILOG, add_model_arguments, add_policy_arguments, policy_from_args
 from obcache.evaluation.cli import register as register_evaluation
 
 
@@ -41,11 +41,23 @@ def command_generate(args: argparse.Namespace) -> None:
 
 
 def command_demo(args: argparse.Namespace) -> None:
-    from obcache.demo import run_demo
+    from obcache.demo import chosen_policies, run_demo
+    from obcache.policies import Decoding
 
+    if args.policy == "none":
+        raise ValueError("demo compares a policy with the full cache: give a policy, not 'none'")
+
+    def make(score: str):
+        return policy_from_args(argparse.Namespace(**{**vars(args), "score": score, "decode_budget": None}))
+
+    chosen = chosen_policies(make)  # every score, validated before the model loads
+    decode = None
+    if args.decode_budget:
+        decode = Decoding(make("obc-joint"), budget=args.decode_budget, interval=args.decode_interval)
     run_demo(
-        args.model, length=args.length, budget=args.budget, query_aware=not args.query_agnostic,
-        device=args.device, dtype=args.dtype,
+        chosen, model_name=args.model, length=args.length, budget=args.budget, query_aware=not args.query_agnostic,
+        decode_policy=decode, long_tokens=args.long_tokens, device=args.device, dtype=args.dtype,
+        attn_implementation=args.attn,
     )
 
 
@@ -68,16 +80,23 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--max-new-tokens", type=int, default=64)
     generate.add_argument("--answer-prefix", default="", help="text that starts the answer")
     generate.add_argument("--no-chat-template", action="store_true", help="plain text prompt")
-    add_policy_arguments(generate)
+    add_policy_arguments(generate, default_policy="recommended")
     add_model_arguments(generate)
     generate.set_defaults(run=command_generate)
 
-    demo = commands.add_parser("demo", help="the main job: one needle question, full cache vs policies x scores")
+    demo = commands.add_parser(
+        "demo", help="the main job: a needle question under several policies, then a long bounded generation",
+        description="A needle question under the full cache, StreamingLLM, the paper's SnapKV and the chosen "
+        "policy (--policy and its options; default: the recommended one) with every score; then a long answer "
+        "with eviction during decoding (--decode-budget; 0 skips it). --score is not used: every score is shown.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     demo.add_argument("--length", type=int, default=2048, help="context tokens (default 2048)")
-    demo.add_argument("--budget", type=parse_budget, default=0.2, help="kept per KV head (default 0.2)")
     demo.add_argument("--query-agnostic", action="store_true", help="ask the question after compression")
+    demo.add_argument("--long-tokens", type=int, default=384, help="tokens of the long answer (default 384)")
+    add_policy_arguments(demo, default_policy="recommended")
     add_model_arguments(demo)
-    demo.set_defaults(run=command_demo)
+    demo.set_defaults(run=command_demo, budget=0.2, decode_budget=256)
 
     register_evaluation(commands)
     register_bench(commands)

@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 from typing import Callable
 
-from obcache.policies import ALLOCATIONS, POLICIES, REGISTRY, Decoding, allocate, make_policy, policy_options
+from obcache.policies import (
+    ALLOCATIONS, POLICIES, RECOMMENDED, REGISTRY, Decoding, allocate, make_policy, policy_options,
+)
 from obcache.scores import GQA_REDUCTIONS, SCORE_KINDS
 
 #: Policy fields with their own flags (--budget, --score) or none at all.
@@ -92,18 +94,24 @@ def add_policy_options(parser: argparse.ArgumentParser, *, grid: bool = False) -
             group.add_argument(flag, type=type(field.default), choices=choices, default=None,
                                help=f"{text} (default {field.default})")
     allocation = comma_list(str, ALLOCATIONS, "allocation") if grid else str
-    group.add_argument("--allocation", type=allocation, default=None if grid else "uniform",
-                       choices=None if grid else list(ALLOCATIONS),
+    group.add_argument("--allocation", type=allocation, default=None, choices=None if grid else list(ALLOCATIONS),
                        help="how the budget spreads over heads and layers (comma list in a grid; default uniform)")
     group.add_argument("--alpha", type=float, default=0.2, help="adakv: share of the budget every head keeps (default 0.2)")
     group.add_argument("--beta", type=float, default=20.0, help="pyramid: first/last layer budget parameter (default 20)")
 
 
 def add_policy_arguments(parser: argparse.ArgumentParser, *, default_policy: str = "snapkv") -> None:
-    """--policy, --score, --budget and every policy option (single values)."""
+    """--policy, --score, --budget and every policy option (single values).
+
+    With default_policy="recommended", --policy also takes the `RECOMMENDED` preset (resolved by `policy_from_args`).
+    """
     group = parser.add_argument_group("eviction policy")
-    group.add_argument("--policy", default=default_policy, choices=[*POLICIES, "none"],
-                       help=f"eviction policy ('none' = full cache; default {default_policy})")
+    recommended = ", ".join(f"{k}={v}" for k, v in RECOMMENDED["options"].items())
+    presets = ["recommended"] if default_policy == "recommended" else []
+    group.add_argument("--policy", default=default_policy, choices=[*presets, *POLICIES, "none"],
+                       help=f"eviction policy; 'none' = full cache; default {default_policy}"
+                       + (f" = {RECOMMENDED['policy']} with {recommended} and {RECOMMENDED['allocation']} allocation "
+                          "(the best in RESULTS.md)" if presets else ""))
     group.add_argument("--score", default="obc-joint", choices=list(SCORE_KINDS), help="token score (default obc-joint)")
     group.add_argument("--budget", type=parse_budget, default=0.1, help="kept per KV head: fraction (0.1) or tokens (256)")
     group.add_argument("--decode-budget", type=int, default=None,
@@ -141,8 +149,12 @@ def policy_from_args(args: argparse.Namespace):
         if args.decode_budget is not None:
             raise ValueError("--decode-budget needs a policy to score tokens (not --policy none)")
         return None
-    policy = build_policy(args.policy, budget=args.budget, score=args.score, options=given_options(args),
-                          allocation=args.allocation, alpha=args.alpha, beta=args.beta)
+    name, options, allocation = args.policy, given_options(args), args.allocation
+    if name == "recommended":  # the preset, with any option or allocation given on the command line on top
+        name, options = RECOMMENDED["policy"], {**RECOMMENDED["options"], **options}
+        allocation = allocation or RECOMMENDED["allocation"]
+    policy = build_policy(name, budget=args.budget, score=args.score, options=options,
+                          allocation=allocation or "uniform", alpha=args.alpha, beta=args.beta)
     if args.decode_budget is not None:
         policy = Decoding(policy, budget=args.decode_budget, interval=args.decode_interval)
     return policy

@@ -10,6 +10,7 @@ import pytest
 import obcache.evaluation.fanout
 import obcache.loading
 from obcache import cli
+from obcache.cli_args import parse_budget
 from obcache.loading import load_tokenizer
 from tests.conftest import tiny_model
 
@@ -33,7 +34,7 @@ def test_help_lists_policies_scores_and_budget_meaning(capsys):
 
 @pytest.mark.parametrize("text,value", [("0.1", 0.1), ("1.0", 1.0), ("256", 256), ("1", 1), ("5e-2", 0.05)])
 def test_parse_budget(text, value):
-    parsed = cli.parse_budget(text)
+    parsed = parse_budget(text)
     assert parsed == value and type(parsed) is type(value)
 
 
@@ -164,3 +165,26 @@ def test_an_interrupted_eval_says_how_to_resume_and_the_same_command_finishes(tm
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert code == 0 and printed.strip() == str(out / "results.jsonl")
     assert rows[:2] == first and sorted(r["sample"] for r in rows) == [0, 0, 1, 1, 2, 2]
+
+
+def test_demo_runs_end_to_end_on_a_tiny_model(tokenizer, model, capsys, monkeypatch):
+    """The main job: the needle table (full cache, StreamingLLM, paper SnapKV, the recommended policy x 4 scores)
+    and the long generation, whose bounded cache holds no more than decode budget + interval per head."""
+    monkeypatch.setattr(obcache.loading, "load_model", lambda *a, **k: (model, tokenizer))
+    code, out, _ = run(["demo", "--length", "400", "--long-tokens", "40", "--decode-budget", "32",
+                        "--decode-interval", "4"], capsys)
+    assert code == 0
+    table = [line for line in out.splitlines() if line.startswith("| ")]
+    labels = [line.split("|")[1].strip() for line in table]
+    assert labels[1:5] == ["full cache", "streamingllm", "snapkv (paper) + attention", "snapkv (paper) + obc-joint"]
+    assert labels[5:9] == [f"adakv(snapkv[kernel=15]+chunk8) + {score}" for score in
+                           ("attention", "obc-value", "obc-key", "obc-joint")]
+    bounded = next(line for line in table if line.startswith("| decoding("))
+    assert int(float(bounded.split("|")[4])) < 32 + 4
+
+
+def test_demo_rejects_bad_input_before_loading(capsys, no_model_loading):
+    code, _, err = run(["demo", "--policy", "none"], capsys)
+    assert code == 2 and "give a policy" in err
+    code, _, err = run(["demo", "--decode-budget", "4"], capsys)
+    assert code == 2 and "protected" in err

@@ -85,6 +85,17 @@ def policy_label(selector: Policy | BudgetWrapper) -> str:
     return "+".join(parts)
 
 
+#: The configuration the evaluation found best on the default model (RESULTS.md): SnapKV with a pooling
+#: kernel wide enough for digit-per-token answers, 8-token spans, head-adaptive budgets.
+RECOMMENDED = {"policy": "snapkv", "options": {"kernel": 15, "chunk": 8}, "allocation": "adakv"}
+
+
+def recommended(budget: float | int = 0.1, score: str = "obc-joint", **options) -> Policy | BudgetWrapper:
+    """The recommended policy (`RECOMMENDED`) at a budget and score; `options` override its policy options."""
+    policy = make_policy(RECOMMENDED["policy"], budget=budget, score=score, **{**RECOMMENDED["options"], **options})
+    return allocate(policy, RECOMMENDED["allocation"])
+
+
 PRESETS = ("niah", "longbench")
 
 
@@ -115,5 +126,5 @@ def paper_preset(setting: str, policy: str, *, budget: float | int, score: str |
 __all__ = [
     "ALLOCATIONS", "AdaKV", "BudgetWrapper", "Decoding", "H2O", "LayerState", "POLICIES", "PRESETS", "Policy", "PyramidKV",
     "REGISTRY", "ScoredPolicy", "SnapKV", "StreamingLLM", "TOVA", "allocate", "make_policy", "paper_preset",
-    "policy_allocation", "policy_label", "policy_options",
+    "policy_allocation", "policy_label", "policy_options", "RECOMMENDED", "recommended",
 ]
