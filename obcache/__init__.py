@@ -2,7 +2,7 @@
 
     import obcache
     model, tokenizer = obcache.load_model()          # SmolLM2-135M-Instruct, offline
-    policy = obcache.SnapKV(score="obc-joint", budget=0.1)
+    policy = obcache.recommended(budget=0.1)          # or e.g. obcache.AdaKV(obcache.SnapKV(score="obc-key"))
     result = obcache.generate(model, tokenizer, context, question, policy=policy)
     with policy.attach(model):                        # or evict inside model.generate
         model.generate(**inputs)
@@ -14,6 +14,7 @@ from obcache.hooks import attach
 from obcache.loading import load_model, load_tokenizer
 from obcache.policies import (
     H2O, POLICIES, TOVA, AdaKV, Decoding, Policy, PyramidKV, ScoredPolicy, SnapKV, StreamingLLM, make_policy, paper_preset,
+    recommended,
 )
 from obcache.scores import SCORE_KINDS, saliency
 
@@ -22,5 +23,5 @@ __version__ = "0.1.0"
 __all__ = [
     "AdaKV", "Decoding", "EvictableCache", "GenerationResult", "H2O", "POLICIES", "Policy", "PyramidKV", "SCORE_KINDS",
     "ScoredPolicy", "SnapKV", "StreamingLLM", "TOVA", "attach", "generate", "load_model", "load_tokenizer",
-    "make_policy", "paper_preset", "saliency",
+    "make_policy", "paper_preset", "recommended", "saliency",
 ]
