@@ -116,10 +116,13 @@ def mean_interval(values, confidence: float = 0.95) -> Estimate:
     return Estimate(mean, mean - half, mean + half, int(x.size), "t")
 
 
-def estimate(values, confidence: float = 0.95) -> Estimate:
-    """Wilson for 0/1 values, otherwise the t interval of the mean."""
+def estimate(values, *, proportion: bool = False, confidence: float = 0.95) -> Estimate:
+    """Wilson for 0/1 outcomes (proportion: the values are successes, and every one is 0 or 1), else the t interval.
+
+    A continuous metric that happens to be constant 0 or 1 (a full cache's KL or top-1) is not a proportion.
+    """
     values = list(values)
-    if values and is_binary(values):
+    if proportion and values and is_binary(values):
         low, high = wilson(int(sum(values)), len(values), confidence)
         return Estimate(sum(values) / len(values), low, high, len(values), "wilson")
     return mean_interval(values, confidence)
@@ -145,8 +148,11 @@ class Paired:
     test: str  # "McNemar exact" (0/1 outcomes) | "sign test"
 
 
-def paired(a, b, *, higher_is_better: bool = True, confidence: float = 0.95) -> Paired:
-    """Compare a with b, pair by pair (same order); wins count the pairs where a is better."""
+def paired(a, b, *, higher_is_better: bool = True, proportion: bool = False, confidence: float = 0.95) -> Paired:
+    """Compare a with b, pair by pair (same order); wins count the pairs where a is better.
+
+    proportion: 0/1 outcomes (the sign test is then McNemar's exact test, and named so).
+    """
     a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
     if a.shape != b.shape or a.ndim != 1 or a.size == 0:
         raise ValueError(f"need two equally long non-empty columns, got {a.shape} and {b.shape}")
@@ -154,7 +160,7 @@ def paired(a, b, *, higher_is_better: bool = True, confidence: float = 0.95) -> 
     better = d > 0 if higher_is_better else d < 0
     worse = d < 0 if higher_is_better else d > 0
     wins, losses = int(better.sum()), int(worse.sum())
-    test = "McNemar exact" if is_binary(a.tolist()) and is_binary(b.tolist()) else "sign test"
+    test = "McNemar exact" if proportion and is_binary(a.tolist() + b.tolist()) else "sign test"
     return Paired(int(d.size), mean_interval(d, confidence), wins, int(d.size) - wins - losses, losses,
                   sign_test(wins, losses), test)
 

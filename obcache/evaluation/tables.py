@@ -10,6 +10,7 @@ against `attention` of the same label and budget, on the samples both have
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from collections.abc import Callable
 from statistics import mean
 from typing import NamedTuple
@@ -38,10 +39,11 @@ class Metric(NamedTuple):
     label: str
     better: str  # "higher" | "lower": the direction that counts as a win
     bounds: tuple[float, float]  # range of a row's value: intervals are clipped to it
+    proportion: bool = False  # rows are 0/1 outcomes where every value is 0 or 1 (Wilson interval, McNemar)
 
 
 METRICS = {
-    "accuracy": Metric(lambda r: r["correct"], 100.0, "{:.0f}", "accuracy (%)", "higher", (0, 1)),
+    "accuracy": Metric(lambda r: r["correct"], 100.0, "{:.0f}", "accuracy (%)", "higher", (0, 1), True),
     "prefix": Metric(prefix_match, 100.0, "{:.0f}", "answer prefix recovered (%)", "higher", (0, 1)),
     "perplexity": Metric(lambda r: r["perplexity"], 1.0, "{:.2f}", "perplexity", "lower", (1, math.inf)),
     "kl": Metric(lambda r: r["kl"], 1.0, "{:.3f}", "KL(full || evicted), nats/token", "lower", (0, math.inf)),
@@ -83,15 +85,19 @@ class Group:
         self.rows = rows
         self.budgets = sorted({r["budget"] for r in rows if r["budget"] is not None})
         self.policies = list(dict.fromkeys(r["policy"] for r in rows if r["policy"] not in (FULL, *REFERENCES)))
-        self.scores = {p: list(dict.fromkeys(r["score"] for r in rows if r["policy"] == p)) for p in self.policies}
+        self.scores = {p: sorted(dict.fromkeys(r["score"] for r in rows if r["policy"] == p), key=lambda s: s != BASELINE)
+                       for p in self.policies}  # attention first, then the order of the file
         self.references = [p for p in REFERENCES if any(r["policy"] == p for r in rows)]
+        self._index: dict[tuple, list[dict]] = {}  # (policy, score, budget; None for the full cache) -> rows
+        for r in rows:
+            self._index.setdefault((r["policy"], r["score"], None if r["policy"] == FULL else r["budget"]), []).append(r)
+        self._comparisons: dict[str, list] = {}
 
     def by_sample(self, metric: str, policy: str, score, budget=None) -> dict[tuple, float]:
         """Sample -> value (unscaled; the mean where a sample has several rows)."""
         found: dict[tuple, list[float]] = {}
-        for r in self.rows:
-            if r["policy"] == policy and r["score"] == score and (policy == FULL or r["budget"] == budget):
-                found.setdefault(sample_key(r), []).append(METRICS[metric].value(r))
+        for r in self._index.get((policy, score, None if policy == FULL else budget), []):
+            found.setdefault(sample_key(r), []).append(METRICS[metric].value(r))
         return {key: mean(values) for key, values in found.items()}
 
     def values(self, metric: str, policy: str, score, budget=None) -> list[float]:
@@ -107,9 +113,8 @@ class Group:
         values = list(self.by_sample(metric, policy, score, budget).values())
         if not values:
             return None
-        e, (lowest, highest), scale = estimate(values), METRICS[metric].bounds, METRICS[metric].scale
-        low, high = (e.low, e.high) if math.isnan(e.low) else (max(e.low, lowest), min(e.high, highest))
-        return Estimate(e.mean * scale, low * scale, high * scale, e.n, e.method)
+        info = METRICS[metric]
+        return _scaled(estimate(values, proportion=info.proportion), info.scale, info.bounds)
 
     def cell(self, metric: str, policy: str, score, budget=None) -> str:
         e = self.estimate(metric, policy, score, budget)
@@ -148,7 +153,9 @@ class Group:
 
     def comparisons(self, metric: str) -> list[tuple[str, str, float | int, Paired]]:
         """(policy, score, budget, score vs attention) on the shared samples, for every non-attention score."""
-        found, metric_info = [], METRICS[metric]
+        if metric in self._comparisons:
+            return self._comparisons[metric]
+        found, info = [], METRICS[metric]
         for policy in self.policies:
             if BASELINE not in self.scores[policy]:
                 continue
@@ -159,10 +166,11 @@ class Group:
                     mine, base = self.by_sample(metric, policy, score, budget), self.by_sample(metric, policy, BASELINE, budget)
                     shared = sorted(set(mine) & set(base), key=repr)
                     if shared:
-                        scale = metric_info.scale
-                        result = paired([mine[k] * scale for k in shared], [base[k] * scale for k in shared],
-                                        higher_is_better=metric_info.better == "higher")
-                        found.append((policy, score, budget, result))
+                        result = paired([mine[k] for k in shared], [base[k] for k in shared],
+                                        higher_is_better=info.better == "higher", proportion=info.proportion)
+                        found.append((policy, score, budget, replace(result, difference=_scaled(result.difference,
+                                                                                                 info.scale))))
+        self._comparisons[metric] = found
         return found
 
     def paired_table(self, metric: str) -> str:
@@ -213,6 +221,12 @@ class Group:
                          f"and cannot reach p < {SIGNIFICANCE}." if few else ".")
             parts.append(text)
         return "**Summary.** " + " ".join(parts)
+
+
+def _scaled(e: Estimate, scale: float, bounds: tuple[float, float] = (-math.inf, math.inf)) -> Estimate:
+    """e in shown units: times scale, the interval clipped to bounds (in row units) first."""
+    low, high = (e.low, e.high) if math.isnan(e.low) else (max(e.low, bounds[0]), min(e.high, bounds[1]))
+    return Estimate(e.mean * scale, low * scale, high * scale, e.n, e.method)
 
 
 def _count(n: int, noun: str) -> str:
