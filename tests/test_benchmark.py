@@ -59,10 +59,18 @@ def test_mode_flags_shape_the_mode_and_the_uniform_policy_drops_them():
     (["--lengths", "12"], "window"),
     (["--policy", "tova", "--window", "8"], "no option --window"),
     (["--allocation", "adakv", "--selection", "shared"], "per-head"),
+    (["--decode", "--decode-policy", "tova", "--window", "8"], "no option --window"),
+    (["--decode", "--decode-budget", "8"], "protected"),
+    (["--decode", "--decode-interval", "0"], "interval"),
+    (["--decode", "--decode-timed", "600", "--decode-tokens", "512"], "more than"),
+    (["--decode", "--decode-rounds", "0"], "--decode-rounds"),
+    (["--decode", "--decode-context", "8"], "window"),
+    (["--decode", "--policy", "none"], "give a policy"),
 ])
 def test_bad_plans_fail_before_any_model_work(argv, message):
+    args = parse(*argv)
     with pytest.raises(ValueError, match=message):
-        plan_from_args(parse(*argv))
+        (decode_plan_from_args if args.decode else plan_from_args)(args)
 
 
 def test_decode_plan_wraps_the_uniform_policy_in_decoding_at_every_interval():
@@ -76,20 +84,6 @@ def test_decode_plan_wraps_the_uniform_policy_in_decoding_at_every_interval():
                                        "--selection", "shared"))  # a grid axis: dropped, as for the uniform policy
     assert plan.evicting == {k: Decoding(H2O(budget=256, score="obc-joint", window=4), budget=256, interval=k)
                              for k in (8, 32)}
-
-
-@pytest.mark.parametrize("argv, message", [
-    (["--decode-policy", "tova", "--window", "8"], "no option --window"),
-    (["--decode-budget", "8"], "protected"),
-    (["--decode-interval", "0"], "interval"),
-    (["--decode-timed", "600", "--decode-tokens", "512"], "more than"),
-    (["--decode-rounds", "0"], "--decode-rounds"),
-    (["--decode-context", "8"], "window"),
-    (["--policy", "none"], "give a policy"),
-])
-def test_bad_decode_plans_fail_before_any_model_work(argv, message):
-    with pytest.raises(ValueError, match=message):
-        decode_plan_from_args(parse("--decode", *argv))
 
 
 # ---------------------------------------------------------------- the library's eviction path

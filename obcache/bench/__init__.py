@@ -15,6 +15,15 @@ For each context length, on one model:
 - peak memory of a plain prefill vs prefill + eviction (uniform, mode), each
   in a fresh process.
 
-Modules: `cli` (arguments, the run), `measure` (timings), `memory` (the
-peak-memory worker), `report` (targets, printed tables), `shapes` (models).
+`obcache bench --decode` measures eviction during generation instead
+(`obcache.Decoding`, default SnapKV + obc-joint, 512 tokens, every 16): a
+2048-token generation after a 2048-token prompt; K/V bytes after it vs 512
+tokens' worth; tokens/s over the last 512 steps vs a cache evicted once to 512
+(at the same slots, without the eviction work) and vs the full cache at the
+same length; the per-token overhead at intervals 1, 16 and 64. The other
+benchmark flags (lengths, budgets, memory, ...) do not apply to it.
+
+Modules: `cli` (arguments, the run), `measure` (timings), `decoding` (the
+decode-time eviction run), `memory` (the peak-memory worker), `report`
+(targets, printed tables), `shapes` (models).
 """
