@@ -181,8 +181,8 @@ def write_report(folder: str | Path) -> Path:
         groups[(row["task"], row["mode"], row["model"], _settings_text(row.get("settings")))].append(row)
     out = [f"# obcache evaluation report: {folder}", "",
            "Budgets are the fraction of the prompt KEPT per layer and KV head. A cell is `mean [95% interval] "
-           "n=samples`: the Wilson score interval where every value is 0 or 1 (single-value needle accuracy), the "
-           "Student t interval of the mean otherwise, clipped to the metric's range. Paired comparisons put each "
+           "n=samples`: the Wilson score interval for accuracy when every value is 0 or 1 (single-value needle tasks), "
+           "the Student t interval of the mean otherwise, clipped to the metric's range. Paired comparisons put each "
            "OBCache score (and exact-removal) against `attention` of the same policy and budget on the samples "
            "both have: mean difference (score - attention) with its paired t interval, wins/ties/losses in the "
            "metric's better direction, and the exact two-sided sign test on the non-tied pairs (for 0/1 "

@@ -1,8 +1,8 @@
 """The markdown of `obcache report`: metric tables with 95% intervals, paired comparisons, a summary per group.
 
-A cell is `mean [low, high] n=N` over the samples (Wilson interval when every
-value is 0 or 1, Student t otherwise; see stats.py), clipped to the metric's
-range. Paired comparisons put each non-attention score of a policy label
+A cell is `mean [low, high] n=N` over the samples (Wilson interval for a
+proportion metric, accuracy, when every value is 0 or 1; Student t otherwise;
+see stats.py), clipped to the metric's range. Paired comparisons put each non-attention score of a policy label
 against `attention` of the same label and budget, on the samples both have
 (a sample is its (length, depth, seed, sample)).
 """
@@ -10,8 +10,8 @@ against `attention` of the same label and budget, on the samples both have
 from __future__ import annotations
 
 import math
-from dataclasses import replace
 from collections.abc import Callable
+from dataclasses import replace
 from statistics import mean
 from typing import NamedTuple
 
