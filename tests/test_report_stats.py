@@ -210,8 +210,10 @@ def fidelity_rows() -> list[dict]:
     return rows
 
 
-@pytest.fixture
-def report(tmp_path) -> str:
+@pytest.fixture(scope="module")
+def report(tmp_path_factory) -> str:
+    """The report of needle_rows() and fidelity_rows(), rendered once for the module."""
+    tmp_path = tmp_path_factory.mktemp("report")
     (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in needle_rows() + fidelity_rows()))
     return write_report(tmp_path).read_text()
 
