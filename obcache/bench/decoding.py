@@ -116,7 +116,9 @@ def greedy_steps(
 
 
 @torch.no_grad()
-def generation(model: nn.Module, ids: torch.Tensor, plan: DecodePlan, device: torch.device) -> tuple[dict, EvictableCache, torch.Tensor]:
+def generation(
+    model: nn.Module, ids: torch.Tensor, plan: DecodePlan, device: torch.device
+) -> tuple[dict, EvictableCache, torch.Tensor]:
     """The generation under Decoding at the main interval: its record, and (a copy of its cache, the token) as
     they were `plan.timed` steps before the end."""
     policy = plan.evicting[plan.interval]
@@ -142,14 +144,16 @@ def generation(model: nn.Module, ids: torch.Tensor, plan: DecodePlan, device: to
     return record, snapshot, snapshot_token
 
 
-#: A timed configuration: (cache, token, context) of its next round, and the burst length (steps per fresh copy).
+#: A timed configuration: `make() -> (a fresh cache, the context to decode it in)`, and the burst length (steps
+#: per fresh cache).
 Config = tuple[Callable[[], tuple[object, AbstractContextManager]], int]
 
 
 @torch.no_grad()
-def time_config(model: nn.Module, make, token: torch.Tensor, steps: int, burst: int, device: torch.device) -> dict:
+def time_config(model: nn.Module, make: Callable[[], tuple[object, AbstractContextManager]], token: torch.Tensor,
+                steps: int, burst: int, device: torch.device) -> dict:
     """One round of one configuration: a warm-up step, then `steps` timed steps in bursts of `burst`, each burst
-    on a fresh cache from `make()`. Seconds of every step, slots after each, eviction seconds, bytes at the end."""
+    on a fresh cache from `make()`. Seconds of every step, slots before each, eviction seconds, bytes at the end."""
     seconds, slots, eviction = [], [], 0.0
     cache, context = make()
     with context:
