@@ -48,6 +48,7 @@ def cache_attention(
     kernel = sdpa_attention_forward if base == "sdpa" else sys.modules[type(module).__module__].eager_attention_forward
     if obcache_cache is None:
         return kernel(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    obcache_cache.queries[module.layer_idx] = query  # for the hooks: no need to rebuild them
     layer = obcache_cache.layers[module.layer_idx]
     positions = obcache_cache.query_positions.to(query.device)
     if isinstance(layer, RaggedLayer):

@@ -45,6 +45,8 @@ class EvictableCache(Cache):
         self.attached = False  # set by the hooks around each forward they see
         self.query_positions: torch.Tensor | None = None  # [q] positions of the current forward's tokens
         self._new_positions: torch.Tensor | None = None  # [B, q] int32, -1 = padding
+        self._new_padded = False  # whether any of them is padding
+        self.queries: dict[int, torch.Tensor] = {}  # per layer: the post-RoPE queries of the current forward
         self._pending = False  # begin_forward ran for the forward about to update layer 0
 
     # -- one forward --
@@ -62,7 +64,8 @@ class EvictableCache(Cache):
         positions = torch.arange(self.seen_tokens, self.seen_tokens + query_length, device=device)
         self.query_positions = positions
         new = positions.to(torch.int32).expand(batch, -1)
-        if attention_mask is not None and not bool(attention_mask[:, -query_length:].all()):
+        self._new_padded = attention_mask is not None and not bool(attention_mask[:, -query_length:].all())
+        if self._new_padded:
             new = new.masked_fill(~attention_mask[:, -query_length:].bool().to(device), -1)
         self._new_positions = new
         self._pending = True
@@ -99,7 +102,7 @@ class EvictableCache(Cache):
             self.seen_tokens += key_states.shape[-2]
         while len(self.layers) <= layer_idx:
             self.layers.append(UniformLayer())
-        return self.layers[layer_idx].update(key_states, value_states, self._new_positions)
+        return self.layers[layer_idx].update(key_states, value_states, self._new_positions, padded=self._new_padded)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         """The logical length: tokens seen so far (not the slots held)."""

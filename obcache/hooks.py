@@ -89,10 +89,12 @@ class LayerHooks:
         if not isinstance(cache, EvictableCache):
             return
         layer = cache.layers[module.layer_idx]
+        queries = cache.queries.pop(module.layer_idx, None)  # captured by obcache's attention, if it ran
         prefill = module.layer_idx not in cache.evicted_layers and layer.get_seq_length() == state_queries(args, kwargs)
         if not self.wants_state(prefill):
             return
-        state = layer_state(self.adapter, module, args, kwargs, outputs=outputs, num_layers=len(self.attentions))
+        state = layer_state(self.adapter, module, args, kwargs, outputs=outputs, queries=queries,
+                            num_layers=len(self.attentions))
         with torch.no_grad():
             self.layer_done(module.layer_idx, state, cache, prefill)
 
@@ -198,7 +200,8 @@ def state_queries(args, kwargs) -> int:
 
 
 def layer_state(
-    adapter: FamilyAdapter, module: nn.Module, args, kwargs, *, outputs: torch.Tensor | None = None, num_layers: int = 1
+    adapter: FamilyAdapter, module: nn.Module, args, kwargs, *, outputs: torch.Tensor | None = None,
+    queries: torch.Tensor | None = None, num_layers: int = 1,
 ) -> LayerState:
     """The policy's view of an attention layer right after a forward.
 
@@ -208,7 +211,9 @@ def layer_state(
     [B, Hkv, W] grid whose segments end at the right edge, and a per-head
     key_mask; its slots are read from `state.layer`. `outputs`, if given, is
     the input of the module's output projection in that forward,
-    [B, q, Hq * d] (per-head attention outputs, heads side by side).
+    [B, q, Hq * d] (per-head attention outputs, heads side by side); `queries`,
+    if given, the post-RoPE queries [B, Hq, q, d] the attention received
+    (otherwise they are rebuilt from the module's input).
     """
     cache = kwargs.get("past_key_values")
     hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
@@ -216,8 +221,10 @@ def layer_state(
     cos, sin = kwargs["position_embeddings"]
     tokens = hidden.shape[1]
 
+    captured = queries
+
     def new_queries() -> torch.Tensor:
-        return adapter.queries(module, hidden, cos, sin)
+        return captured if captured is not None else adapter.queries(module, hidden, cos, sin)
 
     new_outputs = None
     if outputs is not None and outputs.shape[:2] == hidden.shape[:2]:
@@ -240,8 +247,10 @@ def layer_state(
             raise ValueError(f"only the slots of this forward's {tokens} tokens have queries, not slot {start}")
         return slice(start - first, end - first)
 
-    def queries(start: int, end: int) -> torch.Tensor:
+    def window_queries(start: int, end: int) -> torch.Tensor:
         part = rows(start, end)
+        if captured is not None:
+            return captured[:, :, part]
         return adapter.queries(module, hidden[:, part], cos[:, part], sin[:, part])
 
     window_outputs = None
@@ -256,7 +265,7 @@ def layer_state(
         scaling=module.scaling,
         query_heads=module.config.num_attention_heads * keys.shape[1] // module.config.num_key_value_heads,
         key_mask=key_mask,
-        queries=queries,
+        queries=window_queries,
         outputs=window_outputs,
         layer_idx=module.layer_idx,
         num_layers=num_layers,

@@ -42,8 +42,12 @@ class UniformLayer(CacheLayerMixin):
         self.positions = torch.empty(key_states.shape[0], 1, 0, dtype=torch.int32, device=self.device)
         self.is_initialized = True
 
-    def update(self, key_states, value_states, positions: torch.Tensor | None = None, *args, **kwargs):
-        """Append [B, Hkv, q, d] new slots at `positions` [B, q] (int32, -1 = padding; default: after the last)."""
+    def update(self, key_states, value_states, positions: torch.Tensor | None = None, *args, padded: bool | None = None,
+               **kwargs):
+        """Append [B, Hkv, q, d] new slots at `positions` [B, q] (int32, -1 = padding; default: after the last).
+
+        `padded`: whether any new position is -1, if the caller knows (saves a device sync per layer).
+        """
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         if positions is None:
@@ -56,7 +60,7 @@ class UniformLayer(CacheLayerMixin):
         self.positions = torch.cat([self.positions, new], dim=-1)
         if self.scores is not None:
             self.scores = torch.cat([self.scores, self.scores.new_zeros(*key_states.shape[:3])], dim=-1)
-        self.padded = self.padded or bool((positions < 0).any())
+        self.padded = self.padded or (bool((positions < 0).any()) if padded is None else padded)
         return self.keys, self.values
 
     def get_seq_length(self) -> int:
@@ -173,8 +177,9 @@ class RaggedLayer(CacheLayerMixin):
             end = start + length
             yield row, head, self.keys[start:end], self.values[start:end], self.positions[start:end]
 
-    def update(self, key_states, value_states, positions: torch.Tensor | None = None, *args, **kwargs):
-        """Append q new slots [B, Hkv, q, d] at the end of every segment, at `positions` [B, q]."""
+    def update(self, key_states, value_states, positions: torch.Tensor | None = None, *args, padded: bool | None = None,
+               **kwargs):
+        """Append q new slots [B, Hkv, q, d] at the end of every segment, at `positions` [B, q] (see UniformLayer)."""
         batch, heads, q = key_states.shape[:3]
         if (batch, heads) != (self.batch, self.heads):
             raise ValueError(f"new states have {batch} rows x {heads} heads, the layer {self.batch} x {self.heads}")
@@ -188,7 +193,7 @@ class RaggedLayer(CacheLayerMixin):
         if self.scores is not None:
             self.scores = self._interleave(self.scores, self.scores.new_zeros(batch * heads, q))
         self.lengths = [length + q for length in self.lengths]
-        self.padded = self.padded or bool((positions < 0).any())
+        self.padded = self.padded or (bool((positions < 0).any()) if padded is None else padded)
         return self.keys, self.values
 
     def _interleave(self, flat: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
