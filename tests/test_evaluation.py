@@ -341,3 +341,14 @@ def test_full_cache_answers_single_needles_at_2k(tmp_path):
         spec = EvalSpec(task=task, policies=(), lengths=(2048,), depths=(0.1, 0.5, 0.9), samples=1, out=tmp_path)
         correct += [r["correct"] for r in read_rows(run_eval(spec, progress=False)) if r["task"] == task]
     assert len(correct) == 6 and sum(correct) >= 4
+
+
+def test_rows_written_twice_by_concurrent_runs_are_read_once(model, tokenizer, tmp_path):
+    """Two runs into one folder may both write the full-cache row of a sample: it is counted once."""
+    spec = small_spec(tmp_path, samples=1)
+    path = run_eval(spec, model=model, tokenizer=tokenizer, progress=False)
+    rows = read_rows(path)
+    full = [line for line in path.read_text().splitlines() if '"policy": "full"' in line]
+    with open(path, "a", encoding="utf-8") as file:
+        file.write(full[0] + "\n")
+    assert len(read_rows(path)) == len(rows)

@@ -67,14 +67,16 @@ def check_row(row) -> None:
 
 
 def read_rows(path: Path, *, repair: bool = False) -> list[dict]:
-    """The complete rows of a results file; with `repair`, cut off a half-written last line.
+    """The complete rows of a results file, each key once; with `repair`, cut off a half-written last line.
 
+    Two runs into one folder at the same time may both write a row (the full
+    cache's, say): the first of rows with the same key is kept.
     Raises ValueError naming the line for a corrupt line before the last, or a row of the wrong shape.
     """
     if not path.exists():
         return []
     data = path.read_bytes()
-    rows, good = [], 0
+    rows, good, keys = [], 0, set()
     for number, line in enumerate(data.splitlines(keepends=True), 1):
         try:
             if not line.endswith(b"\n"):
@@ -92,8 +94,10 @@ def read_rows(path: Path, *, repair: bool = False) -> list[dict]:
             check_row(row)
         except ValueError as error:
             raise ValueError(f"{path}, line {number}: {error}; fix or remove the line") from None
-        rows.append(row)
         good += len(line)
+        if row_key(row) not in keys:
+            keys.add(row_key(row))
+            rows.append(row)
     return rows
 
 
