@@ -1,0 +1,67 @@
+"""Needle accuracy counted over the samples the full cache answers correctly, with 95% intervals and paired tests.
+
+    python scripts/needle_summary.py runs/niah-aware/results.jsonl [--policies LABEL,...] [--budgets 0.5,0.2,...]
+
+For each policy label x score and each budget: accuracy among the samples
+whose full-cache answer is correct (Wilson 95% interval), and for each
+OBCache score the exact McNemar test against `attention` of the same policy
+label and budget on those samples. This is the issue's goal measure ("counted
+over the samples that the full cache gets right"); `obcache report` counts
+every sample.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+from pathlib import Path
+
+from obcache.evaluation.stats import paired, wilson
+from obcache.evaluation.store import read_rows
+
+
+def sample_of(row: dict) -> tuple:
+    return row["length"], row["depth"], row["seed"], row["sample"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("results", type=Path)
+    parser.add_argument("--policies", type=lambda t: t.split(","), default=None, help="policy labels to show")
+    parser.add_argument("--budgets", type=lambda t: [float(b) for b in t.split(",")], default=None)
+    args = parser.parse_args()
+    rows = read_rows(args.results)
+    good = {sample_of(r) for r in rows if r["policy"] == "full" and r["correct"] == 1.0}
+    total = {sample_of(r) for r in rows if r["policy"] == "full"}
+    print(f"{len(good)} of {len(total)} samples answered correctly with the full cache\n")
+    cells: dict[tuple, dict] = collections.defaultdict(dict)
+    for row in rows:
+        if row["policy"] != "full" and sample_of(row) in good:
+            cells[(row["policy"], row["score"], row["budget"])][sample_of(row)] = row["correct"]
+    budgets = args.budgets or sorted({key[2] for key in cells}, reverse=True)
+    labels = [label for label in dict.fromkeys(key[0] for key in cells) if not args.policies or label in args.policies]
+    print("| policy | score | " + " | ".join(f"{b:g} kept ({1 - b:.0%} removed)" for b in budgets) + " |")
+    print("|---|---|" + "---:|" * len(budgets))
+    for label in labels:
+        for score in dict.fromkeys(key[1] for key in cells if key[0] == label):
+            out = []
+            for budget in budgets:
+                values = cells.get((label, score, budget), {})
+                if not values:
+                    out.append("")
+                    continue
+                hits = sum(value == 1.0 for value in values.values())
+                low, high = wilson(hits, len(values))
+                text = f"{hits}/{len(values)} [{low:.0%}, {high:.0%}]"
+                base = cells.get((label, "attention", budget), {})
+                common = sorted(set(values) & set(base))
+                if score not in ("attention", None) and common:
+                    test = paired([values[s] for s in common], [base[s] for s in common], proportion=True)
+                    mark = "**" if test.p < 0.05 else ""
+                    text += f" {mark}p={test.p:.3f}{mark}"
+                out.append(text)
+            print(f"| {label} | {score or '-'} | " + " | ".join(out) + " |")
+
+
+if __name__ == "__main__":
+    main()
