@@ -8,10 +8,11 @@ eviction dropped) and computes softmax(s q k^T) v itself.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Callable
 
 import torch
-from transformers import AttentionInterface
+from transformers import AttentionInterface, DynamicCache
 
 Dropped = Callable[[int, int], "torch.Tensor | None"]  # (layer_idx, forward index) -> [B, Hkv, P] bool or None
 
@@ -26,13 +27,9 @@ def keep_masks_dropped(masks: list[torch.Tensor | None]) -> Dropped:
     return dropped
 
 
-def masked_reference(model, ids, steps: int, dropped: Dropped, attention_mask=None):
-    """Greedy decoding of `steps` tokens on the full cache with dropped tokens hidden.
-
-    Returns (sequences [B, P + steps], logits [B, steps, V] of each generated step).
-    """
-    padding = attention_mask.bool() if attention_mask is not None else torch.ones_like(ids, dtype=torch.bool)
-    padding = torch.cat([padding, torch.ones(ids.shape[0], steps, dtype=torch.bool)], dim=-1)
+@contextmanager
+def reference_attention(model, dropped: Dropped, padding: torch.Tensor):
+    """While entered, `model` attends with the hand-written masked attention (padding: [B, all tokens] bool)."""
     forward = {"index": -1}
 
     def attention(module, query, key, value, mask4d, scaling, dropout=0.0, **kwargs):
@@ -56,13 +53,34 @@ def masked_reference(model, ids, steps: int, dropped: Dropped, attention_mask=No
     original = model.config._attn_implementation
     model.set_attn_implementation("obcache_masked_reference")
     try:
+        yield
+    finally:
+        model.set_attn_implementation(original)
+
+
+def masked_reference(model, ids, steps: int, dropped: Dropped, attention_mask=None):
+    """Greedy decoding of `steps` tokens on the full cache with dropped tokens hidden.
+
+    Returns (sequences [B, P + steps], logits [B, steps, V] of each generated step).
+    """
+    padding = attention_mask.bool() if attention_mask is not None else torch.ones_like(ids, dtype=torch.bool)
+    padding = torch.cat([padding, torch.ones(ids.shape[0], steps, dtype=torch.bool)], dim=-1)
+    with reference_attention(model, dropped, padding):
         out = model.generate(
             input_ids=ids, attention_mask=attention_mask, max_new_tokens=steps, do_sample=False, pad_token_id=0,
             output_logits=True, return_dict_in_generate=True,
         )
-    finally:
-        model.set_attn_implementation(original)
     return out.sequences, torch.stack(out.logits, dim=1)
+
+
+def masked_teacher_forcing(model, ids: list[int], prompt_length: int, masks: list) -> torch.Tensor:
+    """Logits [len(ids) - prompt_length, V] of ids[prompt_length:], fed in one forward after a prefill of the
+    prompt, on the full cache with the prompt positions each head dropped (~masks[layer]) hidden."""
+    tensor = torch.tensor([ids])
+    with reference_attention(model, keep_masks_dropped(masks), torch.ones_like(tensor, dtype=torch.bool)), torch.no_grad():
+        cache = DynamicCache()
+        model(input_ids=tensor[:, :prompt_length], past_key_values=cache)
+        return model(input_ids=tensor[:, prompt_length:], past_key_values=cache).logits[0]
 
 
 def generate_with_logits(model, ids, steps: int, attention_mask=None, **kwargs):

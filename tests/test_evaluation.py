@@ -352,3 +352,20 @@ def test_rows_written_twice_by_concurrent_runs_are_read_once(model, tokenizer, t
     with open(path, "a", encoding="utf-8") as file:
         file.write(full[0] + "\n")
     assert len(read_rows(path)) == len(rows)
+
+
+def test_fidelity_of_a_ragged_cache_equals_a_masked_full_cache(model):
+    """AdaKV leaves heads of unequal length: teacher forcing on it equals the full cache hiding what each head dropped."""
+    from obcache import AdaKV
+    from obcache.evaluation.fanout import shared_prefill
+    from tests.reference import masked_teacher_forcing
+
+    ids = torch.randint(5, 500, (160,), generator=torch.Generator().manual_seed(3)).tolist()
+    policy = AdaKV(SnapKV(budget=0.25, window=8, score="obc-joint"))
+    shared = shared_prefill(model, ids[:120], {"adakv": policy})
+    masks = shared.masks["adakv"]
+    assert any(not bool((m.sum(-1) == m.sum(-1)[0, 0]).all()) for m in masks)  # really ragged
+    evicted = fidelity.teacher_forced(model, shared.evicted("adakv"), ids[120:-1])
+    reference = masked_teacher_forcing(model, ids[:-1], 120, masks)
+    torch.testing.assert_close(evicted.log_probs, torch.log_softmax(reference.float(), -1), rtol=1e-4, atol=1e-4)
+    assert len(evicted.outputs) == len(masks) and evicted.outputs[0].shape[0] == 39

@@ -55,22 +55,19 @@ class _Pass:
 class _Outputs(EvictionHooks):
     """Runs the model on obcache caches and keeps every layer's attention outputs of the forward's tokens."""
 
-    def __init__(self, model: nn.Module, tokens: int):
+    def __init__(self, model: nn.Module):
         super().__init__(model)
-        self.tokens = tokens
         self.outputs: list[torch.Tensor | None] = [None] * len(self.attentions)
 
     def layer_done(self, layer_idx: int, state: LayerState, cache: EvictableCache, prefill: bool) -> None:
-        end = state.length
-        start = end - self.tokens
-        outputs = state.outputs(start, end)[0]  # [Hq, M, d]
-        self.outputs[layer_idx] = outputs.transpose(0, 1).reshape(self.tokens, -1).float()
+        outputs = state.new_outputs()[0]  # [Hq, M, d], whatever the layer's layout (uniform or ragged)
+        self.outputs[layer_idx] = outputs.transpose(0, 1).reshape(outputs.shape[1], -1).float()
 
 
 @torch.no_grad()
 def teacher_forced(model: nn.Module, cache: EvictableCache, ids: list[int]) -> _Pass:
     """Feed `ids` on `cache` in one forward; capture every layer's attention outputs (the `o_proj` input)."""
-    recorder = _Outputs(model, len(ids))
+    recorder = _Outputs(model)
     with recorder:
         logits = forward_tokens(model, cache, ids, every_position=True)
     return _Pass(torch.log_softmax(logits.float(), dim=-1), recorder.outputs)

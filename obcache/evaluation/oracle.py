@@ -111,21 +111,21 @@ class OracleResult:
 class _Queries(EvictionHooks):
     """Runs the model on obcache caches and keeps the post-RoPE queries [Hkv, G*M, d] of chosen layers."""
 
-    def __init__(self, model: nn.Module, layers: list[int], tokens: int):
+    def __init__(self, model: nn.Module, layers: list[int]):
         super().__init__(model)
-        self.layers, self.tokens = set(layers), tokens
+        self.layers = set(layers)
         self.queries: dict[int, torch.Tensor] = {}
 
     def layer_done(self, layer_idx: int, state: LayerState, cache: EvictableCache, prefill: bool) -> None:
         if layer_idx in self.layers:
-            q = state.queries(state.length - self.tokens, state.length)[0]  # [Hq, M, d]
+            q = state.new_queries()[0]  # [Hq, M, d]
             self.queries[layer_idx] = q.reshape(state.kv_heads, -1, q.shape[-1])  # head h -> KV head h // G
 
 
 @torch.no_grad()
 def future_queries(model: nn.Module, cache: EvictableCache, ids: list[int], layers: list[int]) -> dict[int, torch.Tensor]:
     """Post-RoPE queries [Hkv, G*M, d] of `ids` fed on `cache` (grown), per layer in `layers`."""
-    recorder = _Queries(model, layers, len(ids))
+    recorder = _Queries(model, layers)
     with recorder:
         forward_tokens(model, cache, ids)
     return recorder.queries
