@@ -1,0 +1,58 @@
+"""Paired comparison of two policy labels of one results file, score by score and budget by budget.
+
+    python scripts/compare_labels.py runs/fidelity/results.jsonl --metric kl \\
+        --a "snapkv" --b "snapkv[gqa=pre-average]"
+
+Both labels must have run on the same samples (pairs are matched on length,
+depth, seed and sample). For each score and budget: the means of A and B, the
+mean difference B - A with its 95% t interval, how often B is better, and the
+exact sign-test p-value (`obcache.evaluation.stats`). `obcache report`
+compares scores within a label; this compares labels (GQA reductions, head
+combines, selection modes) with the score held fixed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+from pathlib import Path
+
+from obcache.evaluation.stats import paired
+from obcache.evaluation.store import read_rows
+
+LOWER_IS_BETTER = {"kl", "perplexity", "error"}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("results", type=Path)
+    parser.add_argument("--metric", default="kl", help="a numeric row field: kl, perplexity, top1, correct, error")
+    parser.add_argument("--a", required=True, help="baseline policy label")
+    parser.add_argument("--b", required=True, help="compared policy label")
+    args = parser.parse_args()
+    cells: dict[tuple, dict] = collections.defaultdict(dict)
+    for row in read_rows(args.results):
+        if row["policy"] in (args.a, args.b):
+            sample = (row["length"], row["depth"], row["seed"], row["sample"])
+            cells[(row["policy"], row["score"], row["budget"])][sample] = row[args.metric]
+    lower = args.metric in LOWER_IS_BETTER
+    print(f"{args.metric} ({'lower' if lower else 'higher'} is better): A = {args.a}, B = {args.b}\n")
+    print("| score | budget | pairs | A | B | B - A [95% CI] | B better / worse | p |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    keys = sorted({(score, budget) for label, score, budget in cells}, key=lambda k: (str(k[0]), -k[1]))
+    for score, budget in keys:
+        a, b = cells.get((args.a, score, budget), {}), cells.get((args.b, score, budget), {})
+        common = sorted(set(a) & set(b))
+        if len(common) < 2:
+            continue
+        test = paired([b[s] for s in common], [a[s] for s in common], higher_is_better=not lower)
+        mean_a = sum(a[s] for s in common) / len(common)
+        mean_b = sum(b[s] for s in common) / len(common)
+        low, high = test.difference.low, test.difference.high
+        mark = "**" if test.p < 0.05 else ""
+        print(f"| {score} | {budget:g} | {len(common)} | {mean_a:.4f} | {mean_b:.4f} | {mean_b - mean_a:+.4f} "
+              f"[{low:+.4f}, {high:+.4f}] | {test.wins}/{test.losses} | {mark}{test.p:.3f}{mark} |")
+
+
+if __name__ == "__main__":
+    main()
