@@ -19,6 +19,7 @@ from pathlib import Path
 
 from obcache.evaluation.stats import paired
 from obcache.evaluation.store import read_rows
+from obcache.evaluation.tables import format_p
 
 LOWER_IS_BETTER = {"kl", "perplexity", "error"}
 
@@ -49,9 +50,8 @@ def main() -> None:
         mean_a = sum(a[s] for s in common) / len(common)
         mean_b = sum(b[s] for s in common) / len(common)
         low, high = test.difference.low, test.difference.high
-        mark = "**" if test.p < 0.05 else ""
         print(f"| {score} | {budget:g} | {len(common)} | {mean_a:.4f} | {mean_b:.4f} | {mean_b - mean_a:+.4f} "
-              f"[{low:+.4f}, {high:+.4f}] | {test.wins}/{test.losses} | {mark}{test.p:.3f}{mark} |")
+              f"[{low:+.4f}, {high:+.4f}] | {test.wins}/{test.losses} | {format_p(test.p)} |")
 
 
 if __name__ == "__main__":
