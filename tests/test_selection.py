@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from obcache import H2O, TOVA, AdaKV, PyramidKV, SnapKV, StreamingLLM
+from obcache.policies import allocate, policy_allocation, policy_label
 from obcache.selection import adaptive_mask, chunk_scores, combine_heads, pyramid_budgets, top_k_mask
 from tests.test_policies import B, HKV, L, synthetic_layer
 
@@ -90,6 +91,15 @@ def test_adakv_over_pyramid_composes():
     mask = policy.select(layer)
     budget = policy.policy.layer_budgets(L, 6)[5]
     assert (mask.sum(-1).sum(-1) == budget * HKV).all() and (mask.sum(-1) >= math.ceil(0.25 * budget)).all()
+
+
+def test_allocation_names_compose_outermost_first_and_round_trip():
+    policy = allocate(SnapKV(budget=20, score="obc-key"), "adakv+pyramid", alpha=0.3, beta=5)
+    assert type(policy) is AdaKV and type(policy.policy) is PyramidKV and type(policy.policy.policy) is SnapKV
+    assert (policy.alpha, policy.policy.beta) == (0.3, 5) and policy_allocation(policy) == "adakv+pyramid"
+    assert policy_label(policy) == "adakv(pyramid(snapkv))"
+    with pytest.raises(ValueError, match="unknown allocation 'pyramid\\+adakv'.*adakv\\+pyramid"):
+        allocate(SnapKV(budget=20, score="obc-key"), "pyramid+adakv")
 
 
 @pytest.mark.parametrize("make", [lambda: SnapKV(budget=16, window=4, selection="shared", score="obc-joint"),

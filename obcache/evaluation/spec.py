@@ -83,7 +83,7 @@ def build_grid(spec: EvalSpec) -> dict[tuple[str, str | None, float | int | None
         scored = POLICIES[name].takes_score
         modes = itertools.product(spec.allocations, spec.selections, spec.chunks) if scored else [("uniform", "per-head", 1)]
         for allocation, selection, chunk in modes:
-            if allocation == "adakv" and selection == "shared":
+            if "adakv" in allocation.split("+") and selection == "shared":
                 continue
             for score in spec.scores if scored else (None,):
                 for budget in spec.budgets:

@@ -25,6 +25,7 @@ ALLOCATIONS: dict[str, str] = {
     "uniform": "every KV head of every layer keeps the budget",
     "adakv": "head-adaptive: per layer, budget x heads slots to the best scores, each head >= alpha x budget",
     "pyramid": "per-layer budgets falling with depth, mean = budget (beta sets the slope)",
+    "adakv+pyramid": "AdaKV over PyramidKV: each layer's pyramid budget spread head-adaptively",
 }
 
 
@@ -47,13 +48,15 @@ def make_policy(name: str, **options) -> Policy:
 
 
 def allocate(policy: Policy, allocation: str = "uniform", *, alpha: float = 0.2, beta: float = 20.0) -> Policy | BudgetWrapper:
-    """Wrap `policy` for an allocation name: "uniform" (as is), "adakv" or "pyramid"."""
+    """Wrap `policy` for an allocation name: "uniform" (as is), "adakv", "pyramid" or "adakv+pyramid".
+
+    A composed name lists the wrappers outermost first, as `policy_allocation` reports them.
+    """
     if allocation not in ALLOCATIONS:
         raise ValueError(f"unknown allocation {allocation!r}; allowed: {', '.join(ALLOCATIONS)}")
-    if allocation == "adakv":
-        return AdaKV(policy, alpha=alpha)
-    if allocation == "pyramid":
-        return PyramidKV(policy, beta=beta)
+    wrappers = {"adakv": lambda inner: AdaKV(inner, alpha=alpha), "pyramid": lambda inner: PyramidKV(inner, beta=beta)}
+    for name in reversed(allocation.split("+")):
+        policy = wrappers[name](policy) if name in wrappers else policy
     return policy
 
 
