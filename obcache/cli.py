@@ -42,7 +42,7 @@ def command_generate(args: argparse.Namespace) -> None:
 
 def command_demo(args: argparse.Namespace) -> None:
     from obcache.demo import chosen_policies, run_demo
-    from obcache.policies import Decoding
+    from obcache.policies import RECOMMENDED, Decoding
 
     if args.policy == "none":
         raise ValueError("demo compares a policy with the full cache: give a policy, not 'none'")
@@ -53,7 +53,7 @@ def command_demo(args: argparse.Namespace) -> None:
     chosen = chosen_policies(make)  # every score, validated before the model loads
     decode = None
     if args.decode_budget:
-        decode = Decoding(make("obc-joint"), budget=args.decode_budget, interval=args.decode_interval)
+        decode = Decoding(make(RECOMMENDED["score"]), budget=args.decode_budget, interval=args.decode_interval)
     run_demo(
         chosen, model_name=args.model, length=args.length, budget=args.budget, query_aware=not args.query_agnostic,
         decode_policy=decode, long_tokens=args.long_tokens, device=args.device, dtype=args.dtype,

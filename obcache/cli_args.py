@@ -112,7 +112,8 @@ def add_policy_arguments(parser: argparse.ArgumentParser, *, default_policy: str
                        help=f"eviction policy; 'none' = full cache; default {default_policy}"
                        + (f" = {RECOMMENDED['policy']} with {recommended} and {RECOMMENDED['allocation']} allocation "
                           "(the best in RESULTS.md)" if presets else ""))
-    group.add_argument("--score", default="obc-joint", choices=list(SCORE_KINDS), help="token score (default obc-joint)")
+    group.add_argument("--score", default=RECOMMENDED["score"], choices=list(SCORE_KINDS),
+                       help=f"token score (default {RECOMMENDED['score']})")
     group.add_argument("--budget", type=parse_budget, default=0.1, help="kept per KV head: fraction (0.1) or tokens (256)")
     group.add_argument("--decode-budget", type=int, default=None,
                        help="also evict during generation: tokens kept per KV head (obcache.Decoding; default: off)")

@@ -88,12 +88,13 @@ def policy_label(selector: Policy | BudgetWrapper) -> str:
     return "+".join(parts)
 
 
-#: The configuration the evaluation found best on the default model (RESULTS.md): SnapKV with a pooling
-#: kernel wide enough for digit-per-token answers, 8-token spans, head-adaptive budgets.
-RECOMMENDED = {"policy": "snapkv", "options": {"kernel": 15, "chunk": 8}, "allocation": "adakv"}
+#: The configuration the evaluation found best (RESULTS.md): SnapKV with a pooling kernel wide enough for
+#: digit-per-token answers, 8-token spans, head-adaptive budgets, and the OBCache score that never did worse
+#: than attention on either model (obc-key; obc-value and obc-joint lose to it on Qwen at 95% removed).
+RECOMMENDED = {"policy": "snapkv", "options": {"kernel": 15, "chunk": 8}, "allocation": "adakv", "score": "obc-key"}
 
 
-def recommended(budget: float | int = 0.1, score: str = "obc-joint", **options) -> Policy | BudgetWrapper:
+def recommended(budget: float | int = 0.1, score: str = RECOMMENDED["score"], **options) -> Policy | BudgetWrapper:
     """The recommended policy (`RECOMMENDED`) at a budget and score; `options` override its policy options."""
     policy = make_policy(RECOMMENDED["policy"], budget=budget, score=score, **{**RECOMMENDED["options"], **options})
     return allocate(policy, RECOMMENDED["allocation"])
