@@ -113,7 +113,7 @@ def add_policy_arguments(parser: argparse.ArgumentParser, *, default_policy: str
                        + (f" = {RECOMMENDED['policy']} with {recommended} and {RECOMMENDED['allocation']} allocation "
                           "(the best in RESULTS.md)" if presets else ""))
     group.add_argument("--score", default=RECOMMENDED["score"], choices=list(SCORE_KINDS),
-                       help=f"token score (default {RECOMMENDED['score']})")
+                       help="token score (default %(default)s)")
     group.add_argument("--budget", type=parse_budget, default=0.1, help="kept per KV head: fraction (0.1) or tokens (256)")
     group.add_argument("--decode-budget", type=int, default=None,
                        help="also evict during generation: tokens kept per KV head (obcache.Decoding; default: off)")

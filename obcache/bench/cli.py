@@ -63,12 +63,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="eviction intervals whose per-token overhead is measured (default 1 16 64)")
     decode.add_argument("--decode-rounds", type=int, default=3, help="timed rounds, the best kept (default 3)")
     add_policy_arguments(parser)
-    parser.set_defaults(allocation="adakv")
+    parser.set_defaults(allocation="adakv", score="obc-joint")  # the targets' configuration: the costliest score
     add_model_arguments(parser)
 
 
 DESCRIPTION = obcache.bench.__doc__ + (
-    "\nThe policy flags give the mode; here --allocation defaults to adakv. The uniform policy is the same\n"
+    "\nThe policy flags give the mode; here --allocation defaults to adakv and --score to obc-joint (the costliest\n"
+    "score, as the targets are set). The uniform policy is the same\n"
     "policy with --allocation uniform and without --selection/--chunk."
 )
 
