@@ -60,7 +60,8 @@ def main() -> None:
                 if score not in ("attention", None) and common:
                     test = paired([values[s] for s in common], [base[s] for s in common], proportion=True)
                     mark = "**" if test.p < 0.05 else ""
-                    text += f" {mark}p={test.p:.3f}{mark}"
+                    p_text = "p<0.001" if test.p < 0.001 else f"p={test.p:.3f}"
+                    text += f" {mark}{p_text}{mark}"
                 out.append(text)
             print(f"| {label} | {score or '-'} | " + " | ".join(out) + " |")
     if args.plot:
