@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import re
 from pathlib import Path
 
 from obcache.evaluation.stats import paired, wilson
@@ -28,7 +29,8 @@ def sample_of(row: dict) -> tuple:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("results", type=Path)
-    parser.add_argument("--policies", type=lambda t: t.split(","), default=None, help="policy labels to show")
+    parser.add_argument("--policies", type=lambda t: re.split(r",(?![^\[]*\])", t), default=None,
+                        help="policy labels to show, comma-separated (commas inside [...] belong to a label)")
     parser.add_argument("--budgets", type=lambda t: [float(b) for b in t.split(",")], default=None)
     parser.add_argument("--plot", type=Path, default=None, help="PNG: accuracy vs fraction removed, a panel per policy")
     args = parser.parse_args()
