@@ -83,26 +83,27 @@ def run_demo(
     if decode_policy is not None:
         print(f"\n2. a long answer ({long_tokens} new tokens) about the same context, full cache vs eviction "
               f"during decoding: {policy_label(decode_policy)}, decode budget {decode_policy.budget} tokens per KV head")
-        lines = []
+        lines, width = [], max(len("full cache"), len(policy_label(decode_policy)))
         for label, policy in (("full cache", None), (policy_label(decode_policy), decode_policy)):
             result = generate(model, tokenizer, sample.context, LONG_QUESTION, policy=policy, query_aware=True,
                               max_new_tokens=long_tokens)
             cache = result.cache
-            lines.append(f"| {label:40s} | {len(result.token_ids):6d} | {cache.get_seq_length():5d} | "
+            lines.append(f"| {label:{width}s} | {len(result.token_ids):6d} | {cache.get_seq_length():5d} | "
                          f"{sum(cache.kept_tokens()) / len(cache.layers):8.0f} | {cache.nbytes() / 2**20:9.2f} | "
                          f"{len(result.token_ids) / result.decode_seconds:5.1f} | {result.text.strip()[:40]!r}")
-        print(f"| {'policy':40s} | tokens | seen  | kept/head | cache MiB | tok/s | answer starts")
-        print("|" + "-" * 42 + "|--------|-------|----------|-----------|-------|---")
+        print(f"| {'policy':{width}s} | tokens | seen  | kept/head | cache MiB | tok/s | answer starts")
+        print("|" + "-" * (width + 2) + "|--------|-------|----------|-----------|-------|---")
         print("\n".join(lines))
     return rows
 
 
 def format_table(rows: list[dict]) -> str:
-    header = f"| {'policy':44s} | {'answer':24s} | correct | kept/seen | cache MiB | decode s |"
+    width = max(len("policy"), *(len(row["policy"]) for row in rows))
+    header = f"| {'policy':{width}s} | {'answer':24s} | correct | kept/seen | cache MiB | decode s |"
     lines = [header, "|" + "|".join("-" * len(cell) for cell in header.split("|")[1:-1]) + "|"]
     for row in rows:
         lines.append(
-            f"| {row['policy']:44s} | {row['answer']:24s} | {'yes' if row['correct'] else 'no':7s} | "
+            f"| {row['policy']:{width}s} | {row['answer']:24s} | {'yes' if row['correct'] else 'no':7s} | "
             f"{row['kept']:>4.0f}/{row['seen']:<4d} | {row['cache_mib']:9.2f} | {row['seconds']:8.2f} |"
         )
     return "\n".join(lines)

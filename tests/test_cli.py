@@ -177,7 +177,7 @@ def test_demo_runs_end_to_end_on_a_tiny_model(tokenizer, model, capsys, monkeypa
     table = [line for line in out.splitlines() if line.startswith("| ")]
     labels = [line.split("|")[1].strip() for line in table]
     assert labels[1:5] == ["full cache", "streamingllm", "snapkv (paper) + attention", "snapkv (paper) + obc-joint"]
-    assert labels[5:9] == [f"adakv(snapkv[kernel=15]+chunk8) + {score}" for score in
+    assert labels[5:9] == [f"adakv(snapkv[sinks=4,kernel=15]+chunk8) + {score}" for score in
                            ("attention", "obc-value", "obc-key", "obc-joint")]
     bounded = next(line for line in table if line.startswith("| decoding("))
     assert int(float(bounded.split("|")[4])) < 32 + 4

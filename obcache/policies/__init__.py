@@ -89,9 +89,11 @@ def policy_label(selector: Policy | BudgetWrapper) -> str:
 
 
 #: The configuration the evaluation found best (RESULTS.md): SnapKV with a pooling kernel wide enough for
-#: digit-per-token answers, 8-token spans, head-adaptive budgets, and the OBCache score that never did worse
-#: than attention on either model (obc-key; obc-value and obc-joint lose to it on Qwen at 95% removed).
-RECOMMENDED = {"policy": "snapkv", "options": {"kernel": 15, "chunk": 8}, "allocation": "adakv", "score": "obc-key"}
+#: digit-per-token answers, 8-token spans, head-adaptive budgets, 4 protected attention sinks (without them
+#: obc-value and obc-joint lose to attention on Qwen at 95% removed), and the OBCache score that never did
+#: worse than attention on either model (obc-key).
+RECOMMENDED = {"policy": "snapkv", "options": {"sinks": 4, "kernel": 15, "chunk": 8}, "allocation": "adakv",
+               "score": "obc-key"}
 
 
 def recommended(budget: float | int = 0.1, score: str = RECOMMENDED["score"], **options) -> Policy | BudgetWrapper:
