@@ -14,39 +14,32 @@ combines, selection modes) with the score held fixed.
 from __future__ import annotations
 
 import argparse
-import collections
 from pathlib import Path
 
 from obcache.evaluation.stats import paired
 from obcache.evaluation.store import read_rows
-from obcache.evaluation.tables import format_p
-
-LOWER_IS_BETTER = {"kl", "perplexity", "error"}
+from obcache.evaluation.tables import METRICS, Group, format_p
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("results", type=Path)
-    parser.add_argument("--metric", default="kl", help="a numeric row field: kl, perplexity, top1, correct, error")
+    parser.add_argument("--metric", default="kl", choices=list(METRICS), help="a report metric (default kl)")
     parser.add_argument("--a", required=True, help="baseline policy label")
     parser.add_argument("--b", required=True, help="compared policy label")
     args = parser.parse_args()
-    cells: dict[tuple, dict] = collections.defaultdict(dict)
-    for row in read_rows(args.results):
-        if row["policy"] in (args.a, args.b):
-            sample = (row["length"], row["depth"], row["seed"], row["sample"])
-            cells[(row["policy"], row["score"], row["budget"])][sample] = row[args.metric]
-    lower = args.metric in LOWER_IS_BETTER
-    print(f"{args.metric} ({'lower' if lower else 'higher'} is better): A = {args.a}, B = {args.b}\n")
+    group, info = Group(read_rows(args.results)), METRICS[args.metric]
+    print(f"{args.metric} ({info.better} is better): A = {args.a}, B = {args.b}\n")
     print("| score | budget | pairs | A | B | B - A [95% CI] | B better / worse | p |")
     print("|---|---|---:|---:|---:|---:|---:|---:|")
-    keys = sorted({(score, budget) for label, score, budget in cells}, key=lambda k: (str(k[0]), -k[1]))
-    for score, budget in keys:
-        a, b = cells.get((args.a, score, budget), {}), cells.get((args.b, score, budget), {})
-        common = sorted(set(a) & set(b))
+    keys = {(r["score"], r["budget"]) for r in group.rows if r["policy"] in (args.a, args.b)}
+    for score, budget in sorted(keys, key=lambda k: (str(k[0]), -k[1])):
+        a, b = (group.by_sample(args.metric, label, score, budget) for label in (args.a, args.b))
+        common = sorted(set(a) & set(b), key=repr)
         if len(common) < 2:
             continue
-        test = paired([b[s] for s in common], [a[s] for s in common], higher_is_better=not lower)
+        test = paired([b[s] for s in common], [a[s] for s in common], higher_is_better=info.better == "higher",
+                      proportion=info.proportion)
         mean_a = sum(a[s] for s in common) / len(common)
         mean_b = sum(b[s] for s in common) / len(common)
         low, high = test.difference.low, test.difference.high

@@ -20,10 +20,7 @@ from pathlib import Path
 
 from obcache.evaluation.stats import paired, wilson
 from obcache.evaluation.store import read_rows
-
-
-def sample_of(row: dict) -> tuple:
-    return row["length"], row["depth"], row["seed"], row["sample"]
+from obcache.evaluation.tables import sample_key
 
 
 def main() -> None:
@@ -35,13 +32,13 @@ def main() -> None:
     parser.add_argument("--plot", type=Path, default=None, help="PNG: accuracy vs fraction removed, a panel per policy")
     args = parser.parse_args()
     rows = read_rows(args.results)
-    good = {sample_of(r) for r in rows if r["policy"] == "full" and r["correct"] == 1.0}
-    total = {sample_of(r) for r in rows if r["policy"] == "full"}
+    good = {sample_key(r) for r in rows if r["policy"] == "full" and r["correct"] == 1.0}
+    total = {sample_key(r) for r in rows if r["policy"] == "full"}
     print(f"{len(good)} of {len(total)} samples answered correctly with the full cache\n")
     cells: dict[tuple, dict] = collections.defaultdict(dict)
     for row in rows:
-        if row["policy"] != "full" and sample_of(row) in good:
-            cells[(row["policy"], row["score"], row["budget"])][sample_of(row)] = row["correct"]
+        if row["policy"] != "full" and sample_key(row) in good:
+            cells[(row["policy"], row["score"], row["budget"])][sample_key(row)] = row["correct"]
     budgets = args.budgets or sorted({key[2] for key in cells}, reverse=True)
     labels = [label for label in dict.fromkeys(key[0] for key in cells) if not args.policies or label in args.policies]
     print("| policy | score | " + " | ".join(f"{b:g} kept ({1 - b:.0%} removed)" for b in budgets) + " |")

@@ -54,9 +54,11 @@ def allocate(policy: Policy, allocation: str = "uniform", *, alpha: float = 0.2,
     """
     if allocation not in ALLOCATIONS:
         raise ValueError(f"unknown allocation {allocation!r}; allowed: {', '.join(ALLOCATIONS)}")
-    wrappers = {"adakv": lambda inner: AdaKV(inner, alpha=alpha), "pyramid": lambda inner: PyramidKV(inner, beta=beta)}
-    for name in reversed(allocation.split("+")):
-        policy = wrappers[name](policy) if name in wrappers else policy
+    for name in reversed(allocation.split("+")):  # innermost first
+        if name == "pyramid":
+            policy = PyramidKV(policy, beta=beta)
+        elif name == "adakv":
+            policy = AdaKV(policy, alpha=alpha)
     return policy
 
 
