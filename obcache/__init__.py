@@ -13,15 +13,15 @@ from obcache.generation import GenerationResult, generate
 from obcache.hooks import attach
 from obcache.loading import load_model, load_tokenizer
 from obcache.policies import (
-    H2O, POLICIES, TOVA, AdaKV, Decoding, Policy, PyramidKV, ScoredPolicy, SnapKV, StreamingLLM, make_policy, paper_preset,
-    recommended,
+    H2O, POLICIES, TOVA, AdaKV, Decoding, GlobalKV, KVzip, Policy, PyramidKV, ScoredPolicy, SnapKV, StreamingLLM,
+    make_policy, paper_preset, recommended,
 )
 from obcache.scores import SCORE_KINDS, saliency
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "AdaKV", "Decoding", "EvictableCache", "GenerationResult", "H2O", "POLICIES", "Policy", "PyramidKV", "SCORE_KINDS",
+    "AdaKV", "Decoding", "EvictableCache", "GenerationResult", "GlobalKV", "H2O", "KVzip", "POLICIES", "Policy", "PyramidKV", "SCORE_KINDS",
     "ScoredPolicy", "SnapKV", "StreamingLLM", "TOVA", "attach", "generate", "load_model", "load_tokenizer",
     "make_policy", "paper_preset", "recommended", "saliency",
 ]

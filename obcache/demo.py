@@ -63,7 +63,7 @@ def run_demo(
     context_ids, question_ids = build_prompt(tokenizer, sample.context, sample.question, answer_prefix=sample.answer_prefix)
     prefill_ids = context_ids + question_ids if query_aware else context_ids
     start = time.perf_counter()
-    shared = shared_prefill(model, prefill_ids, policies)
+    shared = shared_prefill(model, prefill_ids, policies, tokenizer=tokenizer)
     print(f"   one prefill of {len(prefill_ids)} tokens for all rows: {time.perf_counter() - start:.1f} s", file=sys.stderr)
     rows = []
     for label in tqdm(policies, desc="answers", file=sys.stderr):

@@ -128,7 +128,7 @@ def generate(
     if policy is not None:
         policy.check_prompt([len(prefill_ids)])
     cache = EvictableCache(config=model.config)
-    with attach(model, policy):
+    with attach(model, policy, tokenizer=tokenizer, chat_template=chat_template):
         start = time.perf_counter()
         logits = forward_tokens(model, cache, prefill_ids)
         prefill_seconds = time.perf_counter() - start
@@ -173,7 +173,7 @@ def _next_turn(model, tokenizer, history: GenerationResult, message: str, questi
     ids = history.pending + turn_ids(tokenizer, history.messages, content, chat_template=history.chat_template,
                                      answer_prefix=answer_prefix)
     cache = history.cache
-    with attach(model, policy):
+    with attach(model, policy, tokenizer=tokenizer, chat_template=history.chat_template):
         start = time.perf_counter()
         logits = forward_tokens(model, cache, ids)
         generated, pending = continue_greedy(

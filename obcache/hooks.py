@@ -1,10 +1,5 @@
 """Attach obcache to a transformers model with forward hooks.
 
-`LayerHooks` is the one capture path: after every attention module's forward
-it hands the layer's `LayerState` (cached keys/values, the forward's queries
-rebuilt on demand, the attention outputs it computed) to `layer_done`. Eviction,
-the evaluation's fan-out, fidelity and oracle tasks and the benchmark all use it.
-
 `EvictionHooks` (what `policy.attach(model)` and `obcache.attach(model)`
 return) adds, while entered:
 
@@ -17,7 +12,10 @@ return) adds, while entered:
    attention function;
 3. after each attention module's first forward on a layer (the prefill):
    let the policy choose the kept tokens and shrink that layer at once, so the
-   full caches of all layers never coexist with scoring temporaries.
+   full caches of all layers never coexist with scoring temporaries;
+4. for selectors that need every layer first (KVzip's context reconstruction,
+   `GlobalKV`): after the decoder's prefill forward, choose for all layers
+   (reconstruction.py) and shrink them.
 """
 
 from __future__ import annotations
@@ -30,73 +28,9 @@ from transformers import DynamicCache
 
 from obcache.attention import IMPLEMENTATIONS, register
 from obcache.cache import EvictableCache
+from obcache.capture import LayerHooks
 from obcache.layer_state import LayerState, Selector
-from obcache.models import FamilyAdapter, attention_layers, check_attention_implementation, check_supported_config
-
-class LayerHooks:
-    """Hands every attention layer's state, right after its forward, to `layer_done(layer_idx, state, cache, prefill)`.
-
-    `prefill` is True for the forward that first filled the layer. Only
-    forwards on an `EvictableCache` are reported, and only uniform layers.
-    A context manager: a post-hook on every attention module, and a pre-hook
-    on its output projection that captures the per-head attention outputs
-    the model just computed (so the scores need not recompute them).
-    """
-
-    def __init__(self, model: nn.Module):
-        self.adapter = check_supported_config(model.config)
-        check_attention_implementation(model)
-        self.model = model
-        self.decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
-        self.attentions = attention_layers(self.decoder)
-        self._handles: list = []
-        # Attention outputs (o_proj inputs [B, q, Hq * d]) of the current forward, per layer index;
-        # each is dropped by the attention module's own post-hook right after.
-        self._outputs: dict[int, torch.Tensor] = {}
-
-    def layer_done(self, layer_idx: int, state: LayerState, cache: EvictableCache, prefill: bool) -> None:
-        """What to do with a layer's state (subclasses); by default nothing."""
-
-    def wants_state(self, prefill: bool) -> bool:
-        """Whether `layer_done` should run after this forward (the state costs a little to build)."""
-        return True
-
-    def __enter__(self):
-        for attention in self.attentions:
-            self._handles.append(attention.register_forward_hook(self._after_attention, with_kwargs=True))
-            projection = getattr(attention, self.adapter.output_projection or "", None)
-            if projection is not None:
-                self._handles.append(projection.register_forward_pre_hook(self._capture(attention.layer_idx)))
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-        self._outputs.clear()
-
-    def _capture(self, layer_idx: int):
-        outputs = self._outputs
-
-        def hook(module, args):
-            outputs[layer_idx] = args[0]
-
-        return hook
-
-    def _after_attention(self, module, args, kwargs, output):
-        outputs = self._outputs.pop(module.layer_idx, None)
-        cache = kwargs.get("past_key_values")
-        if not isinstance(cache, EvictableCache):
-            return
-        layer = cache.layers[module.layer_idx]
-        queries = cache.queries.pop(module.layer_idx, None)  # captured by obcache's attention, if it ran
-        prefill = module.layer_idx not in cache.evicted_layers and layer.get_seq_length() == state_queries(args, kwargs)
-        if not self.wants_state(prefill):
-            return
-        state = layer_state(self.adapter, module, args, kwargs, outputs=outputs, queries=queries,
-                            num_layers=len(self.attentions))
-        with torch.no_grad():
-            self.layer_done(module.layer_idx, state, cache, prefill)
+from obcache.reconstruction import select_after_prefill
 
 
 class EvictionHooks(LayerHooks):
@@ -107,12 +41,25 @@ class EvictionHooks(LayerHooks):
     the model is attached raises.
     """
 
-    def __init__(self, model: nn.Module, policy: Selector | None = None):
+    def __init__(self, model: nn.Module, policy: Selector | None = None, *, tokenizer=None, chat_template: bool = True):
         super().__init__(model)
         self.policy = policy
+        if policy is not None and getattr(policy, "needs_reconstruction", False) and tokenizer is None:
+            raise ValueError(
+                f"{policy.name} makes the model repeat the context and needs the tokenizer to write that prompt: "
+                "policy.attach(model, tokenizer=tokenizer)"
+            )
+        self.tokenizer, self.chat_template = tokenizer, chat_template
         self._signature = inspect.signature(self.decoder.forward)
         self._implementation: str | None = None
         self._caches: list[EvictableCache] = []
+        # Selectors that choose after all layers: the prefill's cache and ids, and each layer's prefill scores.
+        self._after_prefill: tuple[EvictableCache, list[int]] | None = None
+        self._prefill_scores: list[torch.Tensor] = []
+
+    @property
+    def _all_layers(self) -> bool:
+        return self.policy is not None and getattr(self.policy, "selects_after_all_layers", False)
 
     def __enter__(self) -> "EvictionHooks":
         implementation = self.model.config._attn_implementation
@@ -145,6 +92,11 @@ class EvictionHooks(LayerHooks):
 
     def layer_done(self, layer_idx: int, state: LayerState, cache: EvictableCache, prefill: bool) -> None:
         start = time.perf_counter()
+        if prefill and self._all_layers:  # chosen after the last layer (_after_forward)
+            if not self.policy.needs_reconstruction:
+                self._prefill_scores.append(self.policy.token_scores(state))
+            cache.eviction_seconds += time.perf_counter() - start
+            return
         mask = self.policy.select(state) if prefill else self.policy.decode_select(state)
         if mask is not None:
             cache.keep(layer_idx, mask)
@@ -178,6 +130,11 @@ class EvictionHooks(LayerHooks):
         if cache.seen_tokens == 0 and self.policy is not None:
             lengths = mask.sum(-1).tolist() if mask is not None else [query_length] * batch
             self.policy.check_prompt(lengths)
+            if self._all_layers:
+                if self.policy.needs_reconstruction and kwargs.get("input_ids") is None:
+                    raise ValueError(f"{self.policy.name} repeats the context from its token ids: pass input_ids")
+                ids = kwargs["input_ids"][0].tolist() if kwargs.get("input_ids") is not None else []
+                self._after_prefill, self._prefill_scores = (cache, ids), []
         cache.begin_forward(mask, batch, query_length, inputs.device)
         if kwargs.get("position_ids") is None:
             kwargs["position_ids"] = cache.positions_for(query_length, inputs.device)
@@ -188,93 +145,27 @@ class EvictionHooks(LayerHooks):
         return (), kwargs
 
     def _after_forward(self, module, args, output) -> None:
+        if self._after_prefill is not None:
+            (cache, ids), self._after_prefill = self._after_prefill, None
+            start = time.perf_counter()
+            masks = select_after_prefill(
+                self.model, cache, ids, {0: self.policy}, {0: self._prefill_scores}, tokenizer=self.tokenizer,
+                chat_template=self.chat_template,
+            )[0]
+            self._prefill_scores = []
+            for layer_idx, mask in enumerate(masks):
+                if mask is None:
+                    cache.mark_kept_all(layer_idx)
+                else:
+                    cache.keep(layer_idx, mask)
+            cache.eviction_seconds += time.perf_counter() - start
         for cache in self._caches:
             cache.attached = False
         self._caches.clear()
 
 
-def state_queries(args, kwargs) -> int:
-    """Tokens of the forward an attention module just ran."""
-    hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-    return hidden.shape[1]
+def attach(model: nn.Module, policy: Selector | None = None, *, tokenizer=None, chat_template: bool = True) -> EvictionHooks:
+    """Context manager: run `model` on obcache caches, evicting with `policy` (None: evict nothing).
 
-
-def layer_state(
-    adapter: FamilyAdapter, module: nn.Module, args, kwargs, *, outputs: torch.Tensor | None = None,
-    queries: torch.Tensor | None = None, num_layers: int = 1,
-) -> LayerState:
-    """The policy's view of an attention layer right after a forward.
-
-    For a uniform layer, keys/values are the cached [B, Hkv, n, d] and
-    `queries(start, end)` serves the slots of this forward's tokens (the last
-    q). A ragged layer gets a shape-only view: keys/values of head_dim 0 over a
-    [B, Hkv, W] grid whose segments end at the right edge, and a per-head
-    key_mask; its slots are read from `state.layer`. `outputs`, if given, is
-    the input of the module's output projection in that forward,
-    [B, q, Hq * d] (per-head attention outputs, heads side by side); `queries`,
-    if given, the post-RoPE queries [B, Hq, q, d] the attention received
-    (otherwise they are rebuilt from the module's input).
-    """
-    cache = kwargs.get("past_key_values")
-    hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-    layer = cache.layers[module.layer_idx]
-    cos, sin = kwargs["position_embeddings"]
-    tokens = hidden.shape[1]
-
-    captured = queries
-
-    def new_queries() -> torch.Tensor:
-        return captured if captured is not None else adapter.queries(module, hidden, cos, sin)
-
-    new_outputs = None
-    if outputs is not None and outputs.shape[:2] == hidden.shape[:2]:
-
-        def new_outputs() -> torch.Tensor:
-            # [B, q, Hq * dv] -> [B, Hq, q, dv]: the layout of the attention before its reshape (a view).
-            heads = outputs.shape[-1] // module.head_dim  # this rank's heads under tensor parallelism
-            return outputs.view(outputs.shape[0], tokens, heads, -1).transpose(1, 2)
-
-    if cache.is_ragged(module.layer_idx):
-        _, valid = layer.right_aligned()
-        keys = values = layer.keys.new_empty(*valid.shape, 0)
-        key_mask, first = valid, None
-    else:
-        keys, values, key_mask = layer.keys, layer.values, layer.slot_mask()
-        first = layer.get_seq_length() - tokens  # slot of this forward's first token
-
-    def rows(start: int, end: int) -> slice:
-        if first is None or start < first:
-            raise ValueError(f"only the slots of this forward's {tokens} tokens have queries, not slot {start}")
-        return slice(start - first, end - first)
-
-    def window_queries(start: int, end: int) -> torch.Tensor:
-        part = rows(start, end)
-        if captured is not None:
-            return captured[:, :, part]
-        return adapter.queries(module, hidden[:, part], cos[:, part], sin[:, part])
-
-    window_outputs = None
-    if new_outputs is not None:
-
-        def window_outputs(start: int, end: int) -> torch.Tensor:
-            return new_outputs()[:, :, rows(start, end)]
-
-    return LayerState(
-        keys=keys,
-        values=values,
-        scaling=module.scaling,
-        query_heads=module.config.num_attention_heads * keys.shape[1] // module.config.num_key_value_heads,
-        key_mask=key_mask,
-        queries=window_queries,
-        outputs=window_outputs,
-        layer_idx=module.layer_idx,
-        num_layers=num_layers,
-        layer=layer,
-        new_queries=new_queries,
-        new_outputs=new_outputs,
-    )
-
-
-def attach(model: nn.Module, policy: Selector | None = None) -> EvictionHooks:
-    """Context manager: run `model` on obcache caches, evicting with `policy` (None: evict nothing)."""
-    return EvictionHooks(model, policy)
+    `tokenizer` and `chat_template` are for policies that make the model repeat the context (`obcache.KVzip`)."""
+    return EvictionHooks(model, policy, tokenizer=tokenizer, chat_template=chat_template)

@@ -32,6 +32,8 @@ class LayerState:
         state across forwards (decoding-time eviction); None for synthetic states.
     new_queries, new_outputs: () -> [B, Hq, q, d], the queries and attention
         outputs of this forward's q tokens, whatever the layer's layout.
+    rotate: rotate(x, offset) -> x, post-RoPE vectors [B, H, W, d] moved
+        `offset` positions later with the model's RoPE; None if unknown.
     """
 
     keys: torch.Tensor
@@ -46,6 +48,18 @@ class LayerState:
     layer: object | None = None
     new_queries: Callable[[], torch.Tensor] | None = None
     new_outputs: Callable[[], torch.Tensor | None] | None = None
+    rotate: Callable[[torch.Tensor, int], torch.Tensor] | None = None
+
+    @classmethod
+    def of_cached(cls, layer, layer_idx: int, num_layers: int) -> "LayerState":
+        """The state of a uniform cache layer between forwards: its tokens, no queries (scores come from elsewhere)."""
+
+        def no_queries(start: int, end: int) -> torch.Tensor:
+            raise ValueError("this layer state has no queries: its scores were computed before")
+
+        return cls(keys=layer.keys, values=layer.values, scaling=1.0, query_heads=layer.keys.shape[1],
+                   key_mask=layer.slot_mask(), queries=no_queries, layer_idx=layer_idx, num_layers=num_layers,
+                   layer=layer)
 
     def window(self, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(queries, outputs or None) of slots start..end-1."""
@@ -75,12 +89,17 @@ class Selector(Protocol):
     """What the eviction hooks need from a policy (or a budget wrapper around one)."""
 
     name: str
+    needs_reconstruction: bool  # scored by the queries of the model repeating the context (KVzip)
+    selects_after_all_layers: bool  # chooses with select_layers once every layer is filled
 
     def check_prompt(self, prompt_lengths: list[int]) -> None:
         """Raise a clear ValueError, before any model work, if prompts of these real lengths cannot be evicted."""
 
     def select(self, layer: LayerState) -> torch.Tensor | None:
         """After the prefill: keep mask [B, Hkv, L] (bool) of the layer's slots, or None to keep them all."""
+
+    def select_layers(self, layers: list[LayerState], scores: list[torch.Tensor]) -> list[torch.Tensor | None]:
+        """After the whole prefill (selectors that select after all layers): every layer's keep mask."""
 
     def decode_select(self, layer: LayerState) -> torch.Tensor | None:
         """After any later forward: keep mask of the layer's slots ([B, Hkv, n] uniform, [T] ragged), or None.

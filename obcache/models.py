@@ -48,6 +48,15 @@ class FamilyAdapter:
         q, _ = rotate(q, q, cos, sin)
         return q
 
+    def rotate(self, attention: nn.Module, rotary_emb: nn.Module, x: torch.Tensor, offset: int) -> torch.Tensor:
+        """Post-RoPE vectors [B, H, W, d] moved `offset` positions later (RoPE rotations compose; exact
+        for RoPE without attention scaling)."""
+        if getattr(rotary_emb, "attention_scaling", 1.0) != 1.0:
+            raise UnsupportedModelError("moving queries to other positions needs RoPE without attention scaling")
+        cos, sin = rotary_emb(x, torch.tensor([[offset]], device=x.device))
+        rotated, _ = _rotary_function(attention)(x, x, cos.to(x.dtype), sin.to(x.dtype))
+        return rotated
+
 
 FAMILIES: dict[str, FamilyAdapter] = {
     "llama": FamilyAdapter(),
@@ -94,9 +103,12 @@ def attention_layers(model: nn.Module) -> list[nn.Module]:
     return sorted(layers, key=lambda m: m.layer_idx)
 
 
-def check_attention_implementation(model: nn.Module) -> None:
-    """Only attention implementations that take the standard 4-D/2-D masks are supported."""
+def check_attention_implementation(model: nn.Module, *, attached: bool = False) -> None:
+    """Only attention implementations that take the standard 4-D/2-D masks are supported; obcache's own only
+    where the caller runs inside an attached model (`attached`)."""
     implementation = model.config._attn_implementation
+    if implementation.startswith("obcache-") and attached:
+        return
     if implementation.startswith("obcache-"):
         raise RuntimeError(
             "obcache is already attached to this model (nested `attach`); "

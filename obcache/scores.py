@@ -40,6 +40,11 @@ SCORE_KINDS: dict[str, str] = {
     "sum_i A_ip^2 ||v_p - o_i||^2 / (1-A_ip)^2",
 }
 
+QUERY_REDUCTIONS: dict[str, str] = {
+    "sum": "sum over the window's queries (and, with gqa='sum', the G query heads)",
+    "max": "max over the window's queries and the G query heads (KVzip's aggregation)",
+}
+
 GQA_REDUCTIONS: dict[str, str] = {
     "sum": "sum the scores of the G query heads that share a KV head (the paper)",
     "pre-average": "average A, z and o over the G query heads first, then score once (authors' v2 default)",
@@ -54,6 +59,13 @@ def check_score_kind(kind: str) -> str:
     if not isinstance(kind, str) or kind not in SCORE_KINDS:
         raise ValueError(f"unknown score kind {kind!r}; allowed kinds: {', '.join(SCORE_KINDS)}")
     return kind
+
+
+def check_reduce(reduce: str) -> str:
+    """Return `reduce` if it names a reduction over queries in QUERY_REDUCTIONS, else raise ValueError."""
+    if not isinstance(reduce, str) or reduce not in QUERY_REDUCTIONS:
+        raise ValueError(f"unknown aggregation over queries {reduce!r}; allowed: {', '.join(QUERY_REDUCTIONS)}")
+    return reduce
 
 
 def check_gqa(gqa: str) -> str:
@@ -74,6 +86,7 @@ def saliency(
     key_mask: torch.Tensor | None = None,
     outputs: torch.Tensor | None = None,
     gqa: str = "sum",
+    reduce: str = "sum",
 ) -> torch.Tensor:
     """Score each cached token of each KV head; float32 [B, Hkv, L].
 
@@ -92,6 +105,9 @@ def saliency(
         queries that see no key are ignored.
     gqa: how the G query heads of a KV head combine (GQA_REDUCTIONS): "sum" of
         their scores, or "pre-average" of A, z and o before scoring.
+    reduce: "sum" over the queries (the formulas above), or "max": the largest
+        single-query term over the W queries and the G query heads (after
+        pre-averaging, if any), as KVzip aggregates its reconstruction queries.
 
     Computed in float32 whatever the input dtype. Returns, per KV head, the sum
     over the W queries and its G query heads. Keys that no window query can see
@@ -102,6 +118,7 @@ def saliency(
     """
     check_score_kind(kind)
     check_gqa(gqa)
+    check_reduce(reduce)
     batch, heads_kv, group, width, length = _check_shapes(queries, keys, values)
     if isinstance(scaling, bool) or not isinstance(scaling, (int, float)) or not math.isfinite(scaling):
         raise ValueError(f"scaling must be a finite number, got {scaling!r}")
@@ -153,11 +170,11 @@ def saliency(
         z_masked = z.view(batch, heads_kv, 1, width, hi)[..., lo:hi]
 
     if kind == "attention":
-        return _pad(_sum_rows(weights), length)
+        return _pad(_reduce_rows(weights, reduce), length)
 
     value_norms = torch.linalg.vector_norm(v, dim=-1).square_()  # [B, Hkv, hi] ||v_p||^2
     if kind == "obc-value":
-        return _pad(_sum_rows(weights.square_()).mul_(value_norms), length)
+        return _pad(_reduce_rows(weights.square_(), reduce).mul_(value_norms), length)
 
     if outputs is None:
         outputs = torch.matmul(weights, v)  # [B, Hkv, G*W, dv] o_i
@@ -181,15 +198,27 @@ def saliency(
         # A^2 ||(1+z) v - z o||^2 = a^2 ||v||^2 - 2 a y <o, v> + y^2 ||o||^2 with a = A (1 + z), y = A z
         a = weights.add_(y)
         inner.mul_(y).addcmul_(a, value_norms.unsqueeze(-2)).mul_(a)
-        scores = _sum_rows(inner).add_(_sum_rows(y.square_(), output_norms))
+        if reduce == "max":
+            scores = _reduce_rows(inner.addcmul_(y.square_(), output_norms.unsqueeze(-1)), reduce)
+        else:
+            scores = _sum_rows(inner).add_(_sum_rows(y.square_(), output_norms))
     else:
         # c^2 ||v - o||^2 = c^2 (||v||^2 - 2 <o, v> + ||o||^2) with c = A z (obc-key) or A / (1 - A)
         c2 = y.square_()
-        sums = torch.matmul(torch.stack([torch.ones_like(output_norms), output_norms], dim=-2), c2)
-        scores = _sum_rows(inner.mul_(c2)).add_(sums[..., 1, :]).addcmul_(sums[..., 0, :], value_norms)
+        if reduce == "max":
+            inner.add_(output_norms.unsqueeze(-1)).add_(value_norms.unsqueeze(-2))
+            scores = _reduce_rows(inner.mul_(c2), reduce)
+        else:
+            sums = torch.matmul(torch.stack([torch.ones_like(output_norms), output_norms], dim=-2), c2)
+            scores = _sum_rows(inner.mul_(c2)).add_(sums[..., 1, :]).addcmul_(sums[..., 0, :], value_norms)
         if kind == "exact-removal":
-            _add_sole_key_scores(scores, value_norms, positions, key_mask, group)
+            _add_sole_key_scores(scores, value_norms, positions, key_mask, group, reduce)
     return _pad(scores.clamp_min_(0.0), length)
+
+
+def _reduce_rows(x: torch.Tensor, reduce: str) -> torch.Tensor:
+    """Sum or max over the rows (queries x query heads) of x [..., R, n] -> [..., n]."""
+    return _sum_rows(x) if reduce == "sum" else x.amax(-2)
 
 
 def _sum_rows(x: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
@@ -214,8 +243,10 @@ def _add_sole_key_scores(
     positions: torch.Tensor,
     key_mask: torch.Tensor | None,
     group: int,
+    reduce: str = "sum",
 ) -> None:
-    """exact-removal: add ||v_p||^2 / eps^2 per query head whose only visible key is p (in place).
+    """exact-removal: add ||v_p||^2 / eps^2 per query head whose only visible key is p (in place);
+    with reduce="max", raise the score to ||v_p||^2 / eps^2 if any query head has p as its only key.
 
     scores, value_norms: [B, Hkv, hi]; positions: [W]; key_mask: [B, L] or None.
     """
@@ -227,6 +258,10 @@ def _add_sole_key_scores(
         count = (seen == 1).sum(-1).to(scores.dtype)
         first = key_mask.to(torch.int32).argmax(-1)  # the only visible key of those queries
     index = first[:, None, None].expand(-1, scores.shape[1], 1)
+    if reduce == "max":
+        extra = value_norms.gather(-1, index) * ((count > 0).to(scores.dtype) / EXACT_REMOVAL_EPS**2)[:, None, None]
+        scores.scatter_reduce_(-1, index, extra, reduce="amax")
+        return
     extra = value_norms.gather(-1, index) * (count * group / EXACT_REMOVAL_EPS**2)[:, None, None]
     scores.scatter_add_(-1, index, extra)
 

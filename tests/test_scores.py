@@ -48,8 +48,10 @@ def head_outputs(q, k, v, mask):
     return weights @ v, weights
 
 
-def brute_force(q, k, v, kind, positions=None, key_mask=None, fd_step=1e-5):
-    """Score [B, Hkv, L] in float64: perturb each token p (batched over p) and recompute every output."""
+def brute_force(q, k, v, kind, positions=None, key_mask=None, fd_step=1e-5, reduce="sum"):
+    """Score [B, Hkv, L] in float64: perturb each token p (batched over p) and recompute every output.
+
+    reduce: "sum" of every (query head, query) term, or their "max"."""
     q, k, v = q.double(), k.double(), v.double()
     batch, heads_q, width, _ = q.shape
     heads_kv, length = k.shape[1], k.shape[2]
@@ -66,7 +68,8 @@ def brute_force(q, k, v, kind, positions=None, key_mask=None, fd_step=1e-5):
             o, weights = head_outputs(qh, kh, vh, mask)
             ks, vs = kh.expand(length, length, -1), vh.expand(length, length, -1)  # [p, L, d]
             if kind == "attention":
-                out[b, kv] += weights.sum(0)
+                terms = weights  # [W, L]
+                out[b, kv] = out[b, kv] + terms.sum(0) if reduce == "sum" else torch.maximum(out[b, kv], terms.max(0).values)
                 continue
             if kind == "obc-value":  # v_p := 0
                 change = head_outputs(qh, ks, vs.masked_fill(eye[..., None], 0.0), mask)[0] - o
@@ -79,7 +82,8 @@ def brute_force(q, k, v, kind, positions=None, key_mask=None, fd_step=1e-5):
                     return head_outputs(qh, ks * scale, vs * scale if kind == "obc-joint" else vs, mask)[0]
 
                 change = (at(fd_step) - at(-fd_step)) / (2 * fd_step)  # [p, W, d] Jacobian-vector product
-            out[b, kv] += change.square().sum((-1, -2))
+            terms = change.square().sum(-1).T  # [W, p]: one query's squared output change per token
+            out[b, kv] = out[b, kv] + terms.sum(0) if reduce == "sum" else torch.maximum(out[b, kv], terms.max(0).values)
     return out
 
 
@@ -95,6 +99,31 @@ def assert_matches(actual, expected, rtol=2e-5, atol=2e-5):
 def test_matches_brute_force(kind):
     q, k, v = make(0)
     assert_matches(saliency(q, k, v, kind, scaling=SCALE), brute_force(q, k, v, kind))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_max_over_queries_matches_brute_force(kind):
+    """reduce="max": the largest single (query head, query) term of a KV head."""
+    q, k, v = make(3)
+    positions = torch.tensor([9, 6, 7, 11])  # every query sees >= 4 keys (exact-removal loses precision as A -> 1)
+    key_mask = torch.ones(B, L, dtype=torch.bool)
+    key_mask[1, :3] = False
+    expected = brute_force(q, k, v, kind, positions=positions, key_mask=key_mask, reduce="max")
+    actual = saliency(q, k, v, kind, scaling=SCALE, query_positions=positions, key_mask=key_mask, reduce="max")
+    assert_matches(actual, expected)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_pre_average_max_is_max_of_single_query_scores(kind):
+    """With one query, max = sum; so the max over W queries is the max of W single-query pre-averaged scores."""
+    q, k, v = make(4)
+    positions = [5, 8, 11, 9]
+    singles = torch.stack([
+        saliency(q[:, :, j : j + 1], k, v, kind, scaling=SCALE, query_positions=[p], gqa="pre-average")
+        for j, p in enumerate(positions)
+    ])
+    actual = saliency(q, k, v, kind, scaling=SCALE, query_positions=positions, gqa="pre-average", reduce="max")
+    torch.testing.assert_close(actual, singles.amax(0), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("kind", KINDS)

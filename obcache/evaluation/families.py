@@ -140,7 +140,7 @@ class NeedleFamily(TaskFamily):
         context_ids, question_ids = _prompt(sample, tokenizer)
         prefill_ids = context_ids + question_ids if spec.query_aware else context_ids
         rest_ids = [] if spec.query_aware else question_ids
-        shared = shared_prefill(model, prefill_ids, missing)
+        shared = shared_prefill(model, prefill_ids, missing, tokenizer=tokenizer)
         eos, max_new = eos_token_ids(model, tokenizer), self._max_new_tokens(spec, sample, tokenizer)
         rows = []
         for key, policy in missing.items():
@@ -176,7 +176,7 @@ class FidelityFamily(TaskFamily):
              advance: Callable[[int], object]) -> list[dict]:
         from obcache.evaluation.fidelity import evaluate_fidelity
 
-        results = evaluate_fidelity(model, _document(spec, tokenizer, unit), unit["length"], missing)
+        results = evaluate_fidelity(model, _document(spec, tokenizer, unit), unit["length"], missing, tokenizer=tokenizer)
         return [
             {**policy_fields(key, missing[key]), "future": spec.future, "perplexity": r.perplexity, "kl": r.kl,
              "top1": r.top1, "layer_errors": r.layer_errors, "kept_tokens": r.kept_tokens,

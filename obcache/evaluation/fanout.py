@@ -8,7 +8,9 @@ that `policy.attach(model)` would give it (the same hooks), and its per-layer
 keep masks are recorded. `SharedPrefill.evicted(key)` then builds that
 policy's evicted cache with `EvictableCache.subset`, exactly as
 `obcache.generate` would have left it; run the model on it under
-`obcache.attach(model)`.
+`obcache.attach(model)`. Policies that choose after all layers (KVzip, any
+policy under GlobalKV) choose once the prefill is done; the KVzip ones share
+one context reconstruction per chunk size.
 
     shared = shared_prefill(model, ids, {"full": None, "snap": SnapKV(budget=0.1)})
     cache = shared.evicted("snap")   # a fresh cache; shared.cache stays full
@@ -27,6 +29,7 @@ from obcache.cache import EvictableCache
 from obcache.generation import forward_tokens
 from obcache.hooks import EvictionHooks
 from obcache.layer_state import LayerState, Selector
+from obcache.reconstruction import select_after_prefill
 
 
 @dataclass
@@ -59,20 +62,31 @@ class _Recorder(EvictionHooks):
         self.masks: dict[Hashable, list[torch.Tensor | None]] = {key: [None] * len(self.attentions) for key in policies}
         self.seconds = dict.fromkeys(policies, 0.0)
 
+        self.prefill_scores: dict[Hashable, list[torch.Tensor]] = {
+            key: [] for key, policy in self.policies.items() if policy.selects_after_all_layers
+        }
+
+    def wants_state(self, prefill: bool) -> bool:
+        return prefill
+
     def layer_done(self, layer_idx: int, state: LayerState, cache: EvictableCache, prefill: bool) -> None:
-        if not prefill:
-            return
         for key, policy in self.policies.items():
             start = time.perf_counter()
-            self.masks[key][layer_idx] = policy.select(state)
+            if key not in self.prefill_scores:
+                self.masks[key][layer_idx] = policy.select(state)
+            elif not policy.needs_reconstruction:
+                self.prefill_scores[key].append(policy.token_scores(state))
             self.seconds[key] += time.perf_counter() - start
 
 
 @torch.no_grad()
-def shared_prefill(model: nn.Module, ids: list[int], policies: Mapping[Hashable, Selector | None]) -> SharedPrefill:
+def shared_prefill(model: nn.Module, ids: list[int], policies: Mapping[Hashable, Selector | None], *,
+                   tokenizer=None, chat_template: bool = True) -> SharedPrefill:
     """Prefill `ids` (batch 1) once with the full cache and record each policy's keep masks.
 
     A None policy keeps everything. Every policy's `check_prompt` runs before the forward.
+    `tokenizer` (and `chat_template`) write the reconstruction prompt of KVzip policies.
+    `select_seconds` of a KVzip policy includes its share of the reconstruction.
     """
     recorder = _Recorder(model, policies)
     for policy in recorder.policies.values():
@@ -82,4 +96,13 @@ def shared_prefill(model: nn.Module, ids: list[int], policies: Mapping[Hashable,
         start = time.perf_counter()
         logits = forward_tokens(model, cache, ids)
         elapsed = time.perf_counter() - start - sum(recorder.seconds.values())
+        deferred = {key: recorder.policies[key] for key in recorder.prefill_scores}
+        if deferred:
+            start = time.perf_counter()
+            chosen = select_after_prefill(model, cache, ids, deferred, recorder.prefill_scores, tokenizer=tokenizer,
+                                          chat_template=chat_template)
+            share = (time.perf_counter() - start) / len(deferred)
+            for key, masks in chosen.items():
+                recorder.masks[key] = masks
+                recorder.seconds[key] += share
     return SharedPrefill(cache, logits, recorder.masks, recorder.seconds, elapsed)

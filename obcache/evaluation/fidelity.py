@@ -83,16 +83,18 @@ def compare(full: _Pass, evicted: _Pass, targets: torch.Tensor) -> tuple[float, 
 
 
 def evaluate_fidelity(
-    model: nn.Module, ids: list[int], prompt_length: int, policies: Mapping[Hashable, Selector | None]
+    model: nn.Module, ids: list[int], prompt_length: int, policies: Mapping[Hashable, Selector | None], *,
+    tokenizer=None,
 ) -> dict[Hashable, Fidelity]:
     """Prefill ids[:N] once (N = prompt_length), evict with each policy, teacher-force ids[N:-1].
 
     The targets are ids[N+1:], so M = len(ids) - N - 1 >= 1 tokens are scored.
-    A None policy is the full cache (KL 0, top-1 1, errors 0 by construction).
+    A None policy is the full cache (KL 0, top-1 1, errors 0 by construction). `tokenizer` writes the
+    reconstruction prompt of KVzip policies (the ids are plain text, no chat template).
     """
     if not 0 < prompt_length < len(ids) - 1:
         raise ValueError(f"prompt_length must leave at least 2 tokens of the {len(ids)} ids, got {prompt_length}")
-    shared = shared_prefill(model, ids[:prompt_length], policies)
+    shared = shared_prefill(model, ids[:prompt_length], policies, tokenizer=tokenizer, chat_template=False)
     future = ids[prompt_length:-1]
     targets = torch.tensor(ids[prompt_length + 1 :], device=model.device)
     full = teacher_forced(model, shared.cache.subset([None] * len(shared.cache.layers)), future)

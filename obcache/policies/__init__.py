@@ -10,15 +10,16 @@ from __future__ import annotations
 import dataclasses
 
 from obcache.layer_state import LayerState
-from obcache.policies.allocation import AdaKV, BudgetWrapper, PyramidKV
+from obcache.policies.allocation import AdaKV, BudgetWrapper, GlobalKV, PyramidKV
 from obcache.policies.base import Policy, ScoredPolicy
 from obcache.policies.decoding import Decoding
 from obcache.policies.h2o import H2O
+from obcache.policies.kvzip import KVzip
 from obcache.policies.snapkv import SnapKV
 from obcache.policies.streaming import StreamingLLM
 from obcache.policies.tova import TOVA
 
-REGISTRY: tuple[type[Policy], ...] = (H2O, TOVA, SnapKV, StreamingLLM)
+REGISTRY: tuple[type[Policy], ...] = (H2O, TOVA, SnapKV, StreamingLLM, KVzip)
 POLICIES: dict[str, type[Policy]] = {cls.name: cls for cls in REGISTRY}
 
 ALLOCATIONS: dict[str, str] = {
@@ -26,6 +27,7 @@ ALLOCATIONS: dict[str, str] = {
     "adakv": "head-adaptive: per layer, budget x heads slots to the best scores, each head >= alpha x budget",
     "pyramid": "per-layer budgets falling with depth, mean = budget (beta sets the slope)",
     "adakv+pyramid": "AdaKV over PyramidKV: each layer's pyramid budget spread head-adaptively",
+    "global": "one pool for all heads of all layers (KVzip): budget x heads x layers slots, each head >= alpha x budget",
 }
 
 
@@ -35,7 +37,7 @@ def policy_options(cls: type[Policy]) -> dict[str, dataclasses.Field]:
 
 
 def make_policy(name: str, **options) -> Policy:
-    """Build a policy by name ("h2o", "tova", "snapkv", "streamingllm") with its options."""
+    """Build a policy by name ("h2o", "tova", "snapkv", "streamingllm", "kvzip") with its options."""
     if name not in POLICIES:
         raise ValueError(f"unknown policy {name!r}; allowed: {', '.join(POLICIES)}")
     cls = POLICIES[name]
@@ -48,7 +50,7 @@ def make_policy(name: str, **options) -> Policy:
 
 
 def allocate(policy: Policy, allocation: str = "uniform", *, alpha: float = 0.2, beta: float = 20.0) -> Policy | BudgetWrapper:
-    """Wrap `policy` for an allocation name: "uniform" (as is), "adakv", "pyramid" or "adakv+pyramid".
+    """Wrap `policy` for an allocation name: "uniform" (as is), "adakv", "pyramid", "adakv+pyramid" or "global".
 
     A composed name lists the wrappers outermost first, as `policy_allocation` reports them.
     """
@@ -59,6 +61,8 @@ def allocate(policy: Policy, allocation: str = "uniform", *, alpha: float = 0.2,
             policy = PyramidKV(policy, beta=beta)
         elif name == "adakv":
             policy = AdaKV(policy, alpha=alpha)
+        elif name == "global":
+            policy = GlobalKV(policy, alpha=alpha)
     return policy
 
 
@@ -132,7 +136,7 @@ def paper_preset(setting: str, policy: str, *, budget: float | int, score: str |
 
 
 __all__ = [
-    "ALLOCATIONS", "AdaKV", "BudgetWrapper", "Decoding", "H2O", "LayerState", "POLICIES", "PRESETS", "Policy", "PyramidKV",
+    "ALLOCATIONS", "AdaKV", "BudgetWrapper", "Decoding", "GlobalKV", "H2O", "KVzip", "LayerState", "POLICIES", "PRESETS", "Policy", "PyramidKV",
     "REGISTRY", "ScoredPolicy", "SnapKV", "StreamingLLM", "TOVA", "allocate", "make_policy", "paper_preset",
     "policy_allocation", "policy_label", "policy_options", "RECOMMENDED", "recommended",
 ]

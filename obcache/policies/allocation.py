@@ -3,7 +3,8 @@
     AdaKV(SnapKV(score="obc-joint", budget=0.1), alpha=0.2)
     AdaKV(PyramidKV(H2O(budget=256), beta=20))
 
-Both conserve the total: AdaKV keeps budget x Hkv tokens per layer and batch
+`GlobalKV(policy)` pools the budget of every head of every layer (KVzip's
+allocation). All conserve the total: AdaKV keeps budget x Hkv tokens per layer and batch
 row, spread unevenly over the heads; PyramidKV gives deeper layers fewer
 tokens, with the mean over layers equal to the budget. Heads of unequal
 length live in the cache's ragged layout, which frees what they drop.
@@ -55,6 +56,7 @@ class BudgetWrapper:
         self.policy.check_prompt(prompt_lengths)
 
     select = Policy.select
+    select_layers = Policy.select_layers
     attach = Policy.attach
 
 
@@ -72,14 +74,72 @@ class AdaKV(BudgetWrapper):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not 0.0 <= self.alpha <= 1.0:
-            raise ValueError(f"alpha must be a number in [0, 1] (the share of the budget every head keeps), got {self.alpha!r}")
+        _check_alpha(self.alpha)
         if self.policy.selection == "shared":
             raise ValueError("AdaKV gives heads different budgets; it needs selection='per-head', not 'shared'")
 
     def allocate(self, scores: torch.Tensor, kept: int, layer: LayerState) -> torch.Tensor:
-        floor = min(kept, max(1, math.ceil(self.alpha * kept)))
-        return adaptive_mask(scores, kept, floor)
+        return adaptive_mask(scores, kept, _floor(self.alpha, kept))
+
+
+@dataclass
+class GlobalKV(BudgetWrapper):
+    """One pool for the whole model, as KVzip allocates (arXiv 2505.23416).
+
+    Per batch row, the budget x Hkv x layers slots go to the best scores over
+    every KV head of every layer; every head keeps at least alpha x budget
+    tokens besides what it protects. Scores of different layers differ in
+    scale (the OBCache ones with ||v||), so each layer's are first divided by
+    their mean over the layer's real, unprotected tokens. Needs every layer
+    before choosing: the full cache is held until the end of the prefill.
+    """
+
+    name: ClassVar[str] = "global"
+    alpha: float = 0.2
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_alpha(self.alpha)
+        if isinstance(self.policy, BudgetWrapper):
+            raise ValueError(
+                f"global allocation sets every head's and layer's budget itself; wrap the policy directly, "
+                f"not {type(self.policy).__name__}"
+            )
+
+    @property
+    def selects_after_all_layers(self) -> bool:
+        return True
+
+    def select(self, layer: LayerState, scores: torch.Tensor | None = None) -> torch.Tensor | None:
+        raise TypeError("global allocation chooses over all layers at once: use select_layers")
+
+    def select_layers(self, layers: list[LayerState], scores: list[torch.Tensor]) -> list[torch.Tensor | None]:
+        kept = self.layer_budget(layers[0])
+        length, heads = layers[0].length, layers[0].kv_heads
+        if kept >= length:
+            return [None] * len(layers)
+        prepared = [self.prepared_scores(layer, layer_scores) for layer, layer_scores in zip(layers, scores)]
+        shared = prepared[0].shape[1]  # Hkv, or 1 with shared selection
+        pooled = torch.cat([_relative(layer_scores) for layer_scores in prepared], dim=1)  # [B, layers x heads, L]
+        mask = adaptive_mask(pooled, kept, _floor(self.alpha, kept))
+        return [part.expand(-1, heads, -1) for part in mask.split(shared, dim=1)]
+
+
+def _relative(scores: torch.Tensor) -> torch.Tensor:
+    """Scores divided by their layer's mean over finite (real, unprotected) entries; +-inf kept."""
+    finite = scores.isfinite()
+    mean = scores.where(finite, 0.0).sum((1, 2), keepdim=True) / finite.sum((1, 2), keepdim=True).clamp_min(1)
+    return scores / mean.clamp_min(torch.finfo(scores.dtype).tiny)
+
+
+def _floor(alpha: float, kept: int) -> int:
+    """Tokens every head keeps at least: alpha x budget, rounded up, at least one."""
+    return min(kept, max(1, math.ceil(alpha * kept)))
+
+
+def _check_alpha(alpha) -> None:
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be a number in [0, 1] (the share of the budget every head keeps), got {alpha!r}")
 
 
 @dataclass

@@ -55,13 +55,16 @@ class Policy:
     `sinks` (the first real tokens). `takes_score` says whether a `score`
     field chooses the token score (see `ScoredPolicy`); `decode_accumulates`
     whether, during decoding (`obcache.Decoding`), scores are summed over
-    every query as it passes instead of recomputed from the latest queries.
+    every query as it passes instead of recomputed from the latest queries;
+    `needs_reconstruction` whether the scores come from the queries of the
+    model repeating its context (`obcache.KVzip`), after the whole prefill.
     """
 
     name: ClassVar[str] = "policy"
     summary: ClassVar[str] = ""
     takes_score: ClassVar[bool] = False
     decode_accumulates: ClassVar[bool] = False  # during decoding: running sum of every query's score (H2O)
+    needs_reconstruction: ClassVar[bool] = False  # scored by the context-reconstruction queries (KVzip)
 
     budget: float | int = option(0.1, "kept per KV head: fraction of the prompt (0.1) or tokens (256)")
     sinks: int = option(0, "first real tokens always kept")
@@ -123,12 +126,21 @@ class Policy:
         """Keep mask [B, Hkv, L]: the `kept` best tokens of every head (or of the shared row)."""
         return top_k_mask(scores, kept).expand(-1, layer.kv_heads, -1)
 
-    def select(self, layer: LayerState) -> torch.Tensor | None:
-        """Keep mask [B, Hkv, L] of the layer's slots; None = keep all."""
+    def select(self, layer: LayerState, scores: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Keep mask [B, Hkv, L] of the layer's slots (from `scores`, or `token_scores`); None = keep all."""
         kept = self.layer_budget(layer)
         if kept >= layer.length:
             return None
-        return self.allocate(self.prepared_scores(layer), kept, layer)
+        return self.allocate(self.prepared_scores(layer, scores), kept, layer)
+
+    @property
+    def selects_after_all_layers(self) -> bool:
+        """Whether the choice needs every layer first (`select_layers`), instead of one layer at a time."""
+        return self.needs_reconstruction
+
+    def select_layers(self, layers: list[LayerState], scores: list[torch.Tensor]) -> list[torch.Tensor | None]:
+        """Keep masks of every layer at once, from each layer's token scores."""
+        return [self.select(layer, layer_scores) for layer, layer_scores in zip(layers, scores)]
 
     # -- checks and protection --
 
@@ -169,11 +181,14 @@ class Policy:
             protected = protected | (real & (real.cumsum(-1) <= self.sinks))
         return protected
 
-    def attach(self, model):
-        """Context manager: under it, `model(...)` and `model.generate(...)` evict after prefill."""
+    def attach(self, model, *, tokenizer=None, chat_template: bool = True):
+        """Context manager: under it, `model(...)` and `model.generate(...)` evict after prefill.
+
+        `tokenizer` (and whether the prompt uses the chat template) only matter to policies that
+        reconstruct the context (`obcache.KVzip`), which need it to write their prompt."""
         from obcache.hooks import EvictionHooks
 
-        return EvictionHooks(model, self)
+        return EvictionHooks(model, self, tokenizer=tokenizer, chat_template=chat_template)
 
 
 @dataclass

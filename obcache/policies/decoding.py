@@ -34,6 +34,12 @@ from obcache.policies.base import Policy, check_count
 from obcache.scores import saliency
 
 
+def policy_name(selector) -> str:
+    """The name of a (possibly wrapped) policy: "kvzip", "global(kvzip)"."""
+    inner = getattr(selector, "policy", None)
+    return f"{selector.name}({policy_name(inner)})" if inner is not None else selector.name
+
+
 @dataclass
 class Decoding(BudgetWrapper):
     """Evict during generation too: back to `budget` tokens per KV head every `interval` new tokens."""
@@ -49,6 +55,12 @@ class Decoding(BudgetWrapper):
         base = self.base
         if not isinstance(base, Policy):
             raise TypeError(f"Decoding needs a policy that scores tokens (H2O, TOVA, SnapKV, ...), got {base!r}")
+        if base.needs_reconstruction or self.policy.selects_after_all_layers:
+            raise ValueError(
+                f"Decoding evicts one layer at a time as tokens are generated; {policy_name(self.policy)} "
+                "chooses after all layers (context reconstruction or global allocation) and cannot score during "
+                "decoding; use H2O, TOVA, SnapKV or StreamingLLM"
+            )
         protected = base.window_protected + base.sinks
         if self.budget < protected:
             raise ValueError(
