@@ -132,6 +132,21 @@ class EvictableCache(Cache):
             self.full_bytes += self.layers[layer_idx].nbytes()
             self.evicted_layers.add(layer_idx)
 
+    def fork(self) -> EvictableCache:
+        """A cache that continues from this one as it is now, leaving this one unchanged.
+
+        Nothing is copied: growing a layer makes new tensors, so the two share
+        the slots held now and nothing after. Many questions on one compressed
+        context: fork the compressed cache for each.
+        """
+        twin = copy.copy(self)
+        twin.layers = [copy.copy(layer) for layer in self.layers]
+        for layer in twin.layers:
+            layer.extras = dict(layer.extras)
+        twin.evicted_layers = set(self.evicted_layers)
+        twin.queries = {}
+        return twin
+
     def subset(self, masks: list[torch.Tensor | None]) -> EvictableCache:
         """A new cache holding, per layer, the slots of `masks[layer]` (None = all) of this one.
 

@@ -8,13 +8,19 @@ the evicted cache of the turn before:
 
     first = obcache.generate(model, tokenizer, document, "Who signed it?", policy=policy)
     second = obcache.generate(model, tokenizer, "And when?", history=first)
+
+Query-agnostic compression serves any number of questions: `ask` answers one
+more on the compressed context alone (a fork of the cache as compression left
+it), not seeing the other questions:
+
+    other = obcache.ask(model, tokenizer, first, "Where was it signed?")
 """
 
 from __future__ import annotations
 
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -34,6 +40,8 @@ class GenerationResult:
     `messages` and `pending` let a later turn continue (`generate(..., history=result)`):
     the cache after this turn, the conversation so far, and the generated
     token not yet fed to the model (when generation stopped at max_new_tokens).
+    `context` and `compressed` (query-agnostic compression only: the cache right
+    after it) let `ask` put other questions to the same compressed context.
     """
 
     text: str
@@ -51,6 +59,8 @@ class GenerationResult:
     messages: list[dict] = field(default_factory=list, repr=False)
     pending: list[int] = field(default_factory=list, repr=False)
     chat_template: bool = True
+    context: str = field(default="", repr=False)
+    compressed: EvictableCache | None = field(default=None, repr=False)
 
     @property
     def tokens_seen(self) -> int:
@@ -135,6 +145,7 @@ def generate(
         kept_per_layer = cache.kept_tokens()
         bytes_kept = cache.nbytes()
         bytes_full = cache.full_bytes or bytes_kept
+        compressed = None if query_aware else cache.fork()
         start = time.perf_counter()
         generated, pending = continue_greedy(
             model, cache, logits, rest_ids, eos=eos_token_ids(model, tokenizer), max_new_tokens=max_new_tokens,
@@ -157,8 +168,37 @@ def generate(
         eviction_seconds=cache.eviction_seconds,
         decode_seconds=decode_seconds,
         policy=repr(policy) if policy is not None else "full cache",
-        cache=cache, messages=messages, pending=pending, chat_template=chat_template,
+        cache=cache, messages=messages, pending=pending, chat_template=chat_template, context=context,
+        compressed=compressed,
     )
+
+
+@torch.no_grad()
+def ask(model, tokenizer, compressed: GenerationResult, question: str, *, max_new_tokens: int = 64,
+        answer_prefix: str = "") -> GenerationResult:
+    """Answer `question` on the context that `compressed` (a query-agnostic `generate` result) compressed.
+
+    The question sees the compressed context only, not the other questions or answers: its cache is a
+    fork of the compressed one (`EvictableCache.fork`), so any number of questions share one compression.
+    """
+    if compressed.compressed is None:
+        raise ValueError("this result compressed its question with the context (query_aware=True); "
+                         "only a query-agnostic compression can serve other questions")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    _, question_ids = build_prompt(tokenizer, compressed.context, question, chat_template=compressed.chat_template,
+                                   answer_prefix=answer_prefix)
+    cache = compressed.compressed.fork()
+    start = time.perf_counter()
+    with attach(model):
+        logits = forward_tokens(model, cache, question_ids)
+        generated, pending = continue_greedy(model, cache, logits, [], eos=eos_token_ids(model, tokenizer),
+                                             max_new_tokens=max_new_tokens, return_pending=True)
+    text = tokenizer.decode(generated, skip_special_tokens=True)
+    messages = [{"role": "user", "content": compressed.context + "\n\n" + question},
+                {"role": "assistant", "content": answer_prefix + text}]
+    return replace(compressed, text=text, token_ids=generated, question_tokens=len(question_ids), prefill_seconds=0.0,
+                   decode_seconds=time.perf_counter() - start, cache=cache, messages=messages, pending=pending)
 
 
 def _next_turn(model, tokenizer, history: GenerationResult, message: str, question: str | None, *, policy,

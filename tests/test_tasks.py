@@ -14,6 +14,7 @@ from obcache.evaluation.tasks import (
     TASKS,
     VT_HOPS,
     make_sample,
+    questions,
     score_prediction,
 )
 from obcache.loading import load_tokenizer
@@ -131,8 +132,13 @@ def test_niah_answer_in_context(tokenizer, task):
     asked = [key for key in found if key in sample.question]
     assert asked and all(key in sample.answer_prefix for key in asked)
     assert tuple(sorted(v for key in asked for v in found[key])) == tuple(sorted(sample.expected))
-    expected_needles = {"niah_multikey": 4, "niah_multivalue": 4, "niah_multiquery": 4}.get(task, 1)
+    expected_needles = {"niah_multikey": 4, "niah_multivalue": 4, "niah_multiquery": 4, "niah_multiquestion": 4}.get(task, 1)
     assert sum(map(len, found.values())) == len(sample.needle_spans) == expected_needles
+    for question in questions(sample)[1:]:  # niah_multiquestion: every key asked on its own, its needle's value
+        (key,) = [key for key in found if key in question.question]
+        assert key in question.answer_prefix and question.expected == tuple(found[key])
+    if task == "niah_multiquestion":
+        assert len(questions(sample)) == len(found) == 4
 
 
 def test_variable_tracking_chain(tokenizer):

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from obcache.evaluation.tasks import TASKS, make_sample, score_prediction
+from obcache.evaluation.tasks import TASKS, make_sample, questions, score_prediction
 from obcache.layer_state import Selector
 from obcache.policies import policy_allocation
 
@@ -111,6 +111,11 @@ class NeedleFamily(TaskFamily):
     metrics = ("accuracy", "prefix")
     heatmaps = True
 
+    def check(self, spec: EvalSpec) -> None:
+        if spec.query_aware and spec.task == "niah_multiquestion":
+            raise ValueError("niah_multiquestion is query-agnostic: its questions share one compressed cache "
+                             "(drop --query-aware)")
+
     def mode(self, spec: EvalSpec) -> str:
         return "query-aware" if spec.query_aware else "query-agnostic"
 
@@ -133,7 +138,7 @@ class NeedleFamily(TaskFamily):
     def rows(self, spec: EvalSpec, model, tokenizer, unit: dict, missing: dict, grid: dict,
              advance: Callable[[int], object]) -> list[dict]:
         from obcache.evaluation.fanout import shared_prefill
-        from obcache.generation import continue_greedy, eos_token_ids
+        from obcache.generation import build_prompt, continue_greedy, eos_token_ids
         from obcache.hooks import attach
 
         sample = make_sample(spec.task, tokenizer, unit["length"], seed=spec.seed + unit["sample"], depth=unit["depth"])
@@ -142,20 +147,25 @@ class NeedleFamily(TaskFamily):
         rest_ids = [] if spec.query_aware else question_ids
         shared = shared_prefill(model, prefill_ids, missing, tokenizer=tokenizer)
         eos, max_new = eos_token_ids(model, tokenizer), self._max_new_tokens(spec, sample, tokenizer)
+        asked = questions(sample)  # several (niah_multiquestion): each on its own fork of one compressed cache
+        rests = [rest_ids] + [build_prompt(tokenizer, sample.context, q.question, answer_prefix=q.answer_prefix)[1]
+                              for q in asked[1:]]
         rows = []
         for key, policy in missing.items():
-            cache = shared.evicted(key)
-            kept, nbytes = cache.kept_tokens()[0], cache.nbytes()
+            compressed = shared.evicted(key)
+            kept, nbytes = compressed.kept_tokens()[0], compressed.nbytes()
             start = time.perf_counter()
+            predictions = []
             with attach(model):
-                tokens = continue_greedy(model, cache, shared.logits, rest_ids, eos=eos, max_new_tokens=max_new)
+                for rest in rests:
+                    tokens = continue_greedy(model, compressed.fork(), shared.logits, rest, eos=eos, max_new_tokens=max_new)
+                    predictions.append(tokenizer.decode(tokens, skip_special_tokens=True))
             decode_seconds = time.perf_counter() - start
-            prediction = tokenizer.decode(tokens, skip_special_tokens=True)
             rows.append({
                 **policy_fields(key, policy),
                 "prompt_tokens": len(prefill_ids), "question_tokens": len(question_ids),
-                "prediction": prediction, "expected": list(sample.expected),
-                "correct": score_prediction(sample, prediction),
+                "prediction": " | ".join(predictions), "expected": [v for q in asked for v in q.expected],
+                "correct": sum(map(score_prediction, asked, predictions)) / len(asked),
                 "kept_tokens": kept, "cache_bytes": nbytes, "cache_bytes_full": shared.cache.nbytes(),
                 "prefill_seconds": shared.prefill_seconds, "select_seconds": shared.select_seconds[key],
                 "decode_seconds": decode_seconds,

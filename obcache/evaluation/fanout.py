@@ -29,6 +29,7 @@ from obcache.cache import EvictableCache
 from obcache.generation import forward_tokens
 from obcache.hooks import EvictionHooks
 from obcache.layer_state import LayerState, Selector
+from obcache.policies import Policy
 from obcache.reconstruction import select_after_prefill
 
 
@@ -70,12 +71,22 @@ class _Recorder(EvictionHooks):
         return prefill
 
     def layer_done(self, layer_idx: int, state: LayerState, cache: EvictableCache, prefill: bool) -> None:
+        computed: dict[tuple, torch.Tensor] = {}  # token scores of this layer, shared by policies that score alike
         for key, policy in self.policies.items():
+            if policy.needs_reconstruction:  # scored after the prefill
+                continue
             start = time.perf_counter()
-            if key not in self.prefill_scores:
-                self.masks[key][layer_idx] = policy.select(state)
-            elif not policy.needs_reconstruction:
-                self.prefill_scores[key].append(policy.token_scores(state))
+            deferred = key in self.prefill_scores
+            scores = None
+            if deferred or type(policy).select is Policy.select:  # not Decoding, whose select keeps state
+                scoring = policy.scoring()
+                scores = computed.get(scoring)
+                if scores is None:
+                    scores = computed[scoring] = policy.token_scores(state)
+            if deferred:
+                self.prefill_scores[key].append(scores)
+            else:
+                self.masks[key][layer_idx] = policy.select(state, scores) if scores is not None else policy.select(state)
             self.seconds[key] += time.perf_counter() - start
 
 

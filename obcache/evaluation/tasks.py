@@ -10,6 +10,9 @@ better with one). Needles:
   Keys are adjective-noun words ("curious-lantern"), numbers have 7 digits,
   words are adjective-noun pairs, uuids are version-4 UUIDs, all drawn from a
   seeded RNG.
+- niah_multiquestion: the needles of niah_multikey, each key asked in its own
+  question; all questions are answered on one compressed cache (query-agnostic
+  only), as after compressing a document once for many questions (KVzip's setting).
 - variable_tracking: chains "VAR ABCDE = 12345.", "VAR FGHIJ = VAR ABCDE.", ...
   (RULER's vt: 5-letter names, 5-digit values, 4 hops). RULER uses one chain;
   here a second, distractor chain with another value is interleaved, so the
@@ -96,6 +99,15 @@ class Sample:
     answer_prefix: str
     expected: tuple[str, ...]
     needle_spans: tuple[tuple[int, int], ...]
+    followups: tuple["Question", ...] = ()  # niah_multiquestion: the other questions, each on its own
+
+
+class Question(NamedTuple):
+    """One more question on a sample's context, answered on its own."""
+
+    question: str
+    answer_prefix: str
+    expected: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -106,6 +118,7 @@ class _Niah:
     keys: int = 1  # keys with needles: the first `queries` are asked, the others are distractors
     values: int = 1  # needles (distinct values) per key
     queries: int = 1
+    separate: bool = False  # each asked key in its own question (niah_multiquestion)
 
 
 _NIAH: dict[str, _Niah] = {
@@ -115,6 +128,7 @@ _NIAH: dict[str, _Niah] = {
     "niah_multikey": _Niah("number", keys=NUM_NEEDLES),
     "niah_multivalue": _Niah("number", values=NUM_NEEDLES),
     "niah_multiquery": _Niah("number", keys=NUM_NEEDLES, queries=NUM_NEEDLES),
+    "niah_multiquestion": _Niah("number", keys=NUM_NEEDLES, queries=NUM_NEEDLES, separate=True),
 }
 
 TASKS: dict[str, str] = {
@@ -124,6 +138,8 @@ TASKS: dict[str, str] = {
     "niah_multikey": f"Retrieve the number of one key among {NUM_NEEDLES - 1} distractor needles with other keys.",
     "niah_multivalue": f"Retrieve all {NUM_NEEDLES} numbers given for one key.",
     "niah_multiquery": f"Retrieve the numbers of {NUM_NEEDLES} keys asked at once.",
+    "niah_multiquestion": f"Retrieve the numbers of {NUM_NEEDLES} keys, each asked in its own question on one "
+    "compressed cache (query-agnostic).",
     "variable_tracking": f"List the {VT_HOPS + 1} variables a chain of assignments gives one value "
     f"({VT_CHAINS - 1} distractor chain).",
 }
@@ -136,6 +152,7 @@ class _Parts(NamedTuple):
     question: str
     answer_prefix: str
     expected: tuple[str, ...]
+    followups: tuple[Question, ...] = ()
 
 
 def _word(rng: random.Random) -> str:
@@ -172,6 +189,9 @@ def _niah(spec: _Niah, rng: random.Random, depth: float | None) -> _Parts:
         for value in values[k * spec.values : (k + 1) * spec.values]
     ]
     depths = [depth if depth is not None else rng.random()] + [rng.random() for _ in texts[1:]]
+    if spec.separate:
+        questions = [_question(spec.value_type, key, (value,)) for key, value in zip(keys, values)]
+        return _Parts(list(zip(texts, depths)), *questions[0], tuple(questions[1:]))
     expected = tuple(values[: spec.queries * spec.values])
     asked = _names(keys[: spec.queries])
     if len(expected) == 1:
@@ -182,6 +202,12 @@ def _niah(spec: _Niah, rng: random.Random, depth: float | None) -> _Parts:
         prefix = f"The special magic {spec.value_type}s for {asked} are"
     question += f" Answer with the {spec.value_type}{'s' if len(expected) > 1 else ''} only."
     return _Parts(list(zip(texts, depths)), question, prefix, expected)
+
+
+def _question(value_type: str, key: str, expected: tuple[str, ...]) -> Question:
+    """The question on one key with one value."""
+    question = f"What is the special magic {value_type} for {key} mentioned in the text above? Answer with the {value_type} only."
+    return Question(question, f"The special magic {value_type} for {key} is", expected)
 
 
 def _variable_tracking(rng: random.Random, depth: float | None) -> _Parts:
@@ -261,11 +287,17 @@ def make_sample(
     error = count_tokens(tokenizer, context) - length
     if abs(error) > LENGTH_TOLERANCE:
         raise RuntimeError(f"{task}: context has {length + error} tokens instead of {length}; tokenizer not additive?")
-    return Sample(task, length, depth, seed, context, parts.question, parts.answer_prefix, parts.expected, spans)
+    return Sample(task, length, depth, seed, context, parts.question, parts.answer_prefix, parts.expected, spans,
+                  parts.followups)
 
 
-def score_prediction(sample: Sample, prediction: str) -> float:
+def score_prediction(sample: Sample | Question, prediction: str) -> float:
     """RULER's string match ("string_match_all"): the fraction of `sample.expected` found in
     `prediction`, case-insensitive; 1.0 when all are there."""
     text = prediction.lower()
     return sum(value.lower() in text for value in sample.expected) / len(sample.expected)
+
+
+def questions(sample: Sample) -> list[Question]:
+    """Every question of a sample, each answered on its own: the main one, then its follow-ups."""
+    return [Question(sample.question, sample.answer_prefix, sample.expected), *sample.followups]

@@ -26,7 +26,7 @@ layer and KV head, counting protected tokens:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import ClassVar
 
 import torch
@@ -132,6 +132,12 @@ class Policy:
         if kept >= layer.length:
             return None
         return self.allocate(self.prepared_scores(layer, scores), kept, layer)
+
+    def scoring(self) -> tuple:
+        """What `token_scores` depends on: the class and every option except those that only choose among the
+        scored tokens (budget, sinks, selection, combine, chunk). Equal for policies that can share scores."""
+        chooses = {"budget", "sinks", "selection", "combine", "chunk"}
+        return (type(self), *((f.name, getattr(self, f.name)) for f in fields(self) if f.name not in chooses))
 
     @property
     def selects_after_all_layers(self) -> bool:
