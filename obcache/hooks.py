@@ -151,7 +151,7 @@ class EvictionHooks(LayerHooks):
             masks = select_after_prefill(
                 self.model, cache, ids, {0: self.policy}, {0: self._prefill_scores}, tokenizer=self.tokenizer,
                 chat_template=self.chat_template,
-            )[0]
+            )[0][0]
             self._prefill_scores = []
             for layer_idx, mask in enumerate(masks):
                 if mask is None:

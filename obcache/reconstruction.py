@@ -26,6 +26,7 @@ are read by obcache's attention function.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Hashable, Mapping
 
 import torch
@@ -74,14 +75,17 @@ class _Scorer(LayerHooks):
         self.context_length = context_length
         self.scorers = {_scoring(policy): policy for policy in policies.values()}
         self.scores: dict[tuple, list[torch.Tensor | None]] = {key: [None] * len(self.attentions) for key in self.scorers}
+        self.seconds = dict.fromkeys(self.scorers, 0.0)
 
     def wants_state(self, prefill: bool) -> bool:
         return not prefill
 
     def layer_done(self, layer_idx: int, state: LayerState, cache: EvictableCache, prefill: bool) -> None:
         for key, policy in self.scorers.items():
+            start = time.perf_counter()
             scores = policy.reconstruction_scores(state, self.context_length)
             self.scores[key][layer_idx] = policy.merge(self.scores[key][layer_idx], scores)
+            self.seconds[key] += time.perf_counter() - start
 
 
 def _scoring(policy) -> tuple:
@@ -90,23 +94,28 @@ def _scoring(policy) -> tuple:
 
 @torch.no_grad()
 def reconstruct(model: nn.Module, cache: EvictableCache, inputs: list[list[int]],
-                policies: Mapping[Hashable, object]) -> dict[Hashable, list[torch.Tensor]]:
+                policies: Mapping[Hashable, object]) -> tuple[dict[Hashable, list[torch.Tensor]], dict[Hashable, float]]:
     """Per policy, per layer, the [1, Hkv, L] scores of the L context tokens of `cache` over the reconstruction
-    `inputs` (each policy's `reconstruction_scores`, merged over the chunks by its `merge`)."""
+    `inputs` (each policy's `reconstruction_scores`, merged over the chunks by its `merge`); and per policy the
+    seconds it would have taken alone (the forwards plus its own scoring)."""
     scorer = _Scorer(model, policies, cache.seen_tokens)
+    start = time.perf_counter()
     with scorer:
         for ids in inputs:
             scratch = cache.subset([None] * len(cache.layers))  # shares the context's tensors; the chunk's are dropped
             model(input_ids=torch.tensor([ids], device=model.device), past_key_values=scratch, use_cache=True,
                   position_ids=scratch.positions_for(len(ids), model.device), logits_to_keep=1)
-    return {key: scorer.scores[_scoring(policy)] for key, policy in policies.items()}
+    forwards = time.perf_counter() - start - sum(scorer.seconds.values())
+    scores = {key: scorer.scores[_scoring(policy)] for key, policy in policies.items()}
+    return scores, {key: forwards + scorer.seconds[_scoring(policy)] for key, policy in policies.items()}
 
 
 def select_after_prefill(
     model: nn.Module, cache: EvictableCache, context_ids: list[int], selectors: Mapping[Hashable, object],
     prefill_scores: Mapping[Hashable, list[torch.Tensor]], *, tokenizer=None, chat_template: bool = True,
-) -> dict[Hashable, list[torch.Tensor | None]]:
-    """Per selector, the keep masks of every layer of the full `cache` of `context_ids` (batch 1).
+) -> tuple[dict[Hashable, list[torch.Tensor | None]], dict[Hashable, float]]:
+    """Per selector, the keep masks of every layer of the full `cache` of `context_ids` (batch 1), and the
+    seconds each would have taken alone.
 
     Selectors that need the reconstruction are scored by it (one run per chunk size); the others by their
     `prefill_scores` (per layer, recorded during the prefill).
@@ -119,11 +128,19 @@ def select_after_prefill(
                 raise ValueError(f"{selector.name} needs the tokenizer to write its reconstruction prompt")
             base = _innermost(selector)
             groups.setdefault(base.reconstruct_chunk, {})[key] = base
+    seconds = dict.fromkeys(selectors, 0.0)
     for chunk, members in groups.items():
         inputs = reconstruction_inputs(tokenizer, context_ids, chunk=chunk, chat_template=chat_template)
-        scores.update(reconstruct(model, cache, inputs, members))
+        chunk_scores, chunk_seconds = reconstruct(model, cache, inputs, members)
+        scores.update(chunk_scores)
+        seconds.update(chunk_seconds)
     states = [LayerState.of_cached(layer, index, len(cache.layers)) for index, layer in enumerate(cache.layers)]
-    return {key: selector.select_layers(states, scores[key]) for key, selector in selectors.items()}
+    masks = {}
+    for key, selector in selectors.items():
+        start = time.perf_counter()
+        masks[key] = selector.select_layers(states, scores[key])
+        seconds[key] += time.perf_counter() - start
+    return masks, seconds
 
 
 def _innermost(selector):

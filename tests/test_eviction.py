@@ -7,7 +7,7 @@ import torch
 from transformers import DynamicCache
 
 import obcache
-from obcache import H2O, TOVA, AdaKV, EvictableCache, PyramidKV, SnapKV, StreamingLLM
+from obcache import H2O, TOVA, AdaKV, EvictableCache, GlobalKV, PyramidKV, SnapKV, StreamingLLM
 from obcache.layer_state import LayerState
 from tests.conftest import kept_indices, tiny_model
 from tests.reference import generate_with_logits, keep_masks_dropped, masked_reference
@@ -39,6 +39,24 @@ class Recording:
         self.states.append(layer)
         self.chosen.append(mask)
         return mask
+
+    # selectors that choose after all layers (GlobalKV, KVzip)
+    @property
+    def selects_after_all_layers(self) -> bool:
+        return self.policy.selects_after_all_layers
+
+    @property
+    def needs_reconstruction(self) -> bool:
+        return self.policy.needs_reconstruction
+
+    def token_scores(self, layer: LayerState):
+        return self.policy.token_scores(layer)
+
+    def select_layers(self, layers, scores):
+        masks = self.policy.select_layers(layers, scores)
+        self.states.extend(layers)
+        self.chosen.extend(masks)
+        return masks
 
     def attach(self, model):
         return obcache.attach(model, self)
@@ -237,6 +255,7 @@ MODES = {
     "adakv-chunk": lambda: AdaKV(H2O(budget=12, window=2, score="attention", chunk=2), alpha=0.5),
     "pyramid": lambda: PyramidKV(SnapKV(budget=12, window=4, score="obc-key"), beta=2),
     "adakv-pyramid": lambda: AdaKV(PyramidKV(TOVA(budget=0.3, score="obc-joint"), beta=3)),
+    "global": lambda: GlobalKV(SnapKV(budget=12, window=4, score="obc-key", chunk=2), alpha=0.2),
 }
 
 
@@ -247,7 +266,7 @@ def test_every_mode_matches_the_masked_reference(family, mode, attn):
     model = tiny_model(family, attn=attn)
     ids, mask = left_padded_pair()
     recording, cache = assert_matches_reference(model, MODES[mode](), ids, attention_mask=mask)
-    if mode.startswith("adakv"):
+    if mode.startswith("adakv") or mode == "global":
         assert any(cache.is_ragged(i) for i in range(2))
 
 

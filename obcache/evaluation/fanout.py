@@ -97,7 +97,8 @@ def shared_prefill(model: nn.Module, ids: list[int], policies: Mapping[Hashable,
 
     A None policy keeps everything. Every policy's `check_prompt` runs before the forward.
     `tokenizer` (and `chat_template`) write the reconstruction prompt of KVzip policies.
-    `select_seconds` of a KVzip policy includes its share of the reconstruction.
+    `select_seconds` of a KVzip policy includes the reconstruction forwards (shared by all of them, counted in
+    full for each: what it costs alone) and its own scoring.
     """
     recorder = _Recorder(model, policies)
     for policy in recorder.policies.values():
@@ -109,11 +110,9 @@ def shared_prefill(model: nn.Module, ids: list[int], policies: Mapping[Hashable,
         elapsed = time.perf_counter() - start - sum(recorder.seconds.values())
         deferred = {key: recorder.policies[key] for key in recorder.prefill_scores}
         if deferred:
-            start = time.perf_counter()
-            chosen = select_after_prefill(model, cache, ids, deferred, recorder.prefill_scores, tokenizer=tokenizer,
-                                          chat_template=chat_template)
-            share = (time.perf_counter() - start) / len(deferred)
+            chosen, seconds = select_after_prefill(model, cache, ids, deferred, recorder.prefill_scores,
+                                                   tokenizer=tokenizer, chat_template=chat_template)
             for key, masks in chosen.items():
                 recorder.masks[key] = masks
-                recorder.seconds[key] += share
+                recorder.seconds[key] += seconds[key]
     return SharedPrefill(cache, logits, recorder.masks, recorder.seconds, elapsed)

@@ -1,0 +1,223 @@
+"""KVzip: the context-reconstruction queries, the kept set, several questions on one compressed cache.
+
+Every check compares with an independent computation: the reconstruction's
+queries and attention outputs are rebuilt in float64 from the model's weights
+(one plain forward over context + reconstruction input, hand-written
+attention); the scores come from the perturbation brute force of
+test_scores; generation after eviction from the full-cache masked reference.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+import obcache
+from obcache import AdaKV, Decoding, GlobalKV, KVzip, SnapKV
+from obcache.cache import EvictableCache
+from obcache.evaluation.fanout import shared_prefill
+from obcache.generation import forward_tokens
+from obcache.reconstruction import FIRST_PROMPT, NEXT_PROMPT, OVERLAP, answer_header, reconstruct, reconstruction_inputs
+from tests.conftest import tiny_model
+from tests.reference import generate_with_logits, keep_masks_dropped, masked_reference
+from tests.test_scores import brute_force
+
+CONTEXT = 40
+CHUNK = 16  # three reconstruction chunks of the 40-token context
+
+
+@pytest.fixture(scope="module", autouse=True)
+def single_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def context_ids(length: int = CONTEXT, seed: int = 5) -> list[int]:
+    return torch.randint(10, 500, (length,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+class Capture:
+    """A stand-in policy for `reconstruct`: records each layer's reconstruction state, scores nothing."""
+
+    score, gqa, aggregate = "attention", "sum", "max"
+
+    def __init__(self):
+        self.seen: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+
+    def reconstruction_scores(self, layer, context_length):
+        self.seen.append((layer.layer_idx, layer.new_queries().clone(), layer.new_outputs().clone()))
+        return torch.zeros(1, layer.kv_heads, context_length)
+
+    def merge(self, total, scores):
+        return scores
+
+
+def reference_states(model, context: list[int], inputs: list[int]) -> list[dict]:
+    """Per layer, float64: queries, keys, values and attention outputs of one plain forward over context + inputs."""
+    model = copy.deepcopy(model).double()
+    ids = torch.tensor([context + inputs])
+    with torch.no_grad():
+        hidden = model(input_ids=ids, output_hidden_states=True).hidden_states
+    positions = torch.arange(ids.shape[1])[None]
+    cos, sin = model.model.rotary_emb(hidden[0], positions)
+    states = []
+    for index, block in enumerate(model.model.layers):
+        attention = block.self_attn
+        x = block.input_layernorm(hidden[index])
+
+        def heads(projection, norm=None):
+            y = projection(x).view(1, ids.shape[1], -1, attention.head_dim)
+            return (norm(y) if norm is not None else y).transpose(1, 2)
+
+        q = heads(attention.q_proj, getattr(attention, "q_norm", None))
+        k = heads(attention.k_proj, getattr(attention, "k_norm", None))
+        v = heads(attention.v_proj)
+        rotate = lambda t: t * cos[:, None] + torch.cat([-t[..., t.shape[-1] // 2:], t[..., : t.shape[-1] // 2]], -1) * sin[:, None]  # noqa: E731
+        q, k = rotate(q), rotate(k)
+        group = q.shape[1] // k.shape[1]
+        logits = q @ k.repeat_interleave(group, 1).transpose(-1, -2) * attention.scaling
+        causal = torch.ones(ids.shape[1], ids.shape[1], dtype=torch.bool).tril()
+        weights = logits.masked_fill(~causal, float("-inf")).softmax(-1)
+        states.append({"q": q, "k": k, "v": v, "o": weights @ v.repeat_interleave(group, 1)})
+    return states
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_reconstruction_queries_and_outputs_equal_float64_recomputation(tokenizer, family):
+    model = tiny_model(family, vocab_size=len(tokenizer))
+    context = context_ids()
+    inputs = reconstruction_inputs(tokenizer, context, chunk=CHUNK)
+    assert len(inputs) == 3
+    cache = EvictableCache(config=model.config)
+    capture = Capture()
+    with obcache.attach(model), torch.no_grad():
+        forward_tokens(model, cache, context)
+        reconstruct(model, cache, inputs, {"capture": capture})
+    assert cache.seen_tokens == CONTEXT and cache.layers[0].keys.shape[-2] == CONTEXT  # nothing of it kept
+    for chunk, ids in enumerate(inputs):
+        reference = reference_states(model, context, ids)
+        for layer in range(2):
+            layer_idx, queries, outputs = capture.seen[chunk * 2 + layer]
+            assert layer_idx == layer
+            torch.testing.assert_close(queries.double(), reference[layer]["q"][:, :, CONTEXT:], rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(outputs.double(), reference[layer]["o"][:, :, CONTEXT:], rtol=1e-4, atol=1e-5)
+
+
+def test_reconstruction_inputs_repeat_the_context_in_chunks(tokenizer):
+    context = context_ids()
+    inputs = reconstruction_inputs(tokenizer, context, chunk=CHUNK)
+    encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    header = encode(answer_header(tokenizer))
+    chunks = [context[:16], context[16:32], context[32:]]
+    assert inputs[0] == encode(FIRST_PROMPT) + header + chunks[0]
+    for i in (1, 2):
+        assert inputs[i] == encode(NEXT_PROMPT) + chunks[i - 1][-OVERLAP:] + header + chunks[i]
+    assert "assistant" in tokenizer.decode(header)  # the answer starts where the model's own answers do
+
+
+@pytest.mark.parametrize("score,aggregate", [("attention", "max"), ("obc-key", "max"), ("obc-joint", "sum")])
+def test_kept_set_equals_brute_force_top_k_of_the_documented_score(tokenizer, score, aggregate):
+    """Per layer and KV head: keep = the 4 sinks + the top (budget - 4) of the score, aggregated over every
+    reconstruction query of every chunk (float64 brute force per chunk, merged by max or sum)."""
+    model = tiny_model(vocab_size=len(tokenizer))
+    context = context_ids()
+    inputs = reconstruction_inputs(tokenizer, context, chunk=CHUNK)
+    budget = 15
+    policy = KVzip(score=score, aggregate=aggregate, budget=budget, reconstruct_chunk=CHUNK)
+    shared = shared_prefill(model, context, {"kvzip": policy}, tokenizer=tokenizer)
+    expected = [None, None]
+    for ids in inputs:
+        reference = reference_states(model, context, ids)
+        end = CONTEXT + len(ids)
+        for layer in range(2):
+            r = reference[layer]
+            scores = brute_force(r["q"][:, :, CONTEXT:], r["k"], r["v"], score,
+                                 positions=list(range(CONTEXT, end)), reduce=aggregate)[..., :CONTEXT]
+            merged = expected[layer]
+            expected[layer] = scores if merged is None else (merged + scores if aggregate == "sum" else torch.maximum(merged, scores))
+    for layer in range(2):
+        scores = expected[layer].clone()
+        scores[..., :4] = float("inf")  # sinks
+        top = scores.topk(budget, dim=-1).indices.sort(-1).values
+        chosen = shared.masks["kvzip"][layer].nonzero()[:, -1].view(1, 2, budget)
+        assert torch.equal(chosen, top), (layer, chosen, top)
+
+
+def test_global_allocation_pools_every_head_of_every_layer(tokenizer):
+    model = tiny_model(vocab_size=len(tokenizer))
+    policy = GlobalKV(KVzip(score="attention", budget=12), alpha=0.25)
+    shared = shared_prefill(model, context_ids(), {"g": policy}, tokenizer=tokenizer)
+    counts = torch.stack([mask.sum(-1) for mask in shared.masks["g"]])  # [layers, 1, Hkv]
+    assert int(counts.sum()) == 12 * 2 * 2  # budget x heads x layers
+    assert int(counts.min()) >= 4 + 3  # sinks + ceil(0.25 x 12) per head
+    assert len(set(counts.flatten().tolist())) > 1  # really adaptive
+
+
+def masks_of(cache: EvictableCache, length: int) -> list[torch.Tensor]:
+    """Keep masks [1, Hkv, length] of the prompt positions each head holds."""
+    masks = []
+    for layer in range(len(cache.layers)):
+        mask = torch.zeros(1, cache.layers[layer].keys.shape[1] if not cache.is_ragged(layer) else 2, length, dtype=torch.bool)
+        for head, positions in enumerate(cache.kept_positions(layer)[0]):
+            mask[0, head, positions[positions < length]] = True
+        masks.append(mask)
+    return masks
+
+
+@pytest.mark.parametrize("make", [
+    lambda: KVzip(score="obc-joint", budget=14, reconstruct_chunk=CHUNK),
+    lambda: GlobalKV(KVzip(score="attention", budget=0.3, chunk=2)),
+    lambda: AdaKV(KVzip(score="obc-key", budget=12, source="prefill")),
+])
+def test_generation_after_kvzip_matches_the_masked_reference(tokenizer, family, make):
+    """Under plain model.generate: tokens and logits equal the full cache hiding exactly what each head dropped."""
+    model = tiny_model(family, vocab_size=len(tokenizer))
+    ids = torch.tensor([context_ids()])
+    with make().attach(model, tokenizer=tokenizer):
+        tokens, logits, cache = generate_with_logits(model, ids, 6)
+    assert cache.seen_tokens == CONTEXT + 5
+    reference_tokens, reference_logits = masked_reference(model, ids, 6, keep_masks_dropped(masks_of(cache, CONTEXT)))
+    assert torch.equal(tokens, reference_tokens)
+    torch.testing.assert_close(logits, reference_logits, rtol=1e-4, atol=1e-4)
+    _, full_logits, _ = generate_with_logits(model, ids, 6)
+    assert not torch.allclose(logits, full_logits, atol=1e-3)
+
+
+def test_questions_on_one_compressed_cache_equal_each_on_its_own(tokenizer):
+    model = tiny_model(vocab_size=len(tokenizer))
+    context = " ".join(f"Item {i} is stored in box {i * 7 % 13}." for i in range(12))
+    questions = ["Where is item 3?", "Where is item 8?", "Which box holds item 11?"]
+    policy = KVzip(score="obc-key", budget=0.4, reconstruct_chunk=64)
+    first = obcache.generate(model, tokenizer, context, questions[0], policy=policy, max_new_tokens=6)
+    shared = [first] + [obcache.ask(model, tokenizer, first, q, max_new_tokens=6) for q in questions[1:]]
+    alone = [obcache.generate(model, tokenizer, context, q, policy=policy, max_new_tokens=6) for q in questions]
+    assert [r.token_ids for r in shared] == [r.token_ids for r in alone]
+    assert len({tuple(r.token_ids) for r in alone}) > 1  # different questions, different answers
+    assert first.compressed.seen_tokens == first.context_tokens  # the compressed cache did not grow
+
+
+def test_bad_input_is_rejected_before_any_work(tokenizer):
+    with pytest.raises(ValueError, match="reconstruct_chunk must be an int >= 1"):
+        KVzip(reconstruct_chunk=0)
+    with pytest.raises(ValueError, match="unknown aggregation over queries 'mean'; allowed: sum, max"):
+        KVzip(aggregate="mean")
+    with pytest.raises(ValueError, match="unknown source"):
+        KVzip(source="future")
+    with pytest.raises(ValueError, match="too short to reconstruct; it needs at least 5"):
+        KVzip(budget=2).check_prompt([3])
+    with pytest.raises(ValueError, match="one context at a time"):
+        KVzip().check_prompt([100, 100])
+    with pytest.raises(ValueError, match="cannot score during decoding"):
+        Decoding(KVzip(budget=0.5), budget=64)
+    with pytest.raises(ValueError, match="wrap the policy directly"):
+        GlobalKV(AdaKV(SnapKV()))
+    model = tiny_model(vocab_size=len(tokenizer))
+    with pytest.raises(ValueError, match="needs the tokenizer"):
+        KVzip().attach(model)
+    with pytest.raises(ValueError, match="too short to reconstruct"), KVzip(budget=2).attach(model, tokenizer=tokenizer):
+        model(input_ids=torch.tensor([[5, 6, 7]]), past_key_values=DynamicCache())
