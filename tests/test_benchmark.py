@@ -321,3 +321,42 @@ def test_report_with_both_suites_prints_both_target_blocks():
     text = format_report(report)
     assert text.index("| measure | 2048 | 8192 |") < text.index("decode-time eviction:") < text.index(
         "targets (at the longest length):") < text.index("targets (decode-time eviction):")
+
+
+def synthetic_reconstruction(full: float = 4.0, cheap: float = 2.6, plain: float = 2.0) -> dict:
+    """A `bench --reconstruction` report: seconds per configuration at two lengths (targets judge the longest)."""
+    entry = {"policies": {"full": "global(kvzip)", "cheap": "global(kvzip[source=prefill,stride=4])"}, "rounds": 3,
+             "lengths": [{"length": 1024, "seconds": {"plain": 1.0, "full": 9.0, "cheap": 9.0}},
+                         {"length": 2048, "seconds": {"plain": plain, "full": full, "cheap": cheap}}]}
+    report = {"model": "m", "device": "cpu", "dtype": "torch.float32", "attn": "sdpa",
+              "machine": {"torch_threads": 2, "oversubscription": [1.0, 1.0]}, "reconstruction": entry}
+    return report | {"targets": check_targets(report)}
+
+
+@pytest.mark.parametrize("change, key, ok", [
+    ({}, "reconstruction_full", True),  # exactly 2x
+    ({"full": 4.1}, "reconstruction_full", False),
+    ({}, "reconstruction_cheap", True),  # exactly 1.3x
+    ({"cheap": 2.7}, "reconstruction_cheap", False),
+    ({"plain": 1.0}, "reconstruction_full", False),
+])
+def test_each_reconstruction_target_passes_or_misses_at_its_limit(change, key, ok):
+    assert passed(synthetic_reconstruction(**change))[key] is ok
+
+
+def test_report_prints_the_reconstruction_ratios_per_length():
+    text = format_report(synthetic_reconstruction(full=5.0))
+    assert "| tokens | plain | full | cheap |" in text
+    assert "| 1024 | 1.00 s (1.00x) | 9.00 s (9.00x) | 9.00 s (9.00x) |" in text
+    assert "| 2048 | 2.00 s (1.00x) | 5.00 s (2.50x) | 2.60 s (1.30x) |" in text
+    assert "[MISS] global(kvzip): compressing prefill / plain prefill: 2.500x (target <= 2.000x)" in text
+    assert "[PASS] global(kvzip[source=prefill,stride=4])" in text
+
+
+def test_reconstruction_bench_rejects_random_weights_before_loading(no_model_loading):
+    parser = argparse.ArgumentParser()
+    commands = parser.add_subparsers()
+    register(commands)
+    args = parser.parse_args(["bench", "--reconstruction", "--random-weights", "tiny"])
+    with pytest.raises(ValueError, match="needs a real model"):
+        run(args)

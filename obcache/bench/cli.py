@@ -21,10 +21,12 @@ from obcache.bench.measure import (
     measure_scoring, oversubscription, plain_prefill, recorded_prefill,
 )
 from obcache.bench.memory import run_memory_worker
+from obcache.bench.reconstruction import measure_reconstruction, reconstruction_policies
 from obcache.bench.report import budget_key, check_targets, format_report
 from obcache.bench.shapes import RANDOM_SHAPES, load_benchmark_model, prompt
 from obcache.cli_args import GRID_AXES, add_model_arguments, add_policy_arguments, build_policy, given_options
 from obcache.layer_state import Selector
+from obcache.loading import load_tokenizer
 from obcache.policies import H2O, POLICIES, REGISTRY, Decoding, KVzip, policy_label, policy_options
 from obcache.scores import SCORE_KINDS
 
@@ -62,6 +64,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     decode.add_argument("--decode-intervals", type=int, nargs="+", default=[1, 16, 64],
                         help="eviction intervals whose per-token overhead is measured (default 1 16 64)")
     decode.add_argument("--decode-rounds", type=int, default=3, help="timed rounds, the best kept (default 3)")
+    rebuild = parser.add_argument_group("context reconstruction (--reconstruction)")
+    rebuild.add_argument("--reconstruction", action="store_true",
+                         help="time KVzip's compressing prefill (full reconstruction and the cheaper variant, "
+                              "--score, --budget) against a plain prefill, on --lengths (default here 2048)")
     add_policy_arguments(parser)
     parser.set_defaults(allocation="adakv", score="obc-joint")  # the targets' configuration: the costliest score
     add_model_arguments(parser)
@@ -235,7 +241,16 @@ def run(args: argparse.Namespace) -> dict:
     JSON, print the report."""
     if args.random_weights is not None and args.model is not None:
         raise ValueError("give --model or --random-weights, not both")
-    plan = decode_plan_from_args(args) if args.decode else plan_from_args(args)
+    if args.reconstruction:
+        if args.decode:
+            raise ValueError("--reconstruction and --decode are separate benchmarks: give one")
+        if args.random_weights is not None:
+            raise ValueError("--reconstruction needs a real model: its reconstruction prompt is text")
+        plan = reconstruction_policies(args.score, args.budget)
+        if args.lengths == list(DEFAULT_LENGTHS):
+            args.lengths = [2048]
+    else:
+        plan = decode_plan_from_args(args) if args.decode else plan_from_args(args)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
@@ -246,7 +261,11 @@ def run(args: argparse.Namespace) -> dict:
               else args.model or "smollm2-135m-instruct",
               "command": " ".join(sys.argv), "kv_heads": model.config.num_key_value_heads,
               "query_heads": model.config.num_attention_heads}
-    if args.decode:
+    if args.reconstruction:
+        print(f"obcache bench --reconstruction: {args.lengths} tokens ...", file=sys.stderr, flush=True)
+        report["reconstruction"] = measure_reconstruction(model, load_tokenizer(args.model), args.lengths, plan,
+                                                          args.decode_rounds, device)
+    elif args.decode:
         print(f"obcache bench --decode: {plan.context} + {plan.new_tokens} tokens ...", file=sys.stderr, flush=True)
         report["decoding"] = measure_decoding(model, plan, device)
     else:

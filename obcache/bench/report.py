@@ -4,12 +4,15 @@ A report is the JSON `obcache bench` writes: run metadata, `budget`, the keys
 of the two policies compared (`uniform`: the plain policy, every head the same
 budget; `mode`: the policy as given, e.g. AdaKV around it), and one entry per
 context length (see `cli.bench_length`). `obcache bench --decode` writes the
-run metadata and a `decoding` entry instead (see `decoding.measure_decoding`).
+run metadata and a `decoding` entry instead (see `decoding.measure_decoding`),
+`obcache bench --reconstruction` a `reconstruction` entry (`reconstruction.measure_reconstruction`).
 """
 
 from __future__ import annotations
 
 import operator
+
+from obcache.bench.reconstruction import format_reconstruction
 
 #: A small op this many times slower on all threads than on one means the CPU was shared (see `measure.oversubscription`).
 SHARED_CPU = 3.0
@@ -25,6 +28,8 @@ TARGETS: dict[str, tuple[str, float]] = {
 DECODE_TARGETS: dict[str, tuple[str, float]] = {
     "decode_cache_bytes": ("|x|<=", 0.01), "decode_vs_static": (">=", 0.85), "decode_vs_full": (">=", 2.0),
 }
+#: `bench --reconstruction`: KVzip's compressing prefill / a plain prefill, full reconstruction and cheaper variant.
+RECONSTRUCTION_TARGETS: dict[str, tuple[str, float]] = {"reconstruction_full": ("<=", 2.0), "reconstruction_cheap": ("<=", 1.3)}
 _OPS = {"<=": operator.le, "<": operator.lt, ">=": operator.ge, "|x|<=": lambda value, limit: abs(value) <= limit}
 _OP_TEXT = {"<=": "<=", "<": "<", ">=": ">=", "|x|<=": "within +/-"}
 
@@ -40,7 +45,7 @@ def eviction_fraction(row: dict, key: str) -> float:
 
 
 def _target(key: str, text: str, value: float, unit: str, also: bool = True, **where) -> dict:
-    op, limit = {**TARGETS, **DECODE_TARGETS}[key]
+    op, limit = {**TARGETS, **DECODE_TARGETS, **RECONSTRUCTION_TARGETS}[key]
     return {"key": key, "target": text, **where, "value": value, "op": op, "limit": limit, "unit": unit,
             "passed": bool(_OPS[op](value, limit) and also)}
 
@@ -50,7 +55,17 @@ def check_targets(report: dict) -> list[dict]:
     out = check_prefill_targets(report) if report.get("lengths") else []
     if "decoding" in report:
         out += check_decode_targets(report["decoding"])
+    if "reconstruction" in report:
+        out += check_reconstruction_targets(report["reconstruction"])
     return out
+
+
+def check_reconstruction_targets(entry: dict) -> list[dict]:
+    """KVzip at the longest length: the compressing prefill over the plain one, both variants."""
+    row = max(entry["lengths"], key=lambda r: r["length"])
+    plain = row["seconds"]["plain"]
+    return [_target(f"reconstruction_{key}", f"{label}: compressing prefill / plain prefill", row["seconds"][key] / plain,
+                    "x", tokens=row["length"]) for key, label in entry["policies"].items()]
 
 
 def check_decode_targets(entry: dict) -> list[dict]:
@@ -281,10 +296,15 @@ def format_report(report: dict) -> str:
             lines += ["", *_side_by_side(report, row)]
     if "decoding" in report:
         lines += ([""] if report.get("lengths") else []) + _decoding(report["decoding"])
+    if "reconstruction" in report:
+        lines += format_reconstruction(report["reconstruction"])
     prefill = [t for t in report["targets"] if t["key"] in TARGETS]
     decode = [t for t in report["targets"] if t["key"] in DECODE_TARGETS]
+    reconstruction = [t for t in report["targets"] if t["key"] in RECONSTRUCTION_TARGETS]
     if prefill:
         lines += _targets("targets (at the longest length):", prefill)
     if decode:
         lines += _targets("targets (decode-time eviction):", decode)
+    if reconstruction:
+        lines += _targets("targets (context reconstruction, at the longest length):", reconstruction)
     return "\n".join(lines)

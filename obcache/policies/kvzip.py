@@ -8,13 +8,15 @@ them (KVzip itself: the attention weight, max over the queries and the G
 query heads), and the best tokens are kept. The reconstruction's own tokens
 are never kept.
 
-`source="prefill"` is the cheaper variant: no second forward. The prefill's
-own queries stand in for the reconstruction's: each is moved (RoPE-rotated)
-to where its copy would sit, after the whole context (position i -> i + L),
-and sees every context token, as a copy does. A query of token i then finds,
-like the copying query, the token that follows it (induction heads look for
-"what came after me"). What it lacks: the copy's own earlier tokens in the
-softmax.
+`source="prefill"` is the cheaper variant: no second forward. The prefill
+stands in for its own copy: every `stride`-th prefill query, and all the
+prefill's keys and values, are moved (RoPE-rotated) to where the copy would
+sit, L positions later; a moved query then sees the whole context plus the
+moved tokens up to its own, as the copying query does. A query of token i
+finds, like the copying one, the token that follows it (induction heads look
+for "what came after me"), and its recent-token heads find the moved copy,
+not the context. What it lacks: the copy's own hidden states (the prefill's
+are used; their queries have cosine ~0.8-0.9 with the real copy's on SmolLM2).
 
     KVzip(score="obc-key", budget=0.2)                       # per head, like every policy
     GlobalKV(KVzip(score="attention", budget=0.2))           # KVzip's head+layer top-k
@@ -50,11 +52,13 @@ class KVzip(ScoredPolicy):
     aggregate: str = option("max", "how the reconstruction queries' scores combine", QUERY_REDUCTIONS)
     source: str = option("reconstruction", "where the reconstruction queries come from", SOURCES)
     reconstruct_chunk: int = option(2048, "context tokens repeated per reconstruction forward")
+    stride: int = option(1, "source='prefill': every stride-th prefill query replayed (cost / stride)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_reduce(self.aggregate)
         check_count("reconstruct_chunk", self.reconstruct_chunk, minimum=1)
+        check_count("stride", self.stride, minimum=1)
         if self.source not in SOURCES:
             raise ValueError(f"unknown source {self.source!r}; allowed: {', '.join(SOURCES)}")
 
@@ -80,38 +84,40 @@ class KVzip(ScoredPolicy):
         super().check_prompt(prompt_lengths)
 
     def token_scores(self, layer: LayerState) -> torch.Tensor:
-        """source="prefill": every prompt query, moved L positions later, over the whole prompt."""
+        """source="prefill": the prompt replayed as its own copy (module docstring), every stride-th query."""
         if self.needs_reconstruction:
             raise TypeError(f"{self.name} scores tokens from the context reconstruction, not from the prompt's queries")
         if layer.rotate is None:
             raise ValueError(f"{self.name} with source='prefill' needs the model's RoPE to move the queries")
         length = layer.length
-        queries = layer.rotate(layer.queries(0, length), length)
-        return self._over_queries(layer, queries, 0, length)
+        keys = torch.cat([layer.keys, layer.rotate(layer.keys, length)], dim=-2)
+        values = torch.cat([layer.values, layer.values], dim=-2)
+        mask = torch.cat([layer.key_mask, layer.key_mask], dim=-1) if layer.key_mask is not None else None
+        slots = torch.arange(0, length, self.stride, device=layer.keys.device)
+        queries = layer.rotate(layer.queries(0, length)[:, :, slots], length)
+        return self._over_queries(layer, queries, keys, values, mask, slots + length, None, length)
 
     def reconstruction_scores(self, layer: LayerState, context_length: int) -> torch.Tensor:
         """[B, Hkv, context_length]: the score of every context token over the queries of one reconstruction
         forward (its tokens fill the layer's slots after `context_length`), aggregated by `aggregate`."""
-        return self._over_queries(layer, layer.new_queries(), context_length, context_length)
+        queries = layer.new_queries()
+        slots = torch.arange(context_length, context_length + queries.shape[-2], device=queries.device)
+        outputs = layer.new_outputs() if layer.new_outputs is not None else None
+        return self._over_queries(layer, queries, layer.keys, layer.values, layer.key_mask, slots, outputs,
+                                  context_length)
 
-    def _over_queries(self, layer: LayerState, queries: torch.Tensor, first_slot: int, context_length: int) -> torch.Tensor:
-        """Scores of the first `context_length` slots over `queries` [B, Hq, W, d], in blocks of QUERY_BLOCK.
-
-        Query j sits at slot first_slot + j and sees the slots up to its own (a reconstruction forward); with
-        first_slot 0 (moved prefill queries) every query sees all `context_length` slots.
-        """
-        outputs = layer.new_outputs() if first_slot and layer.new_outputs is not None else None
+    def _over_queries(self, layer: LayerState, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                      key_mask: torch.Tensor | None, slots: torch.Tensor, outputs: torch.Tensor | None,
+                      context_length: int) -> torch.Tensor:
+        """Scores of the first `context_length` slots over `queries` [B, Hq, W, d] at `slots` [W] (each sees
+        the slots up to its own), in blocks of QUERY_BLOCK queries."""
         merged = None
         for start in range(0, queries.shape[-2], QUERY_BLOCK):
             end = min(queries.shape[-2], start + QUERY_BLOCK)
-            if first_slot:
-                seen, positions = first_slot + end, torch.arange(first_slot + start, first_slot + end)
-            else:
-                seen, positions = context_length, torch.full((end - start,), context_length - 1)
-            mask = layer.key_mask[:, :seen] if layer.key_mask is not None else None
+            seen = int(slots[end - 1]) + 1
             block = saliency(
-                queries[:, :, start:end], layer.keys[:, :, :seen], layer.values[:, :, :seen], self.score,
-                scaling=layer.scaling, query_positions=positions.to(queries.device), key_mask=mask,
+                queries[:, :, start:end], keys[:, :, :seen], values[:, :, :seen], self.score, scaling=layer.scaling,
+                query_positions=slots[start:end], key_mask=key_mask[:, :seen] if key_mask is not None else None,
                 outputs=outputs[:, :, start:end] if outputs is not None else None, gqa=self.gqa, reduce=self.aggregate,
             )[..., :context_length]
             merged = self.merge(merged, block)
