@@ -27,7 +27,7 @@ def run(argv, capsys):
 def test_help_lists_policies_scores_and_budget_meaning(capsys):
     code, out, _ = run(["--help"], capsys)
     assert code == 0
-    for name in ("h2o", "tova", "snapkv", "streamingllm", "attention", "obc-value", "obc-key", "obc-joint", "exact-removal"):
+    for name in ("h2o", "tova", "snapkv", "streamingllm", "kvzip", "global", "attention", "obc-value", "obc-key", "obc-joint", "exact-removal"):
         assert name in out
     assert "KEPT" in out
 
@@ -51,6 +51,10 @@ def test_parse_budget(text, value):
         (["--context-file", "/nonexistent/context.txt"], "does not exist"),
         (["--context-file", "/"], "context file '/' is a directory, not a regular text file"),
         (["--context-file", "/dev/null"], "context file '/dev/null' is a character device, not a regular text file"),
+        (["--policy", "kvzip", "--reconstruct-chunk", "0"], "reconstruct_chunk must be an int >= 1"),
+        (["--policy", "kvzip", "--aggregate", "mean"], "invalid choice"),
+        (["--policy", "kvzip", "--allocation", "global", "--alpha", "2"], "alpha must be a number in [0, 1]"),
+        (["--policy", "kvzip", "--decode-budget", "64"], "cannot score during decoding"),
     ],
 )
 def test_bad_input_fails_before_loading_the_model(extra, message, tmp_path, capsys, no_model_loading):

@@ -51,6 +51,9 @@ METRICS = {
     "error": Metric(lambda r: r["error"], 1.0, "{:.3f}", "relative output error", "lower", (0, math.inf)),
     "layer_error": Metric(lambda r: mean(r["layer_errors"]), 1.0, "{:.3f}", "attention-output error, mean over layers",
                           "lower", (0, math.inf)),
+    # needle rows: prefill + choice (KVzip: + its reconstruction) over the plain prefill, as timed inside the eval
+    "cost": Metric(lambda r: (r["prefill_seconds"] + r["select_seconds"]) / r["prefill_seconds"], 1.0, "{:.2f}",
+                   "compression cost (x the plain prefill)", "lower", (1, math.inf)),
 }
 
 
