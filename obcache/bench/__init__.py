@@ -23,7 +23,12 @@ tokens' worth; tokens/s over the last 512 steps vs a cache evicted once to 512
 same length; the per-token overhead at intervals 1, 16 and 64. The other
 benchmark flags (lengths, budgets, memory, ...) do not apply to it.
 
+`obcache bench --reconstruction` times KVzip's query-agnostic compression
+(`GlobalKV(KVzip(...))` at --score and --budget: the full context
+reconstruction and the cheaper `source="prefill"` variant) against a plain
+prefill, on needle contexts of --lengths (default 2048) tokens.
+
 Modules: `cli` (arguments, the run), `measure` (timings), `decoding` (the
-decode-time eviction run), `memory` (the peak-memory worker), `report`
-(targets, printed tables), `shapes` (models).
+decode-time eviction run), `reconstruction` (KVzip's cost), `memory` (the
+peak-memory worker), `report` (targets, printed tables), `shapes` (models).
 """
