@@ -163,7 +163,12 @@ def test_holm_by_hand():
 def test_every_metric_has_a_direction():
     assert {name: m.better for name, m in METRICS.items()} == {
         "accuracy": "higher", "prefix": "higher", "top1": "higher",
-        "perplexity": "lower", "kl": "lower", "error": "lower", "layer_error": "lower"}
+        "perplexity": "lower", "kl": "lower", "error": "lower", "layer_error": "lower", "cost": "lower"}
+
+
+def test_cost_is_the_compressing_prefill_over_the_plain_one():
+    assert METRICS["cost"].value({"prefill_seconds": 2.0, "select_seconds": 3.0}) == 2.5
+    assert METRICS["cost"].value({"prefill_seconds": 2.0, "select_seconds": 0.0}) == 1.0  # the full cache
 
 
 def _row(task: str, policy: str, score, budget, sample: int, **fields) -> dict:
