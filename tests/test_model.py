@@ -58,6 +58,14 @@ def test_needle_query_aware_snapkv_obc_joint_at_20_percent(model_and_tokenizer, 
     assert "73914" in answer(model_and_tokenizer, depth, policy)
 
 
+@pytest.mark.parametrize("depth", [0.1, 0.5, 0.9])
+def test_needle_query_agnostic_kvzip_at_50_percent(model_and_tokenizer, depth):
+    """The question after compression: KVzip's reconstruction queries with a global budget pool find the needle
+    that no window-scored policy keeps (RESULTS.md section 2)."""
+    policy = obcache.GlobalKV(obcache.KVzip(budget=0.5, score="obc-joint"))
+    assert "73914" in answer(model_and_tokenizer, depth, policy, query_aware=False)
+
+
 def test_attach_with_full_budget_matches_plain_generate(model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
     inputs = tokenizer(["Long ago, in a quiet village by the sea,", "The three laws of robotics are"], return_tensors="pt", padding=True)
