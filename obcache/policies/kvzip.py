@@ -71,10 +71,10 @@ class KVzip(ScoredPolicy):
         return max(2, self.sinks + 1)
 
     def check_prompt(self, prompt_lengths: list[int]) -> None:
-        if self.needs_reconstruction and len(prompt_lengths) != 1:
+        if len(prompt_lengths) != 1:  # the prefill source would also replay padding queries
             raise ValueError(
                 f"{self.name} reconstructs one context at a time; got a batch of {len(prompt_lengths)} prompts: "
-                "compress them one by one (or use source='prefill')"
+                "compress them one by one"
             )
         if min(prompt_lengths) < self.min_context:
             raise ValueError(
