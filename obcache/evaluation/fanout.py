@@ -61,7 +61,8 @@ class _Recorder(EvictionHooks):
         super().__init__(model)
         self.policies = {key: policy for key, policy in policies.items() if policy is not None}
         self.masks: dict[Hashable, list[torch.Tensor | None]] = {key: [None] * len(self.attentions) for key in policies}
-        self.seconds = dict.fromkeys(policies, 0.0)
+        self.seconds = dict.fromkeys(policies, 0.0)  # per policy: its scoring and choice, as if alone
+        self.own_seconds = 0.0  # time really spent in the hooks (shared scoring counted once)
 
         self.prefill_scores: dict[Hashable, list[torch.Tensor]] = {
             key: [] for key, policy in self.policies.items() if policy.selects_after_all_layers
@@ -71,23 +72,28 @@ class _Recorder(EvictionHooks):
         return prefill
 
     def layer_done(self, layer_idx: int, state: LayerState, cache: EvictableCache, prefill: bool) -> None:
-        computed: dict[tuple, torch.Tensor] = {}  # token scores of this layer, shared by policies that score alike
+        # token scores of this layer, computed once for the policies that score alike (each is charged their time)
+        computed: dict[tuple, tuple[torch.Tensor, float]] = {}
+        begin = time.perf_counter()
         for key, policy in self.policies.items():
             if policy.needs_reconstruction:  # scored after the prefill
                 continue
             start = time.perf_counter()
             deferred = key in self.prefill_scores
-            scores = None
+            scores, shared = None, 0.0
             if deferred or type(policy).select is Policy.select:  # not Decoding, whose select keeps state
                 scoring = policy.scoring()
-                scores = computed.get(scoring)
-                if scores is None:
-                    scores = computed[scoring] = policy.token_scores(state)
+                if scoring in computed:
+                    scores, shared = computed[scoring]
+                else:
+                    scores = policy.token_scores(state)
+                    computed[scoring] = scores, time.perf_counter() - start
             if deferred:
                 self.prefill_scores[key].append(scores)
             else:
                 self.masks[key][layer_idx] = policy.select(state, scores) if scores is not None else policy.select(state)
-            self.seconds[key] += time.perf_counter() - start
+            self.seconds[key] += time.perf_counter() - start + shared
+        self.own_seconds += time.perf_counter() - begin
 
 
 @torch.no_grad()
@@ -107,7 +113,7 @@ def shared_prefill(model: nn.Module, ids: list[int], policies: Mapping[Hashable,
     with recorder:
         start = time.perf_counter()
         logits = forward_tokens(model, cache, ids)
-        elapsed = time.perf_counter() - start - sum(recorder.seconds.values())
+        elapsed = time.perf_counter() - start - recorder.own_seconds
         deferred = {key: recorder.policies[key] for key in recorder.prefill_scores}
         if deferred:
             chosen, seconds = select_after_prefill(model, cache, ids, deferred, recorder.prefill_scores,
