@@ -69,7 +69,8 @@ class GenerationResult:
 
     def summary(self) -> str:
         """One line describing the eviction."""
-        kept = self.kept_per_layer[0] if self.kept_per_layer else 0
+        # mean over layers: per-layer budgets differ under PyramidKV and GlobalKV
+        kept = round(sum(self.kept_per_layer) / len(self.kept_per_layer), 1) if self.kept_per_layer else 0
         compressed = self.context_tokens if self.cache_bytes_full and kept < self.context_tokens else None
         ratio = f"{self.cache_bytes_kept / self.cache_bytes_full:.1%}" if self.cache_bytes_full else "100%"
         what = f"kept {kept:g}/{compressed} tokens per head" if compressed else "kept all tokens"
