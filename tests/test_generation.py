@@ -7,7 +7,7 @@ import torch
 
 import obcache
 from obcache import Decoding, H2O, SnapKV
-from obcache.generation import build_prompt, generate, turn_ids
+from obcache.generation import GenerationResult, build_prompt, generate, turn_ids
 from obcache.loading import load_tokenizer
 from tests.conftest import tiny_model
 
@@ -68,3 +68,11 @@ def test_a_turn_without_a_cache_is_rejected(model, tokenizer):
     with pytest.raises(ValueError, match="no cache"):
         generate(model, tokenizer, "And then?", history=first)
     assert obcache.generate is generate
+
+
+def test_summary_reports_the_mean_kept_tokens_over_layers():
+    """Under GlobalKV or PyramidKV every layer keeps a different number of tokens per head."""
+    result = GenerationResult(text="", token_ids=[1, 2], context_tokens=100, question_tokens=5, kept_per_layer=[10.0, 25.0],
+                              cache_bytes_full=1000, cache_bytes_kept=175, prefill_seconds=1.0, eviction_seconds=0.1,
+                              decode_seconds=0.5)
+    assert "kept 17.5/100 tokens per head" in result.summary() and "(17.5%)" in result.summary()
