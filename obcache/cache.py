@@ -115,8 +115,9 @@ class EvictableCache(Cache):
 
     # -- eviction --
 
-    def keep(self, layer_idx: int, mask: torch.Tensor) -> None:
-        """Keep, in layer `layer_idx`, the slots of `mask` ([B, Hkv, n] for a uniform layer, [T] for a ragged one).
+    def keep(self, layer_idx: int, mask: torch.Tensor | None) -> None:
+        """Keep, in layer `layer_idx`, the slots of `mask` ([B, Hkv, n] for a uniform layer, [T] for a ragged one);
+        None keeps every slot (the layer is recorded as visited).
 
         The new tensors are compact copies: the dropped slots are freed.
         """
@@ -124,13 +125,8 @@ class EvictableCache(Cache):
         if layer_idx not in self.evicted_layers:
             self.full_bytes += layer.nbytes()
             self.evicted_layers.add(layer_idx)
-        self.layers[layer_idx] = layer.keep(mask)
-
-    def mark_kept_all(self, layer_idx: int) -> None:
-        """Record that layer `layer_idx` was visited and kept every token."""
-        if layer_idx not in self.evicted_layers:
-            self.full_bytes += self.layers[layer_idx].nbytes()
-            self.evicted_layers.add(layer_idx)
+        if mask is not None:
+            self.layers[layer_idx] = layer.keep(mask)
 
     def fork(self) -> EvictableCache:
         """A cache that continues from this one as it is now, leaving this one unchanged.
@@ -157,10 +153,7 @@ class EvictableCache(Cache):
         evicted.seen_tokens, evicted.left_padding = self.seen_tokens, self.left_padding
         for layer_idx, (layer, mask) in enumerate(zip(self.layers, masks)):
             evicted.layers.append(copy.copy(layer))  # shares the tensors, not the attributes
-            if mask is None:
-                evicted.mark_kept_all(layer_idx)
-            else:
-                evicted.keep(layer_idx, mask)
+            evicted.keep(layer_idx, mask)
         return evicted
 
     # -- introspection --

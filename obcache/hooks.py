@@ -98,10 +98,7 @@ class EvictionHooks(LayerHooks):
             cache.eviction_seconds += time.perf_counter() - start
             return
         mask = self.policy.select(state) if prefill else self.policy.decode_select(state)
-        if mask is not None:
-            cache.keep(layer_idx, mask)
-        elif prefill:
-            cache.mark_kept_all(layer_idx)
+        cache.keep(layer_idx, mask)  # None: keeps all (after the prefill, the layer is already recorded)
         cache.eviction_seconds += time.perf_counter() - start
 
     def _before_forward(self, module, args, kwargs):
@@ -154,10 +151,7 @@ class EvictionHooks(LayerHooks):
             )[0][0]
             self._prefill_scores = []
             for layer_idx, mask in enumerate(masks):
-                if mask is None:
-                    cache.mark_kept_all(layer_idx)
-                else:
-                    cache.keep(layer_idx, mask)
+                cache.keep(layer_idx, mask)
             cache.eviction_seconds += time.perf_counter() - start
         for cache in self._caches:
             cache.attached = False

@@ -35,6 +35,7 @@ from torch import nn
 from obcache.cache import EvictableCache
 from obcache.capture import LayerHooks
 from obcache.layer_state import LayerState
+from obcache.policies.allocation import innermost
 
 FIRST_PROMPT = "\n\nRepeat the previous context exactly."
 NEXT_PROMPT = "\n\nRepeat the part of the previous context exactly, starting with "
@@ -102,7 +103,7 @@ def reconstruct(model: nn.Module, cache: EvictableCache, inputs: list[list[int]]
     start = time.perf_counter()
     with scorer:
         for ids in inputs:
-            scratch = cache.subset([None] * len(cache.layers))  # shares the context's tensors; the chunk's are dropped
+            scratch = cache.fork()  # shares the context's tensors; the chunk's are dropped with it
             model(input_ids=torch.tensor([ids], device=model.device), past_key_values=scratch, use_cache=True,
                   position_ids=scratch.positions_for(len(ids), model.device), logits_to_keep=1)
     forwards = time.perf_counter() - start - sum(scorer.seconds.values())
@@ -126,7 +127,7 @@ def select_after_prefill(
         if selector.needs_reconstruction:
             if tokenizer is None:
                 raise ValueError(f"{selector.name} needs the tokenizer to write its reconstruction prompt")
-            base = _innermost(selector)
+            base = innermost(selector)
             groups.setdefault(base.reconstruct_chunk, {})[key] = base
     seconds = dict.fromkeys(selectors, 0.0)
     for chunk, members in groups.items():
@@ -142,8 +143,3 @@ def select_after_prefill(
         seconds[key] += time.perf_counter() - start
     return masks, seconds
 
-
-def _innermost(selector):
-    while hasattr(selector, "policy"):
-        selector = selector.policy
-    return selector

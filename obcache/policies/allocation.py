@@ -60,6 +60,13 @@ class BudgetWrapper:
     attach = Policy.attach
 
 
+def innermost(selector: Policy | BudgetWrapper) -> Policy:
+    """The policy under every budget wrapper."""
+    while isinstance(selector, BudgetWrapper):
+        selector = selector.policy
+    return selector
+
+
 @dataclass
 class AdaKV(BudgetWrapper):
     """Head-adaptive budgets (Ada-KV, arXiv 2407.11550).

@@ -29,15 +29,9 @@ import torch
 
 from obcache.layer_state import LayerState
 from obcache.layouts import RaggedLayer
-from obcache.policies.allocation import BudgetWrapper
+from obcache.policies.allocation import BudgetWrapper, innermost
 from obcache.policies.base import Policy, check_count
 from obcache.scores import saliency
-
-
-def policy_name(selector) -> str:
-    """The name of a (possibly wrapped) policy: "kvzip", "global(kvzip)"."""
-    inner = getattr(selector, "policy", None)
-    return f"{selector.name}({policy_name(inner)})" if inner is not None else selector.name
 
 
 @dataclass
@@ -57,8 +51,8 @@ class Decoding(BudgetWrapper):
             raise TypeError(f"Decoding needs a policy that scores tokens (H2O, TOVA, SnapKV, ...), got {base!r}")
         if base.needs_reconstruction or self.policy.selects_after_all_layers:
             raise ValueError(
-                f"Decoding evicts one layer at a time as tokens are generated; {policy_name(self.policy)} "
-                "chooses after all layers (context reconstruction or global allocation) and cannot score during "
+                f"Decoding evicts one layer at a time as tokens are generated; {self.policy.name} chooses after "
+                "all layers (KVzip's context reconstruction, or global allocation) and cannot score during "
                 "decoding; use H2O, TOVA, SnapKV or StreamingLLM"
             )
         protected = base.window_protected + base.sinks
@@ -73,10 +67,7 @@ class Decoding(BudgetWrapper):
     @property
     def base(self) -> Policy:
         """The innermost policy (under every wrapper)."""
-        policy = self.policy
-        while isinstance(policy, BudgetWrapper):
-            policy = policy.policy
-        return policy
+        return innermost(self.policy)
 
     @property
     def query_window(self) -> int:
