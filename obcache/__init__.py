@@ -9,6 +9,7 @@
 """
 
 from obcache.cache import EvictableCache
+from obcache.calibration import calibrate
 from obcache.generation import GenerationResult, ask, generate
 from obcache.hooks import attach
 from obcache.loading import load_model, load_tokenizer
@@ -22,6 +23,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdaKV", "Decoding", "EvictableCache", "GenerationResult", "GlobalKV", "H2O", "KVzip", "POLICIES", "Policy", "PyramidKV", "SCORE_KINDS",
-    "ScoredPolicy", "SnapKV", "StreamingLLM", "TOVA", "ask", "attach", "generate", "load_model", "load_tokenizer",
+    "ScoredPolicy", "SnapKV", "StreamingLLM", "TOVA", "ask", "attach", "calibrate", "generate", "load_model", "load_tokenizer",
     "make_policy", "paper_preset", "recommended", "saliency",
 ]

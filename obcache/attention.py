@@ -54,9 +54,43 @@ def cache_attention(
     if isinstance(layer, RaggedLayer):
         return ragged_attention(query, layer, positions, scaling), None
     mask = layer.attention_mask(positions, causal_skip=base == "sdpa")
+    if obcache_cache.log_normalizers is not None and base == "sdpa" and query.device.type == "cpu":
+        out, normalizers = _flash_with_log_normalizers(module, query, key, value, mask, scaling)
+        obcache_cache.log_normalizers[module.layer_idx] = normalizers
+        return out, None
     if mask is not None and base == "eager":
         mask = torch.zeros(mask.shape, dtype=query.dtype, device=query.device).masked_fill_(~mask, torch.finfo(query.dtype).min)
     return kernel(module, query, key, value, mask, scaling=scaling, dropout=dropout, **kwargs)
+
+
+def _flash_with_log_normalizers(module, query, key, value, mask, scaling):
+    """sdpa's CPU flash kernel, which also returns each query's log softmax denominator [B, Hq, q].
+
+    When the queries see every earlier slot and their own tokens causally (a reconstruction forward), the
+    two parts run unmasked and causal, and are merged by their denominators: no mask to build or apply."""
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    group = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(group, dim=1), value.repeat_interleave(group, dim=1)  # repeat_kv's layout
+    length, earlier = query.shape[2], key.shape[2] - query.shape[2]
+    if mask is not None and earlier > 0 and _sees_earlier_then_causal(mask, earlier):
+        before, lse_before = flash(query, key[:, :, :earlier], value[:, :, :earlier], 0.0, False, scale=scaling)
+        own, lse_own = flash(query, key[:, :, earlier:], value[:, :, earlier:], 0.0, True, scale=scaling)
+        normalizers = torch.logaddexp(lse_before, lse_own)
+        out = before.mul_((lse_before - normalizers).exp_().unsqueeze(-1))
+        out.addcmul_(own, (lse_own - normalizers).exp_().unsqueeze(-1))
+        return out.transpose(1, 2).contiguous(), normalizers
+    causal = mask is None and length > 1 and getattr(module, "is_causal", True)
+    if mask is not None:
+        mask = torch.zeros(mask.shape, dtype=query.dtype, device=query.device).masked_fill_(~mask, float("-inf"))
+    out, normalizers = flash(query, key, value, 0.0, causal, attn_mask=mask, scale=scaling)
+    return out.transpose(1, 2).contiguous(), normalizers
+
+
+def _sees_earlier_then_causal(mask: torch.Tensor, earlier: int) -> bool:
+    """Whether bool `mask` [B, 1, q, earlier + q] shows every query all `earlier` slots and its own tokens causally."""
+    length = mask.shape[-2]
+    causal = torch.ones(length, length, dtype=torch.bool, device=mask.device).tril_()
+    return bool(mask[..., :earlier].all()) and bool((mask[..., earlier:] == causal).all())
 
 
 def ragged_attention(query: torch.Tensor, layer: RaggedLayer, positions: torch.Tensor, scaling: float) -> torch.Tensor:

@@ -47,6 +47,9 @@ class EvictableCache(Cache):
         self._new_positions: torch.Tensor | None = None  # [B, q] int32, -1 = padding
         self._new_padded = False  # whether any of them is padding
         self.queries: dict[int, torch.Tensor] = {}  # per layer: the post-RoPE queries of the current forward
+        # Set to {} to ask for them: per layer, log sum_p exp(z_ip) over all keys each query of the current
+        # forward sees, [B, Hq, q] (recorded by the attention function where its kernel gives them: sdpa on CPU).
+        self.log_normalizers: dict[int, torch.Tensor] | None = None
         self._pending = False  # begin_forward ran for the forward about to update layer 0
 
     # -- one forward --
@@ -141,6 +144,7 @@ class EvictableCache(Cache):
             layer.extras = dict(layer.extras)
         twin.evicted_layers = set(self.evicted_layers)
         twin.queries = {}
+        twin.log_normalizers = None
         return twin
 
     def subset(self, masks: list[torch.Tensor | None]) -> EvictableCache:

@@ -76,10 +76,12 @@ class LayerHooks:
             return
         layer = cache.layers[module.layer_idx]
         queries = cache.queries.pop(module.layer_idx, None)  # captured by obcache's attention, if it ran
+        normalizers = cache.log_normalizers.pop(module.layer_idx, None) if cache.log_normalizers is not None else None
         prefill = module.layer_idx not in cache.evicted_layers and layer.get_seq_length() == state_queries(args, kwargs)
         if not self.wants_state(prefill):
             return
         state = layer_state(self.adapter, module, args, kwargs, outputs=outputs, queries=queries,
+                            log_normalizers=normalizers,
                             rotary_emb=getattr(self.decoder, "rotary_emb", None),
                             num_layers=len(self.attentions))
         with torch.no_grad():
@@ -95,6 +97,7 @@ def state_queries(args, kwargs) -> int:
 def layer_state(
     adapter: FamilyAdapter, module: nn.Module, args, kwargs, *, outputs: torch.Tensor | None = None,
     queries: torch.Tensor | None = None, num_layers: int = 1, rotary_emb: nn.Module | None = None,
+    log_normalizers: torch.Tensor | None = None,
 ) -> LayerState:
     """The policy's view of an attention layer right after a forward.
 
@@ -106,7 +109,9 @@ def layer_state(
     the input of the module's output projection in that forward,
     [B, q, Hq * d] (per-head attention outputs, heads side by side); `queries`,
     if given, the post-RoPE queries [B, Hq, q, d] the attention received
-    (otherwise they are rebuilt from the module's input).
+    (otherwise they are rebuilt from the module's input); `log_normalizers`, if
+    the attention function recorded them, the queries' log softmax denominators
+    [B, Hq, q] (`EvictableCache.log_normalizers`).
     """
     cache = kwargs.get("past_key_values")
     hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
@@ -172,4 +177,5 @@ def layer_state(
         new_queries=new_queries,
         new_outputs=new_outputs,
         rotate=rotate,
+        new_log_normalizers=log_normalizers,
     )

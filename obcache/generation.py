@@ -25,6 +25,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from obcache.cache import EvictableCache
+from obcache.calibration import calibrate
 from obcache.hooks import attach
 from obcache.layer_state import Selector
 
@@ -137,6 +138,7 @@ def generate(
     if not prefill_ids:
         raise ValueError("the prompt is empty: give a context (or a question with query_aware=True)")
     if policy is not None:
+        calibrate(model, tokenizer, policy, chat_template=chat_template)  # once per model, for head-level KVzip
         policy.check_prompt([len(prefill_ids)])
     cache = EvictableCache(config=model.config)
     with attach(model, policy, tokenizer=tokenizer, chat_template=chat_template):

@@ -49,6 +49,8 @@ class EvictionHooks(LayerHooks):
                 f"{policy.name} makes the model repeat the context and needs the tokenizer to write that prompt: "
                 "policy.attach(model, tokenizer=tokenizer)"
             )
+        if policy is not None:
+            policy.check_ready()
         self.tokenizer, self.chat_template = tokenizer, chat_template
         self._signature = inspect.signature(self.decoder.forward)
         self._implementation: str | None = None

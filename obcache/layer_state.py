@@ -34,6 +34,9 @@ class LayerState:
         outputs of this forward's q tokens, whatever the layer's layout.
     rotate: rotate(x, offset) -> x, post-RoPE vectors [B, H, W, d] moved
         `offset` positions later with the model's RoPE; None if unknown.
+    new_log_normalizers: [B, Hq, q] log sum_p exp(z_ip) of this forward's
+        queries over every key they saw, where the attention kernel gave them
+        (asked for with `EvictableCache.log_normalizers`); else None.
     """
 
     keys: torch.Tensor
@@ -49,6 +52,7 @@ class LayerState:
     new_queries: Callable[[], torch.Tensor] | None = None
     new_outputs: Callable[[], torch.Tensor | None] | None = None
     rotate: Callable[[torch.Tensor, int], torch.Tensor] | None = None
+    new_log_normalizers: torch.Tensor | None = None
 
     @classmethod
     def of_cached(cls, layer, layer_idx: int, num_layers: int) -> "LayerState":
@@ -91,6 +95,9 @@ class Selector(Protocol):
     name: str
     needs_reconstruction: bool  # scored by the queries of the model repeating the context (KVzip)
     selects_after_all_layers: bool  # chooses with select_layers once every layer is filled
+
+    def check_ready(self) -> None:
+        """Raise a clear ValueError if the policy must first be prepared (`obcache.calibrate`)."""
 
     def check_prompt(self, prompt_lengths: list[int]) -> None:
         """Raise a clear ValueError, before any model work, if prompts of these real lengths cannot be evicted."""

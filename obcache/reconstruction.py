@@ -104,6 +104,7 @@ def reconstruct(model: nn.Module, cache: EvictableCache, inputs: list[list[int]]
     with scorer:
         for ids in inputs:
             scratch = cache.fork()  # shares the context's tensors; the chunk's are dropped with it
+            scratch.log_normalizers = {}  # the scores then need the context's keys only
             model(input_ids=torch.tensor([ids], device=model.device), past_key_values=scratch, use_cache=True,
                   position_ids=scratch.positions_for(len(ids), model.device), logits_to_keep=1)
     forwards = time.perf_counter() - start - sum(scorer.seconds.values())

@@ -87,6 +87,7 @@ def saliency(
     outputs: torch.Tensor | None = None,
     gqa: str = "sum",
     reduce: str = "sum",
+    log_normalizers: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Score each cached token of each KV head; float32 [B, Hkv, L].
 
@@ -108,6 +109,11 @@ def saliency(
     reduce: "sum" over the queries (the formulas above), or "max": the largest
         single-query term over the W queries and the G query heads (after
         pre-averaging, if any), as KVzip aggregates its reconstruction queries.
+    log_normalizers: [B, Hq, W], optional: lse_i = log sum_p exp(z_ip) over every
+        key query i sees, of which `keys` may be only a part (KVzip scores the
+        context, while its queries also see their own tokens). Then
+        A_ip = exp(z_ip - lse_i) instead of the softmax over `keys`, and `outputs`
+        should be the queries' true outputs (over all their keys).
 
     Computed in float32 whatever the input dtype. Returns, per KV head, the sum
     over the W queries and its G query heads. Keys that no window query can see
@@ -127,6 +133,9 @@ def saliency(
     key_mask = _check_key_mask(key_mask, batch, length, device)
     if outputs is not None:
         _check_outputs(outputs, queries, values)
+    if log_normalizers is not None and tuple(log_normalizers.shape) != tuple(queries.shape[:3]):
+        raise ValueError(f"log_normalizers must be [B, Hq, W] = {tuple(queries.shape[:3])}, "
+                         f"got {tuple(log_normalizers.shape)}")
 
     # Keys < lo are visible to every query, keys >= hi to none: mask only [lo, hi).
     lo, hi = first + 1, last + 1
@@ -150,7 +159,11 @@ def saliency(
     z = torch.matmul(q, k.transpose(-1, -2))  # [B, Hkv, G*W, hi] logits
     z_masked = z.view(batch, heads_kv, group, width, hi)[..., lo:hi]
     z_masked.masked_fill_(hidden, float("-inf"))
-    weights = torch.softmax(z, dim=-1)  # A
+    if log_normalizers is None:
+        weights = torch.softmax(z, dim=-1)  # A
+    else:
+        normalizers = log_normalizers.to(f32).reshape(batch, heads_kv, rows, 1)
+        weights = (z.sub_(normalizers) if kind == "attention" else z - normalizers).exp_()  # A; attention needs no z
     empty = None
     if key_mask is not None:
         empty = ~visible.any(-1)  # [B, W]: queries that see no key at all (NaN rows)

@@ -325,9 +325,11 @@ def test_report_with_both_suites_prints_both_target_blocks():
 
 def synthetic_reconstruction(full: float = 4.0, cheap: float = 2.6, plain: float = 2.0) -> dict:
     """A `bench --reconstruction` report: seconds per configuration at two lengths (targets judge the longest)."""
-    entry = {"policies": {"full": "global(kvzip)", "cheap": "global(kvzip[source=prefill,stride=4])"}, "rounds": 3,
-             "lengths": [{"length": 1024, "seconds": {"plain": 1.0, "full": 9.0, "cheap": 9.0}},
-                         {"length": 2048, "seconds": {"plain": plain, "full": full, "cheap": cheap}}]}
+    entry = {"policies": {"full": "global(kvzip)", "cheap": "global(kvzip[source=heads])",
+                          "replay": "global(kvzip[source=prefill,stride=4])"}, "rounds": 3,
+             "lengths": [{"length": 1024, "seconds": {"plain": 1.0, "full": 9.0, "cheap": 9.0, "replay": 9.0}},
+                         {"length": 2048, "seconds": {"plain": plain, "full": full, "cheap": cheap, "replay": 5.0}}],
+             "calibration_seconds": {"cheap": 12.5}}
     report = {"model": "m", "device": "cpu", "dtype": "torch.float32", "attn": "sdpa",
               "machine": {"torch_threads": 2, "oversubscription": [1.0, 1.0]}, "reconstruction": entry}
     return report | {"targets": check_targets(report)}
@@ -346,11 +348,13 @@ def test_each_reconstruction_target_passes_or_misses_at_its_limit(change, key, o
 
 def test_report_prints_the_reconstruction_ratios_per_length():
     text = format_report(synthetic_reconstruction(full=5.0))
-    assert "| tokens | plain | full | cheap |" in text
-    assert "| 1024 | 1.00 s (1.00x) | 9.00 s (9.00x) | 9.00 s (9.00x) |" in text
-    assert "| 2048 | 2.00 s (1.00x) | 5.00 s (2.50x) | 2.60 s (1.30x) |" in text
+    assert "| tokens | plain | full | cheap | replay |" in text
+    assert "| 1024 | 1.00 s (1.00x) | 9.00 s (9.00x) | 9.00 s (9.00x) | 9.00 s (9.00x) |" in text
+    assert "| 2048 | 2.00 s (1.00x) | 5.00 s (2.50x) | 2.60 s (1.30x) | 5.00 s (2.50x) |" in text
     assert "[MISS] global(kvzip): compressing prefill / plain prefill: 2.500x (target <= 2.000x)" in text
-    assert "[PASS] global(kvzip[source=prefill,stride=4])" in text
+    assert "[PASS] global(kvzip[source=heads])" in text
+    assert "replay" not in {t["key"].split("_")[-1] for t in synthetic_reconstruction()["targets"]}  # no target
+    assert "cheap: rating the heads took 12.50 s, once per model (not in the ratios)" in text
 
 
 def test_reconstruction_bench_rejects_random_weights_before_loading(no_model_loading):

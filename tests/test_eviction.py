@@ -31,6 +31,9 @@ class Recording:
     def wrap(cls, policy) -> "Recording":
         return cls(policy)
 
+    def check_ready(self):
+        self.policy.check_ready()
+
     def check_prompt(self, lengths):
         self.policy.check_prompt(lengths)
 

@@ -20,6 +20,7 @@ from obcache import AdaKV, Decoding, GlobalKV, KVzip, SnapKV
 from obcache.cache import EvictableCache
 from obcache.evaluation.fanout import shared_prefill
 from obcache.generation import forward_tokens
+from obcache.text import document_ids
 from obcache.reconstruction import FIRST_PROMPT, NEXT_PROMPT, OVERLAP, answer_header, reconstruct, reconstruction_inputs
 from tests.conftest import tiny_model
 from tests.reference import generate_with_logits, keep_masks_dropped, masked_reference
@@ -50,7 +51,8 @@ class Capture:
         self.seen: list[tuple[int, torch.Tensor, torch.Tensor]] = []
 
     def reconstruction_scores(self, layer, context_length):
-        self.seen.append((layer.layer_idx, layer.new_queries().clone(), layer.new_outputs().clone()))
+        self.seen.append((layer.layer_idx, layer.new_queries().clone(), layer.new_outputs().clone(),
+                          layer.new_log_normalizers))
         return torch.zeros(1, layer.kv_heads, context_length)
 
     def merge(self, total, scores):
@@ -83,12 +85,13 @@ def reference_states(model, context: list[int], inputs: list[int]) -> list[dict]
         logits = q @ k.repeat_interleave(group, 1).transpose(-1, -2) * attention.scaling
         causal = torch.ones(ids.shape[1], ids.shape[1], dtype=torch.bool).tril()
         weights = logits.masked_fill(~causal, float("-inf")).softmax(-1)
-        states.append({"q": q, "k": k, "v": v, "o": weights @ v.repeat_interleave(group, 1)})
+        states.append({"q": q, "k": k, "v": v, "o": weights @ v.repeat_interleave(group, 1),
+                       "lse": logits.masked_fill(~causal, float("-inf")).logsumexp(-1)})
     return states
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
-def test_reconstruction_queries_and_outputs_equal_float64_recomputation(tokenizer, family):
+def test_reconstruction_queries_outputs_and_normalizers_equal_float64_recomputation(tokenizer, family):
     model = tiny_model(family, vocab_size=len(tokenizer))
     context = context_ids()
     inputs = reconstruction_inputs(tokenizer, context, chunk=CHUNK)
@@ -102,10 +105,12 @@ def test_reconstruction_queries_and_outputs_equal_float64_recomputation(tokenize
     for chunk, ids in enumerate(inputs):
         reference = reference_states(model, context, ids)
         for layer in range(2):
-            layer_idx, queries, outputs = capture.seen[chunk * 2 + layer]
+            layer_idx, queries, outputs, normalizers = capture.seen[chunk * 2 + layer]
             assert layer_idx == layer
             torch.testing.assert_close(queries.double(), reference[layer]["q"][:, :, CONTEXT:], rtol=1e-4, atol=1e-5)
             torch.testing.assert_close(outputs.double(), reference[layer]["o"][:, :, CONTEXT:], rtol=1e-4, atol=1e-5)
+            # the softmax denominators the CPU kernel gave, over the context and the chunk's own tokens so far
+            torch.testing.assert_close(normalizers.double(), reference[layer]["lse"][:, :, CONTEXT:], rtol=1e-5, atol=1e-5)
 
 
 def test_reconstruction_inputs_repeat_the_context_in_chunks(tokenizer):
@@ -120,6 +125,21 @@ def test_reconstruction_inputs_repeat_the_context_in_chunks(tokenizer):
     assert "assistant" in tokenizer.decode(header)  # the answer starts where the model's own answers do
 
 
+def brute_force_reconstruction_scores(model, context: list[int], inputs: list[list[int]], score: str,
+                                      aggregate: str) -> list[torch.Tensor]:
+    """Per layer [1, Hkv, len(context)]: the float64 perturbation brute force of `score` over each chunk's
+    reconstruction queries, merged over the chunks by `aggregate`."""
+    length, expected = len(context), [None] * len(model.model.layers)
+    for ids in inputs:
+        reference = reference_states(model, context, ids)
+        for layer, r in enumerate(reference):
+            scores = brute_force(r["q"][:, :, length:], r["k"], r["v"], score,
+                                 positions=list(range(length, length + len(ids))), reduce=aggregate)[..., :length]
+            merged = expected[layer]
+            expected[layer] = scores if merged is None else (merged + scores if aggregate == "sum" else torch.maximum(merged, scores))
+    return expected
+
+
 @pytest.mark.parametrize("score,aggregate", [("attention", "max"), ("obc-key", "max"), ("obc-joint", "sum")])
 def test_kept_set_equals_brute_force_top_k_of_the_documented_score(tokenizer, score, aggregate):
     """Per layer and KV head: keep = the 4 sinks + the top (budget - 4) of the score, aggregated over every
@@ -130,16 +150,7 @@ def test_kept_set_equals_brute_force_top_k_of_the_documented_score(tokenizer, sc
     budget = 15
     policy = KVzip(score=score, aggregate=aggregate, budget=budget, reconstruct_chunk=CHUNK)
     shared = shared_prefill(model, context, {"kvzip": policy}, tokenizer=tokenizer)
-    expected = [None, None]
-    for ids in inputs:
-        reference = reference_states(model, context, ids)
-        end = CONTEXT + len(ids)
-        for layer in range(2):
-            r = reference[layer]
-            scores = brute_force(r["q"][:, :, CONTEXT:], r["k"], r["v"], score,
-                                 positions=list(range(CONTEXT, end)), reduce=aggregate)[..., :CONTEXT]
-            merged = expected[layer]
-            expected[layer] = scores if merged is None else (merged + scores if aggregate == "sum" else torch.maximum(merged, scores))
+    expected = brute_force_reconstruction_scores(model, context, inputs, score, aggregate)
     for layer in range(2):
         scores = expected[layer].clone()
         scores[..., :4] = float("inf")  # sinks
@@ -173,6 +184,7 @@ def masks_of(cache: EvictableCache, length: int) -> list[torch.Tensor]:
     lambda: KVzip(score="obc-joint", budget=14, reconstruct_chunk=CHUNK),
     lambda: GlobalKV(KVzip(score="attention", budget=0.3, chunk=2)),
     lambda: AdaKV(KVzip(score="obc-key", budget=12, source="prefill")),
+    lambda: GlobalKV(KVzip(source="heads", budget=0.5, head_scores=torch.tensor([[1.0, 3.0], [2.0, 0.5]]))),
 ])
 def test_generation_after_kvzip_matches_the_masked_reference(tokenizer, family, make):
     """Under plain model.generate: tokens and logits equal the full cache hiding exactly what each head dropped."""
@@ -221,3 +233,50 @@ def test_bad_input_is_rejected_before_any_work(tokenizer):
         KVzip().attach(model)
     with pytest.raises(ValueError, match="too short to reconstruct"), KVzip(budget=2).attach(model, tokenizer=tokenizer):
         model(input_ids=torch.tensor([[5, 6, 7]]), past_key_values=DynamicCache())
+
+
+@pytest.mark.parametrize("score", ["attention", "obc-joint"])
+def test_head_ratings_are_mean_reconstruction_scores_of_the_calibration_text(tokenizer, score):
+    """source="heads": a KV head's rating is the mean, after the sinks, of its float64 brute-force
+    reconstruction scores (max over the chunks' queries) of the shipped calibration text."""
+    model = tiny_model(vocab_size=len(tokenizer))
+    policy = KVzip(source="heads", score=score, budget=0.5, calibration=CONTEXT, reconstruct_chunk=CHUNK)
+    assert obcache.calibrate(model, tokenizer, AdaKV(policy)) > 0
+    text = document_ids(tokenizer, CONTEXT)
+    inputs = reconstruction_inputs(tokenizer, text, chunk=CHUNK)
+    expected = torch.stack([scores[0, :, 4:].mean(-1) for scores in
+                            brute_force_reconstruction_scores(model, text, inputs, score, "max")])
+    torch.testing.assert_close(policy.head_scores.double(), expected, rtol=1e-4, atol=1e-7)
+    assert obcache.calibrate(model, tokenizer, AdaKV(policy)) == 0.0  # once per model
+    other = tiny_model(vocab_size=len(tokenizer), seed=3)
+    assert obcache.calibrate(other, tokenizer, AdaKV(policy)) > 0  # another model is rated again
+    assert not torch.allclose(policy.head_scores.double(), expected)
+
+
+def test_head_level_keeps_whole_heads_in_rating_order(tokenizer):
+    """Per layer (AdaKV): the better-rated head keeps every token; the other its sinks and its most recent
+    tokens, with the layer's total conserved (budget x heads)."""
+    model = tiny_model(vocab_size=len(tokenizer))
+    ratings = torch.tensor([[1.0, 3.0], [2.0, 0.5]])
+    policy = AdaKV(KVzip(source="heads", budget=24, head_scores=ratings), alpha=0.25)
+    shared = shared_prefill(model, context_ids(), {"h": policy}, tokenizer=tokenizer)
+    for layer, mask in enumerate(shared.masks["h"]):
+        best, other = int(ratings[layer].argmax()), int(ratings[layer].argmin())
+        assert bool(mask[0, best].all())
+        kept = mask[0, other].nonzero().flatten().tolist()
+        rest = 24 * 2 - CONTEXT - 4
+        assert kept == [0, 1, 2, 3] + list(range(CONTEXT - rest, CONTEXT)), (layer, kept)
+
+
+def test_head_level_needs_calibration_and_an_allocation_between_heads(tokenizer):
+    model = tiny_model(vocab_size=len(tokenizer))
+    with pytest.raises(ValueError, match="not calibrated: call obcache.calibrate"):
+        GlobalKV(KVzip(source="heads")).attach(model)
+    with pytest.raises(ValueError, match="needs an allocation that moves budget between heads"):
+        obcache.calibrate(model, tokenizer, KVzip(source="heads"))
+    with pytest.raises(ValueError, match="calibration must be an int >= 5"):
+        KVzip(source="heads", calibration=2)
+    wrong = GlobalKV(KVzip(source="heads", budget=0.5, head_scores=torch.ones(3, 2)))
+    with pytest.raises(ValueError, match="head_scores has shape \\(3, 2\\), but the model has 2 layers of 2 KV heads"):
+        obcache.calibrate(model, tokenizer, wrong)
+    assert KVzip(source="heads").check_prompt([50, 40]) is None  # no replay: batches are fine

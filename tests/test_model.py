@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import obcache
-from obcache.evaluation.text import filler_sentences
+from obcache.text import filler_sentences
 
 pytestmark = pytest.mark.model
 

@@ -113,6 +113,23 @@ def test_max_over_queries_matches_brute_force(kind):
     assert_matches(actual, expected)
 
 
+@pytest.mark.parametrize("reduce", ["sum", "max"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_scores_of_part_of_the_keys_from_the_log_normalizers(kind, reduce):
+    """With each query's lse over every key it sees (float64, written out) and its true output, the scores of
+    the first P keys alone equal the brute force over all keys, cut to those P (KVzip's context keys)."""
+    q, k, v = make(5)
+    positions, part = torch.tensor([7, 9, 10, 11]), 6
+    group = q.shape[1] // k.shape[1]
+    kk, vv = k.double().repeat_interleave(group, 1), v.double().repeat_interleave(group, 1)
+    logits = (q.double() @ kk.transpose(-1, -2) * SCALE).masked_fill(torch.arange(L) > positions[:, None], float("-inf"))
+    outputs = logits.softmax(-1) @ vv
+    actual = saliency(q, k[:, :, :part], v[:, :, :part], kind, scaling=SCALE, reduce=reduce,
+                      query_positions=torch.full((len(positions),), part - 1), outputs=outputs.float(),
+                      log_normalizers=logits.logsumexp(-1).float())
+    assert_matches(actual, brute_force(q, k, v, kind, positions=positions, reduce=reduce)[..., :part])
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_pre_average_max_is_max_of_single_query_scores(kind):
     """With one query, max = sum; so the max over W queries is the max of W single-query pre-averaged scores."""

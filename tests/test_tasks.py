@@ -1,4 +1,4 @@
-"""Tests for obcache.evaluation.text and obcache.evaluation.tasks, with the real SmolLM2 tokenizer."""
+"""Tests for obcache.text and obcache.evaluation.tasks, with the real SmolLM2 tokenizer."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from obcache.evaluation import text
+from obcache import text
 from obcache.evaluation.tasks import (
     ADJECTIVES,
     LENGTH_TOLERANCE,

@@ -98,7 +98,7 @@ def _prompt(sample, tokenizer) -> tuple[list[int], list[int]]:
 
 
 def _document(spec: EvalSpec, tokenizer, unit: dict) -> list[int]:
-    from obcache.evaluation.text import document_ids
+    from obcache.text import document_ids
 
     return document_ids(tokenizer, unit["length"] + spec.future + 1, seed=spec.seed + unit["sample"])
 
@@ -289,7 +289,7 @@ class PerplexityFamily(TaskFamily):
     def rows(self, spec: EvalSpec, model, tokenizer, unit: dict, missing: dict, grid: dict,
              advance: Callable[[int], object]) -> list[dict]:
         from obcache.evaluation.perplexity import stream
-        from obcache.evaluation.text import document_ids
+        from obcache.text import document_ids
         from obcache.policies import Decoding
 
         ids = document_ids(tokenizer, unit["length"], seed=spec.seed + unit["sample"])

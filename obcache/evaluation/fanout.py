@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from obcache.cache import EvictableCache
+from obcache.calibration import calibrate
 from obcache.generation import forward_tokens
 from obcache.hooks import EvictionHooks
 from obcache.layer_state import LayerState, Selector
@@ -108,6 +109,7 @@ def shared_prefill(model: nn.Module, ids: list[int], policies: Mapping[Hashable,
     """
     recorder = _Recorder(model, policies)
     for policy in recorder.policies.values():
+        calibrate(model, tokenizer, policy, chat_template=chat_template)  # once per model, for head-level KVzip
         policy.check_prompt([len(ids)])
     cache = EvictableCache(config=model.config)
     with recorder:

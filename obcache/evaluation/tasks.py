@@ -46,7 +46,7 @@ from typing import Callable, NamedTuple
 
 from transformers import PreTrainedTokenizerBase
 
-from obcache.evaluation.text import count_tokens, filler_sentences
+from obcache.text import count_tokens, filler_sentences
 
 LENGTH_TOLERANCE = 8  # tokens a context may be off its target length
 NUM_NEEDLES = 4  # keys of niah_multikey / niah_multiquery, values of niah_multivalue

@@ -137,7 +137,8 @@ class Policy:
         """What `token_scores` depends on: the class and every option except those that only choose among the
         scored tokens (budget, sinks, selection, combine, chunk). Equal for policies that can share scores."""
         chooses = {"budget", "sinks", "selection", "combine", "chunk"}
-        return (type(self), *((f.name, getattr(self, f.name)) for f in fields(self) if f.name not in chooses))
+        return (type(self), *((f.name, getattr(self, f.name)) for f in fields(self) if f.name not in chooses
+                              and f.compare))
 
     @property
     def selects_after_all_layers(self) -> bool:
@@ -149,6 +150,9 @@ class Policy:
         return [self.select(layer, layer_scores) for layer, layer_scores in zip(layers, scores)]
 
     # -- checks and protection --
+
+    def check_ready(self) -> None:
+        """Raise a clear error if the policy must first be prepared (`obcache.calibrate`); by default it need not."""
 
     def check_prompt(self, prompt_lengths: list[int]) -> None:
         """Raise a clear error if the policy cannot run on prompts of these real lengths."""
