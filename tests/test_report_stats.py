@@ -287,3 +287,21 @@ def test_best_reports_ties():
     name, e, ties = group.best("accuracy", 0.1)
     assert (name, e.mean, e.n, ties) == ("snapkv + attention", 50.0, 4, 1)
     assert "(tied with 1 other)" in group.summary(["accuracy"])
+
+
+def test_streaming_perplexity_is_also_paired_per_stretch_of_text(tmp_path):
+    """Two texts of 3 stretches: attention 10, 12, 14 / 20, 22, 24; obc-key 1 lower on 5 stretches, 1 higher on
+    one. Per stretch: 6 pairs, 5 wins and 1 loss (sign test p = 2 x 7/64 = 0.219)."""
+    def row(score, sample, buckets):
+        return {"task": "perplexity", "mode": "streaming", "model": "m", "seed": 0, "length": 1536, "depth": None,
+                "sample": sample, "policy": "h2o", "policy_repr": "h2o", "score": score, "budget": 256,
+                "settings": {"dtype": "float32", "attn": "sdpa", "stream_chunk": 64}, "bucket": 512,
+                "stream_chunk": 64, "perplexity": sum(buckets) / 3, "bucket_perplexities": buckets}
+    rows = [row("attention", 0, [10, 12, 14]), row("obc-key", 0, [9, 11, 13]),
+            row("attention", 1, [20, 22, 24]), row("obc-key", 1, [19, 21, 25])]
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    text = write_report(tmp_path).read_text()
+    per_text, per_stretch = text.split("**perplexity, paired per 512-token stretch of each text")
+    assert "| h2o | obc-key | 256 tok | 2 |" in per_text  # two texts: -1, -2/3
+    # d = [-1]*5 + [+1]: mean -0.667, sd = sqrt((5 * (1/3)^2 + (5/3)^2) / 5) = 0.8165; t(5) 2.570582 * 0.8165 / sqrt(6)
+    assert "| h2o | obc-key | 256 tok | 6 | -0.67 [-1.52, +0.19] | 5/0/1 | 0.219 |  |" in per_stretch

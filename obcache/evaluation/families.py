@@ -52,6 +52,11 @@ class TaskFamily:
     def check(self, spec: EvalSpec) -> None:
         """Raise ValueError for settings this family cannot run (no model needed)."""
 
+    def blocks(self, rows: list[dict]) -> tuple[str, list[dict]] | None:
+        """For the report: the rows cut into finer units for paired comparisons, one pseudo-row per unit, and
+        what a unit is; None when the samples are the units."""
+        return None
+
     def mode(self, spec: EvalSpec) -> str:
         return "teacher-forced"
 
@@ -305,6 +310,13 @@ class PerplexityFamily(TaskFamily):
             })
             advance(1)
         return rows
+
+    def blocks(self, rows: list[dict]) -> tuple[str, list[dict]]:
+        """Every `bucket`-token stretch of every text, its perplexity as the row's."""
+        units = [{**row, "sample": f"{row['sample']}/{index}", "perplexity": value}
+                 for row in rows for index, value in enumerate(row["bucket_perplexities"])]
+        return (f"{rows[0]['bucket']}-token stretch of each text (neighbouring stretches of one text are not "
+                "independent: these intervals are narrower than over texts)"), units
 
     def describe(self, rows: list[dict]) -> str:
         return (f"The text is fed {rows[0]['stream_chunk']} tokens at a time; after each chunk every KV head is "

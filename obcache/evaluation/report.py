@@ -213,6 +213,13 @@ def write_report(folder: str | Path) -> Path:
         for metric in compared:
             out += ["", f"**{METRICS[metric].label}** ({METRICS[metric].better} is better; difference = score - "
                     "attention; wins: the score is better)", "", group.paired_table(metric)]
+        blocks = family.blocks(group_rows)
+        if blocks is not None and compared:
+            unit, block_rows = blocks
+            block_group = Group(block_rows)
+            for metric in compared:
+                out += ["", f"**{METRICS[metric].label}, paired per {unit}** (difference = score - attention)", "",
+                        block_group.paired_table(metric)]
         png = folder / f"{slug}.png"
         _curves(plt, group, list(family.metrics), png, f"{task} ({mode}), {model}")
         out += ["", f"![{task} {mode}]({png.name})"]
