@@ -268,6 +268,18 @@ def test_head_level_keeps_whole_heads_in_rating_order(tokenizer):
         assert kept == [0, 1, 2, 3] + list(range(CONTEXT - rest, CONTEXT)), (layer, kept)
 
 
+def test_global_head_level_ranks_the_heads_of_all_layers_together(tokenizer):
+    """GlobalKV over head ratings: no per-layer normalisation, so both heads of the better layer keep everything
+    (96 slots: 2 x 40; of the 16 left, the sinks of the worst head, and the rest to the next-worst, most recent
+    first). Per layer (AdaKV, or GlobalKV's normalisation) the worse layer would keep a whole head."""
+    model = tiny_model(vocab_size=len(tokenizer))
+    policy = GlobalKV(KVzip(source="heads", budget=24, head_scores=torch.tensor([[1.0, 3.0], [0.2, 0.1]])), alpha=0.0)
+    masks = shared_prefill(model, context_ids(), {"g": policy}, tokenizer=tokenizer).masks["g"]
+    assert [mask[0].sum(-1).tolist() for mask in masks] == [[CONTEXT, CONTEXT], [12, 4]]
+    recent = [head.nonzero().flatten().tolist() for head in masks[1][0]]
+    assert recent == [[0, 1, 2, 3] + list(range(CONTEXT - 8, CONTEXT)), [0, 1, 2, 3]]
+
+
 def test_head_level_needs_calibration_and_an_allocation_between_heads(tokenizer):
     model = tiny_model(vocab_size=len(tokenizer))
     with pytest.raises(ValueError, match="not calibrated: call obcache.calibrate"):

@@ -97,7 +97,8 @@ class GlobalKV(BudgetWrapper):
     every KV head of every layer; every head keeps at least alpha x budget
     tokens besides what it protects. Scores of different layers differ in
     scale (the OBCache ones with ||v||), so each layer's are first divided by
-    their mean over the layer's real, unprotected tokens. Needs every layer
+    their mean over the layer's real, unprotected tokens (unless the policy's
+    are `comparable_across_layers`, as head ratings are). Needs every layer
     before choosing: the full cache is held until the end of the prefill.
     """
 
@@ -127,7 +128,8 @@ class GlobalKV(BudgetWrapper):
             return [None] * len(layers)
         prepared = [self.prepared_scores(layer, layer_scores) for layer, layer_scores in zip(layers, scores)]
         shared = prepared[0].shape[1]  # Hkv, or 1 with shared selection
-        pooled = torch.cat([_relative(layer_scores) for layer_scores in prepared], dim=1)  # [B, layers x heads, L]
+        scale = (lambda scores: scores) if self.policy.comparable_across_layers else _relative
+        pooled = torch.cat([scale(layer_scores) for layer_scores in prepared], dim=1)  # [B, layers x heads, L]
         mask = adaptive_mask(pooled, kept, _floor(self.alpha, kept))
         return [part.expand(-1, heads, -1) for part in mask.split(shared, dim=1)]
 

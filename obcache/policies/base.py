@@ -141,6 +141,12 @@ class Policy:
                               and f.compare))
 
     @property
+    def comparable_across_layers(self) -> bool:
+        """Whether the token scores of different layers share one scale (`GlobalKV` then pools them as they are,
+        instead of dividing each layer's by its mean)."""
+        return False
+
+    @property
     def selects_after_all_layers(self) -> bool:
         """Whether the choice needs every layer first (`select_layers`), instead of one layer at a time."""
         return self.needs_reconstruction

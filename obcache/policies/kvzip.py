@@ -25,6 +25,8 @@ text; then every context costs its prefill alone. All of a head's tokens
 score its rating (the most recent first), so under `GlobalKV` or `AdaKV` the
 pooled budget goes to whole heads in order of rating, and the others keep
 their sinks and most recent tokens (the allocation's alpha x budget floor).
+The ratings of all layers share one scale: `GlobalKV` ranks the heads of the
+whole model against each other (no per-layer normalisation).
 
     KVzip(score="obc-key", budget=0.2)                       # per head, like every policy
     GlobalKV(KVzip(score="attention", budget=0.2))           # KVzip's head+layer top-k
@@ -83,6 +85,10 @@ class KVzip(ScoredPolicy):
     @property
     def needs_reconstruction(self) -> bool:  # the cheaper variant scores at the prefill, one layer at a time
         return self.source == "reconstruction"
+
+    @property
+    def comparable_across_layers(self) -> bool:  # head ratings: one score over one calibration text
+        return self.source == "heads"
 
     @property
     def min_context(self) -> int:
