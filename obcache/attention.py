@@ -14,7 +14,9 @@ logical length:
   every segment decodes one token in half precision.
 
 Without `obcache_cache` (a forward without a cache) the wrapped kernel runs
-with the mask transformers built, as usual.
+with the mask transformers built, as usual. A cache whose `log_normalizers`
+is a dict (KVzip's reconstruction forwards) also gets each query's log
+softmax denominator, from the CPU flash kernel behind sdpa.
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ def cache_attention(
     if isinstance(layer, RaggedLayer):
         return ragged_attention(query, layer, positions, scaling), None
     mask = layer.attention_mask(positions, causal_skip=base == "sdpa")
-    if obcache_cache.log_normalizers is not None and base == "sdpa" and query.device.type == "cpu":
+    if obcache_cache.log_normalizers is not None and base == "sdpa" and query.device.type == "cpu" and _cpu_flash():
         out, normalizers = _flash_with_log_normalizers(module, query, key, value, mask, scaling)
         obcache_cache.log_normalizers[module.layer_idx] = normalizers
         return out, None
@@ -68,7 +70,7 @@ def _flash_with_log_normalizers(module, query, key, value, mask, scaling):
 
     When the queries see every earlier slot and their own tokens causally (a reconstruction forward), the
     two parts run unmasked and causal, and are merged by their denominators: no mask to build or apply."""
-    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    flash = _cpu_flash()
     group = query.shape[1] // key.shape[1]
     key, value = key.repeat_interleave(group, dim=1), value.repeat_interleave(group, dim=1)  # repeat_kv's layout
     length, earlier = query.shape[2], key.shape[2] - query.shape[2]
@@ -84,6 +86,14 @@ def _flash_with_log_normalizers(module, query, key, value, mask, scaling):
         mask = torch.zeros(mask.shape, dtype=query.dtype, device=query.device).masked_fill_(~mask, float("-inf"))
     out, normalizers = flash(query, key, value, 0.0, causal, attn_mask=mask, scale=scaling)
     return out.transpose(1, 2).contiguous(), normalizers
+
+
+def _cpu_flash():
+    """The CPU flash kernel behind sdpa that also returns the log-normalizers (a private op: None if gone)."""
+    try:
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    except (AttributeError, RuntimeError):
+        return None
 
 
 def _sees_earlier_then_causal(mask: torch.Tensor, earlier: int) -> bool:
