@@ -43,6 +43,8 @@ class GenerationResult:
     token not yet fed to the model (when generation stopped at max_new_tokens).
     `context` and `compressed` (query-agnostic compression only: the cache right
     after it) let `ask` put other questions to the same compressed context.
+    `calibration_seconds`: the one-off rating of the heads this call did first
+    (`obcache.calibrate`, head-level KVzip), not part of the prefill.
     """
 
     text: str
@@ -62,6 +64,7 @@ class GenerationResult:
     chat_template: bool = True
     context: str = field(default="", repr=False)
     compressed: EvictableCache | None = field(default=None, repr=False)
+    calibration_seconds: float = 0.0
 
     @property
     def tokens_seen(self) -> int:
@@ -79,6 +82,7 @@ class GenerationResult:
             f"{self.policy}: {what}, cache {self.cache_bytes_full / 2**20:.1f} -> {self.cache_bytes_kept / 2**20:.1f} MiB "
             f"({ratio}); prefill {self.prefill_seconds:.2f}s (eviction {self.eviction_seconds:.3f}s), "
             f"decode {len(self.token_ids)} tokens in {self.decode_seconds:.2f}s"
+            + (f"; heads rated once for this model in {self.calibration_seconds:.1f}s" if self.calibration_seconds else "")
         )
 
 
@@ -137,8 +141,9 @@ def generate(
     rest_ids = [] if query_aware else question_ids
     if not prefill_ids:
         raise ValueError("the prompt is empty: give a context (or a question with query_aware=True)")
+    calibration = 0.0
     if policy is not None:
-        calibrate(model, tokenizer, policy, chat_template=chat_template)  # once per model, for head-level KVzip
+        calibration = calibrate(model, tokenizer, policy, chat_template=chat_template)  # head-level KVzip, once
         policy.check_prompt([len(prefill_ids)])
     cache = EvictableCache(config=model.config)
     with attach(model, policy, tokenizer=tokenizer, chat_template=chat_template):
@@ -172,7 +177,7 @@ def generate(
         decode_seconds=decode_seconds,
         policy=repr(policy) if policy is not None else "full cache",
         cache=cache, messages=messages, pending=pending, chat_template=chat_template, context=context,
-        compressed=compressed,
+        compressed=compressed, calibration_seconds=calibration,
     )
 
 
@@ -201,7 +206,8 @@ def ask(model, tokenizer, compressed: GenerationResult, question: str, *, max_ne
     messages = [{"role": "user", "content": compressed.context + "\n\n" + question},
                 {"role": "assistant", "content": answer_prefix + text}]
     return replace(compressed, text=text, token_ids=generated, question_tokens=len(question_ids), prefill_seconds=0.0,
-                   decode_seconds=time.perf_counter() - start, cache=cache, messages=messages, pending=pending)
+                   decode_seconds=time.perf_counter() - start, cache=cache, messages=messages, pending=pending,
+                   calibration_seconds=0.0)
 
 
 def _next_turn(model, tokenizer, history: GenerationResult, message: str, question: str | None, *, policy,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -76,3 +78,6 @@ def test_summary_reports_the_mean_kept_tokens_over_layers():
                               cache_bytes_full=1000, cache_bytes_kept=175, prefill_seconds=1.0, eviction_seconds=0.1,
                               decode_seconds=0.5)
     assert "kept 17.5/100 tokens per head" in result.summary() and "(17.5%)" in result.summary()
+    assert "rated" not in result.summary()
+    rated = replace(result, calibration_seconds=24.56).summary()
+    assert rated.endswith("decode 2 tokens in 0.50s; heads rated once for this model in 24.6s")
