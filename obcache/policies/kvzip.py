@@ -8,7 +8,8 @@ them (KVzip itself: the attention weight, max over the queries and the G
 query heads), and the best tokens are kept. The reconstruction's own tokens
 are never kept.
 
-`source="prefill"` is the cheaper variant: no second forward. The prefill
+`source="prefill"` skips the second forward (and, on SmolLM2, the needles:
+RESULTS.md). The prefill
 stands in for its own copy: every `stride`-th prefill query, and all the
 prefill's keys and values, are moved (RoPE-rotated) to where the copy would
 sit, L positions later; a moved query then sees the whole context plus the
