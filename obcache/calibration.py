@@ -69,14 +69,13 @@ def calibrate(model: nn.Module, tokenizer, selector: Selector, *, chat_template:
         if shape != expected:
             raise ValueError(f"{policy.name}: head_scores has shape {shape}, but the model has {expected[0]} layers "
                              f"of {expected[1]} KV heads: rate the heads on this model (head_scores=None)")
-    calibrated_on = getattr(policy, "_calibrated_on", None)
-    if policy.head_scores is not None and (calibrated_on is None or calibrated_on() is model):
+    if policy.head_scores is not None and (policy.rated_on is None or policy.rated_on() is model):
         return 0.0  # rated on this model, or given by the user
     if tokenizer is None:
         raise ValueError("KVzip(source='heads') needs the tokenizer to calibrate: it makes the model repeat a text")
     start = time.perf_counter()
     policy.head_scores = head_ratings(model, tokenizer, policy, chat_template=chat_template)
-    policy._calibrated_on = weakref.ref(model)
+    policy.rated_on = weakref.ref(model)
     return time.perf_counter() - start
 
 

@@ -73,6 +73,8 @@ class KVzip(ScoredPolicy):
     calibration: int = option(2048, "source='heads': tokens of the shipped text the model repeats once to rate heads")
     #: source="heads": [layers, Hkv] head ratings, set by `obcache.calibrate` (or given, e.g. saved from a run).
     head_scores: torch.Tensor | None = field(default=None, repr=False, compare=False)
+    #: The model `obcache.calibrate` rated them on (a weak reference); None for ratings given by the user.
+    rated_on: object | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         super().__post_init__()
