@@ -165,7 +165,7 @@ def test_global_allocation_pools_every_head_of_every_layer(tokenizer):
     shared = shared_prefill(model, context_ids(), {"g": policy}, tokenizer=tokenizer)
     counts = torch.stack([mask.sum(-1) for mask in shared.masks["g"]])  # [layers, 1, Hkv]
     assert int(counts.sum()) == 12 * 2 * 2  # budget x heads x layers
-    assert int(counts.min()) >= 4 + 3  # sinks + ceil(0.25 x 12) per head
+    assert int(counts.min()) >= max(4, 3)  # the 4 sinks, always kept; the floor ceil(0.25 x 12) counts them
     assert len(set(counts.flatten().tolist())) > 1  # really adaptive
 
 

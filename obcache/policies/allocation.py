@@ -73,7 +73,7 @@ class AdaKV(BudgetWrapper):
 
     Per layer and batch row, the budget x Hkv slots go to the best scores over
     all KV heads; every head keeps at least alpha x budget tokens (rounded up,
-    and at least one) besides what it protects.
+    and at least one), its protected tokens counted among them.
     """
 
     name: ClassVar[str] = "adakv"
@@ -95,7 +95,7 @@ class GlobalKV(BudgetWrapper):
 
     Per batch row, the budget x Hkv x layers slots go to the best scores over
     every KV head of every layer; every head keeps at least alpha x budget
-    tokens besides what it protects. Scores of different layers differ in
+    tokens, its protected ones counted. Scores of different layers differ in
     scale (the OBCache ones with ||v||), so each layer's are first divided by
     their mean over the layer's real, unprotected tokens (unless the policy's
     are `comparable_across_layers`, as head ratings are). Needs every layer
