@@ -292,3 +292,24 @@ def test_head_level_needs_calibration_and_an_allocation_between_heads(tokenizer)
     with pytest.raises(ValueError, match="head_scores has shape \\(3, 2\\), but the model has 2 layers of 2 KV heads"):
         obcache.calibrate(model, tokenizer, wrong)
     assert KVzip(source="heads").check_prompt([50, 40]) is None  # no replay: batches are fine
+
+
+@pytest.mark.parametrize("layout", ["earlier-then-causal", "padded"])
+def test_attention_with_log_normalizers_equals_float64(layout):
+    """The kernel path that also returns lse: the split one (every earlier slot, then the forward's own tokens
+    causally) and the masked one (a padded slot), against softmax attention written out in float64."""
+    from types import SimpleNamespace
+
+    from obcache.attention import _flash_with_log_normalizers
+
+    gen = torch.Generator().manual_seed(2)
+    query, key, value = torch.randn(1, 6, 5, 8, generator=gen), torch.randn(1, 2, 12, 8, generator=gen), torch.randn(1, 2, 12, 8, generator=gen)
+    mask = torch.ones(1, 1, 5, 12, dtype=torch.bool)
+    mask[..., 7:] = torch.ones(5, 5, dtype=torch.bool).tril()
+    if layout == "padded":
+        mask[..., 2] = False
+    out, lse = _flash_with_log_normalizers(SimpleNamespace(is_causal=True), query, key, value, mask, 0.35)
+    k, v = key.double().repeat_interleave(3, 1), value.double().repeat_interleave(3, 1)
+    logits = (query.double() @ k.transpose(-1, -2) * 0.35).masked_fill(~mask, float("-inf"))
+    torch.testing.assert_close(out.double(), (logits.softmax(-1) @ v).transpose(1, 2), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(lse.double(), logits.logsumexp(-1), rtol=1e-5, atol=1e-6)
