@@ -15,7 +15,7 @@ from obcache.policies import (
 from obcache.scores import GQA_REDUCTIONS, SCORE_KINDS
 
 #: Policy fields with their own flags (--budget, --score) or none at all.
-NOT_OPTIONS = {"budget", "score", "head_scores", "rated_on"}
+NOT_OPTIONS = {"budget", "score", "head_scores", "rated_on", "group"}
 #: Options that an evaluation grid may sweep (comma lists there).
 GRID_AXES = ("selection", "chunk")
 

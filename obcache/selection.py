@@ -15,14 +15,19 @@ go to the earlier position, so heads with equal scores keep equal sets.
 - `pyramid_budgets`: per-layer budgets that fall linearly with depth, their
   mean equal to the budget (PyramidKV, arXiv 2406.02069).
 
-All of them act per batch row and per layer, so a tensor-parallel rank can run
-them on its own heads (`adaptive_mask` then needs the scores of every rank's
-heads of the layer, or a threshold agreed across ranks).
+All of them act per batch row and per layer. Under tensor parallelism each
+rank holds some of a layer's KV heads, ranks in head order, and runs them on
+its own heads: `top_k_mask` and `chunk_scores` need nothing from the others;
+`combine_heads` and `adaptive_mask` take the process `group` and agree with
+the other ranks in one collective each (a sum or max over heads; the values
+of each rank's best candidates), so that every rank's mask equals its part of
+the single-device mask.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 
 HEAD_COMBINES: dict[str, str] = {
     "normalized-mean": "each head's scores divided by their sum over the scored tokens, then averaged over heads",
@@ -37,14 +42,24 @@ def check_combine(combine: str) -> str:
     return combine
 
 
-def combine_heads(scores: torch.Tensor, combine: str = "normalized-mean") -> torch.Tensor:
-    """[B, H, L] finite scores (>= 0) -> [B, 1, L]: one score per token for all heads of a layer."""
+def combine_heads(scores: torch.Tensor, combine: str = "normalized-mean", group=None) -> torch.Tensor:
+    """[B, H, L] finite scores (>= 0) -> [B, 1, L]: one score per token for all heads of a layer
+    (with a process `group`: for the heads of every rank)."""
     check_combine(combine)
-    if combine == "mean":
+    if combine != "mean":
+        scores = scores / scores.sum(-1, keepdim=True).clamp_min(torch.finfo(scores.dtype).tiny)
+    if combine == "max":
+        return _all_reduce(scores.amax(1, keepdim=True), dist.ReduceOp.MAX, group)
+    if group is None:
         return scores.mean(1, keepdim=True)
-    totals = scores.sum(-1, keepdim=True)
-    normalized = scores / totals.clamp_min(torch.finfo(scores.dtype).tiny)
-    return normalized.amax(1, keepdim=True) if combine == "max" else normalized.mean(1, keepdim=True)
+    heads = _all_reduce(torch.tensor(float(scores.shape[1]), device=scores.device), dist.ReduceOp.SUM, group)
+    return _all_reduce(scores.sum(1, keepdim=True), dist.ReduceOp.SUM, group) / heads
+
+
+def _all_reduce(tensor: torch.Tensor, op, group) -> torch.Tensor:
+    if group is not None:
+        dist.all_reduce(tensor, op=op, group=group)
+    return tensor
 
 
 def chunk_scores(scores: torch.Tensor, chunk: int) -> torch.Tensor:
@@ -72,18 +87,48 @@ def top_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
     return mask.scatter_(-1, _ranked(scores)[..., :k], True)
 
 
-def adaptive_mask(scores: torch.Tensor, k: int, floor: int) -> torch.Tensor:
+def adaptive_mask(scores: torch.Tensor, k: int, floor: int, group=None) -> torch.Tensor:
     """[B, H, L] -> bool [B, H, L]: k x H tokens per batch row, at least `floor` (<= k) in each head.
 
     Each head first takes its `floor` best tokens; the remaining (k - floor) x H
     slots go to the best of all other tokens of the row, whatever their head.
+    With a process `group` whose ranks hold the heads in rank order (any number
+    each), H counts every rank's heads and the slots go to the best over all of
+    them; each rank sends the values of its own best (k - floor) x H candidates.
     """
     batch, heads, length = scores.shape
     mask = top_k_mask(scores, floor)
     rest = scores.masked_fill(mask, float("-inf")).reshape(batch, heads * length)
-    chosen = _ranked(rest)[:, : (k - floor) * heads]
+    order = _ranked(rest)
     # a row with fewer candidates than slots may pick already-kept (-inf) tokens again: harmless
-    return mask.view(batch, heads * length).scatter_(-1, chosen, True).view(batch, heads, length)
+    if group is None:
+        chosen = order[:, : (k - floor) * heads]
+        return mask.view(batch, heads * length).scatter_(-1, chosen, True).view(batch, heads, length)
+    taken = _taken_across_ranks(rest.gather(-1, order), k - floor, heads, length, group)  # [B]
+    take = torch.arange(heads * length, device=scores.device) < taken[:, None]
+    return mask | torch.zeros_like(take).scatter_(-1, order, take).view(batch, heads, length)
+
+
+def _taken_across_ranks(ranked: torch.Tensor, per_head: int, heads: int, length: int, group) -> torch.Tensor:
+    """How many of this rank's candidates (`ranked` [B, n], best first) are among the best
+    per_head x (all ranks' heads) of the row over every rank's candidates.
+
+    Merging the ranks' lists in rank order with a stable sort orders ties as one
+    device would (by head, then position), so each rank's share is a prefix of its list.
+    """
+    world, me = dist.get_world_size(group), dist.get_rank(group)
+    counts = [torch.zeros(1, dtype=torch.long, device=ranked.device) for _ in range(world)]
+    dist.all_gather(counts, torch.tensor([heads], device=ranked.device), group=group)
+    slots = per_head * int(sum(counts))
+    sent = ranked.new_full((ranked.shape[0], slots), float("-inf"))
+    sent[:, : min(slots, ranked.shape[1])] = ranked[:, :slots]
+    gathered = [torch.empty_like(sent) for _ in range(world)]
+    dist.all_gather(gathered, sent, group=group)
+    padding = torch.cat([torch.arange(slots, device=ranked.device) >= int(c) * length for c in counts])
+    order = _ranked(torch.cat(gathered, dim=1))
+    order = order.gather(-1, torch.sort(padding[order].byte(), dim=-1, stable=True).indices)  # padding last
+    best = order[:, :slots]
+    return ((best >= me * slots) & (best < (me + 1) * slots)).sum(-1)
 
 
 def pyramid_budgets(scored: int, num_layers: int, beta: float, capacity: int) -> list[int]:

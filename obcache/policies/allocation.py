@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
+import torch.distributed as dist
 
 from obcache.layer_state import LayerState
 from obcache.policies.base import Policy
@@ -86,7 +87,7 @@ class AdaKV(BudgetWrapper):
             raise ValueError("AdaKV gives heads different budgets; it needs selection='per-head', not 'shared'")
 
     def allocate(self, scores: torch.Tensor, kept: int, layer: LayerState) -> torch.Tensor:
-        return adaptive_mask(scores, kept, _floor(self.alpha, kept))
+        return adaptive_mask(scores, kept, _floor(self.alpha, kept), self.group)
 
 
 @dataclass
@@ -100,6 +101,8 @@ class GlobalKV(BudgetWrapper):
     their mean over the layer's real, unprotected tokens (unless the policy's
     are `comparable_across_layers`, as head ratings are). Needs every layer
     before choosing: the full cache is held until the end of the prefill.
+    Under tensor parallelism (the policy's `group`), exact ties between ranks
+    go to the lower rank (on one device: to the earlier layer).
     """
 
     name: ClassVar[str] = "global"
@@ -128,16 +131,21 @@ class GlobalKV(BudgetWrapper):
             return [None] * len(layers)
         prepared = [self.prepared_scores(layer, layer_scores) for layer, layer_scores in zip(layers, scores)]
         shared = prepared[0].shape[1]  # Hkv, or 1 with shared selection
-        scale = (lambda scores: scores) if self.policy.comparable_across_layers else _relative
-        pooled = torch.cat([scale(layer_scores) for layer_scores in prepared], dim=1)  # [B, layers x heads, L]
-        mask = adaptive_mask(pooled, kept, _floor(self.alpha, kept))
+        if not self.policy.comparable_across_layers:
+            prepared = [_relative(layer_scores, self.group) for layer_scores in prepared]
+        pooled = torch.cat(prepared, dim=1)  # [B, layers x heads, L]
+        mask = adaptive_mask(pooled, kept, _floor(self.alpha, kept), self.group)
         return [part.expand(-1, heads, -1) for part in mask.split(shared, dim=1)]
 
 
-def _relative(scores: torch.Tensor) -> torch.Tensor:
-    """Scores divided by their layer's mean over finite (real, unprotected) entries; +-inf kept."""
+def _relative(scores: torch.Tensor, group=None) -> torch.Tensor:
+    """Scores divided by their layer's mean over finite (real, unprotected) entries (of every rank's heads
+    with a process `group`); +-inf kept."""
     finite = scores.isfinite()
-    mean = scores.where(finite, 0.0).sum((1, 2), keepdim=True) / finite.sum((1, 2), keepdim=True).clamp_min(1)
+    totals = torch.stack([scores.where(finite, 0.0).sum((1, 2)), finite.sum((1, 2)).to(scores.dtype)])  # [2, B]
+    if group is not None:
+        dist.all_reduce(totals, group=group)
+    mean = (totals[0] / totals[1].clamp_min(1))[:, None, None]
     return scores / mean.clamp_min(torch.finfo(scores.dtype).tiny)
 
 

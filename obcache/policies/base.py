@@ -71,6 +71,9 @@ class Policy:
     selection: str = option("per-head", "per-head: each KV head its own tokens; shared: one set per layer", SELECTIONS)
     combine: str = option("normalized-mean", "shared selection: how head scores combine", HEAD_COMBINES)
     chunk: int = option(1, "keep or drop whole spans of this many consecutive tokens (1 = single tokens)")
+    #: Under tensor parallelism, the torch.distributed process group whose ranks hold the KV heads in rank
+    #: order: head-shared scores and AdaKV/GlobalKV budgets are then agreed over every rank's heads.
+    group: object | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         check_budget(self.budget)
@@ -115,7 +118,7 @@ class Policy:
         protected tokens +inf, padding -inf."""
         scores = (self.token_scores(layer) if scores is None else scores).float()
         if self.selection == "shared":
-            scores = combine_heads(scores, self.combine)
+            scores = combine_heads(scores, self.combine, self.group)
         scores = chunk_scores(scores, self.chunk)
         scores = scores.masked_fill(_per_head(self.protected_mask(layer)), float("inf"))
         if layer.key_mask is not None:
