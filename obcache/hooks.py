@@ -51,6 +51,7 @@ class EvictionHooks(LayerHooks):
             )
         if policy is not None:
             policy.check_ready()
+            _check_tensor_parallel(model, policy)
         self.tokenizer, self.chat_template = tokenizer, chat_template
         self._signature = inspect.signature(self.decoder.forward)
         self._implementation: str | None = None
@@ -158,6 +159,27 @@ class EvictionHooks(LayerHooks):
         for cache in self._caches:
             cache.attached = False
         self._caches.clear()
+
+
+def _check_tensor_parallel(model: nn.Module, policy: Selector) -> None:
+    """A model split by transformers' tensor parallelism holds some KV heads per rank: a policy that chooses
+    across heads needs the ranks' process group, and a group needs a model split over exactly its ranks."""
+    ranks, group = getattr(model, "tp_size", None) or 1, getattr(policy, "group", None)
+    if group is None:
+        if ranks > 1 and getattr(policy, "chooses_across_heads", False):
+            raise ValueError(
+                f"the model is split over {ranks} ranks (tensor parallelism) and {policy.name} chooses over all "
+                "KV heads of a layer: give the policy the ranks' process group, e.g. "
+                "SnapKV(..., group=model._device_mesh['tp'].get_group())"
+            )
+        return
+    import torch.distributed as dist
+
+    if ranks != dist.get_world_size(group):
+        raise ValueError(
+            f"the policy's process group has {dist.get_world_size(group)} ranks but the model is split "
+            f"over {ranks} by tensor parallelism; the group must be the ranks that hold the model's KV heads"
+        )
 
 
 def attach(model: nn.Module, policy: Selector | None = None, *, tokenizer=None, chat_template: bool = True) -> EvictionHooks:

@@ -99,6 +99,11 @@ class Selector(Protocol):
     def check_ready(self) -> None:
         """Raise a clear ValueError if the policy must first be prepared (`obcache.calibrate`)."""
 
+    # optional (absent: None, False): the torch.distributed process group of the ranks that hold the KV heads
+    # (tensor parallelism), and whether one head's kept tokens depend on the other heads' scores
+    group: object | None
+    chooses_across_heads: bool
+
     def check_prompt(self, prompt_lengths: list[int]) -> None:
         """Raise a clear ValueError, before any model work, if prompts of these real lengths cannot be evicted."""
 

@@ -3,14 +3,17 @@ choose exactly what one process holding every head chooses (its part of the sing
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from obcache import AdaKV, GlobalKV, SnapKV
+from obcache import H2O, TOVA, AdaKV, Decoding, GlobalKV, KVzip, SnapKV
 from obcache.layer_state import LayerState
 from obcache.selection import adaptive_mask, combine_heads
+from tests.conftest import FAMILIES, tiny_model
 
 HEADS_PER_RANK = (2, 3)  # per-rank head counts need not be equal
 B, L = 2, 23
@@ -65,7 +68,8 @@ def _check(rank: int) -> None:
 
 def _worker(rank: int, world: int, store: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=60))
     try:
         _check(rank)
     finally:
@@ -81,3 +85,94 @@ def test_a_policy_carries_its_group_outside_its_identity():
     """The process group is not a hyper-parameter: equal policies with and without it score alike."""
     assert SnapKV(group=object()) == SnapKV() and "group" not in repr(SnapKV(group=object()))
     assert AdaKV(SnapKV(group="g")).group == "g"
+
+
+# ---------------------------------------------------------------- a model split by transformers' tensor parallelism
+
+NEW_TOKENS = 8
+
+
+def _configs(group=None) -> dict:
+    """Every selection that chooses across heads, with each score kind, plus per-head and decode-time eviction."""
+    return {
+        "adakv": lambda: AdaKV(SnapKV(budget=12, window=4, score="obc-joint", group=group)),
+        "global": lambda: GlobalKV(SnapKV(budget=0.3, window=4, score="obc-key", group=group)),
+        "shared spans": lambda: SnapKV(budget=12, window=4, selection="shared", chunk=4, score="obc-value", group=group),
+        "per-head": lambda: TOVA(budget=12, score="exact-removal"),
+        "decoding": lambda: Decoding(AdaKV(H2O(budget=12, sinks=2, window=4, score="obc-key", group=group)), budget=14, interval=3),
+        "kvzip": lambda: GlobalKV(KVzip(score="attention", budget=0.3, group=group)),
+    }
+
+
+def _generate(model, tokenizer, make) -> dict:
+    ids = torch.randint(10, 500, (1, 40), generator=torch.Generator().manual_seed(0))
+    with make().attach(model, tokenizer=tokenizer):
+        out = model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0,
+                             return_dict_in_generate=True)
+    cache = out.past_key_values
+    return {"tokens": out.sequences, "kept": [cache.kept_positions(i) for i in range(len(cache.layers))]}
+
+
+def _check_split_model(rank: int, folder: str) -> None:
+    from transformers import AutoModelForCausalLM
+    from transformers.distributed.configuration_utils import DistributedConfig
+
+    from obcache.loading import load_tokenizer
+
+    tokenizer, group = load_tokenizer(), dist.group.WORLD
+    for family, reference in torch.load(f"{folder}/reference.pt").items():
+        model = AutoModelForCausalLM.from_pretrained(f"{folder}/{family}",
+                                                     distributed_config=DistributedConfig(tp_size=2)).eval()
+        heads = model.config.num_key_value_heads // 2
+        for name, make in _configs(group).items():
+            got, expected = _generate(model, tokenizer, make), reference[name]
+            assert torch.equal(got["tokens"], expected["tokens"]), (family, name)
+            for mine, full in zip(got["kept"], expected["kept"]):  # per layer: per row, per KV head
+                for row_mine, row_full in zip(mine, full):
+                    assert len(row_mine) == heads, (family, name)
+                    for head, positions in enumerate(row_mine):
+                        assert torch.equal(positions, row_full[rank * heads + head]), (family, name, head)
+        with pytest.raises(ValueError, match="process group"):
+            AdaKV(SnapKV(budget=12)).attach(model)
+
+
+def _split_worker(rank: int, world: int, folder: str) -> None:
+    import os
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{folder}/store", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=60))  # a rank left waiting fails, not hangs
+    try:
+        _check_split_model(rank, folder)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built in")
+def test_a_model_split_over_two_ranks_generates_and_keeps_what_one_device_does(tmp_path, tokenizer):
+    """Llama, Qwen2 and Qwen3 split by transformers' tensor parallelism (one KV head per rank): the same tokens,
+    and each rank's heads hold what the same heads hold on one device, for every mode and score kind."""
+    from transformers import AutoModelForCausalLM
+
+    reference = {}
+    for family in FAMILIES:
+        tiny_model(family, vocab_size=len(tokenizer)).save_pretrained(tmp_path / family)
+        model = AutoModelForCausalLM.from_pretrained(tmp_path / family).eval()
+        reference[family] = {name: _generate(model, tokenizer, make) for name, make in _configs().items()}
+    torch.save(reference, tmp_path / "reference.pt")
+    mp.spawn(_split_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
+
+
+def test_a_group_needs_a_model_split_over_its_ranks(tmp_path):
+    """One process, a group of one rank, a model that is not split: a group of 1 matches; a wrong size fails."""
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        model = tiny_model()
+        with SnapKV(budget=12, window=4, group=dist.group.WORLD).attach(model):
+            model(torch.randint(10, 500, (1, 40)))
+        model._tp_size = 2  # as a split model says (transformers keeps it there)
+        with pytest.raises(ValueError, match="has 1 ranks but the model is split over 2"):
+            SnapKV(budget=12, window=4, group=dist.group.WORLD).attach(model)
+    finally:
+        dist.destroy_process_group()

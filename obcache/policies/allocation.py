@@ -78,6 +78,7 @@ class AdaKV(BudgetWrapper):
     """
 
     name: ClassVar[str] = "adakv"
+    chooses_across_heads: ClassVar[bool] = True
     alpha: float = 0.2
 
     def __post_init__(self) -> None:
@@ -106,6 +107,7 @@ class GlobalKV(BudgetWrapper):
     """
 
     name: ClassVar[str] = "global"
+    chooses_across_heads: ClassVar[bool] = True
     alpha: float = 0.2
 
     def __post_init__(self) -> None:

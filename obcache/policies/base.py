@@ -144,6 +144,12 @@ class Policy:
                               and f.compare))
 
     @property
+    def chooses_across_heads(self) -> bool:
+        """Whether one KV head's kept tokens depend on the other heads' scores (head-shared selection; AdaKV
+        and GlobalKV say so too): under tensor parallelism the ranks must then agree (`group`)."""
+        return self.selection == "shared"
+
+    @property
     def comparable_across_layers(self) -> bool:
         """Whether the token scores of different layers share one scale (`GlobalKV` then pools them as they are,
         instead of dividing each layer's by its mean)."""

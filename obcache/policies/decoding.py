@@ -26,6 +26,7 @@ from dataclasses import dataclass, replace
 from typing import ClassVar
 
 import torch
+import torch.distributed as dist
 
 from obcache.layer_state import LayerState
 from obcache.layouts import RaggedLayer
@@ -101,7 +102,7 @@ class Decoding(BudgetWrapper):
             if "queries" in cache_layer.extras:
                 recent = torch.cat([cache_layer.extras["queries"], recent], dim=-2)
             cache_layer.extras["queries"] = recent[:, :, -self.query_window :]
-        if _mean_slots(cache_layer) < self.budget + self.interval:
+        if _mean_slots(cache_layer, self.group) < self.budget + self.interval:
             return None
         if isinstance(cache_layer, RaggedLayer):
             index, _ = cache_layer.right_aligned()
@@ -177,8 +178,16 @@ def _buffered_queries(length: int, recent: torch.Tensor | None):
     return queries
 
 
-def _mean_slots(cache_layer) -> float:
-    """Slots per KV head, averaged over the heads and rows of a layer."""
+def _mean_slots(cache_layer, group=None) -> float:
+    """Slots per KV head, averaged over the heads and rows of a layer (of every rank's heads with a process
+    `group`, so that all ranks evict at the same step)."""
     if isinstance(cache_layer, RaggedLayer):
-        return sum(cache_layer.lengths) / len(cache_layer.lengths)
-    return cache_layer.get_seq_length()
+        total, heads = sum(cache_layer.lengths), len(cache_layer.lengths)
+    else:
+        heads = cache_layer.keys.shape[0] * cache_layer.keys.shape[1]
+        total = cache_layer.get_seq_length() * heads
+    if group is not None:
+        both = torch.tensor([total, heads], dtype=torch.float64, device=cache_layer.keys.device)
+        dist.all_reduce(both, group=group)
+        total, heads = both.tolist()
+    return total / heads
