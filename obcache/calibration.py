@@ -80,8 +80,10 @@ def calibrate(model: nn.Module, tokenizer, selector: Selector, *, chat_template:
 
 
 def _heads_shape(model: nn.Module) -> tuple[int, int]:
+    """(layers, KV heads) of `model`: this rank's heads when it is split by tensor parallelism."""
     config = model.config.get_text_config()
-    return config.num_hidden_layers, getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    return config.num_hidden_layers, heads // (getattr(model, "tp_size", None) or 1)
 
 
 def _moves_budget_between_heads(selector: Selector) -> bool:

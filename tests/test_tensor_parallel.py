@@ -10,6 +10,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+import obcache
+
 from obcache import H2O, TOVA, AdaKV, Decoding, GlobalKV, KVzip, SnapKV
 from obcache.layer_state import LayerState
 from obcache.selection import adaptive_mask, combine_heads
@@ -101,12 +103,17 @@ def _configs(group=None) -> dict:
         "per-head": lambda: TOVA(budget=12, score="exact-removal"),
         "decoding": lambda: Decoding(AdaKV(H2O(budget=12, sinks=2, window=4, score="obc-key", group=group)), budget=14, interval=3),
         "kvzip": lambda: GlobalKV(KVzip(score="attention", budget=0.3, group=group)),
+        "kvzip heads": lambda: GlobalKV(KVzip(source="heads", score="obc-key", budget=0.3, calibration=256,
+                                              group=group)),
     }
 
 
 def _generate(model, tokenizer, make) -> dict:
     ids = torch.randint(10, 500, (1, 40), generator=torch.Generator().manual_seed(0))
-    with make().attach(model, tokenizer=tokenizer):
+    policy = make()
+    for _ in range(2):  # rates this rank's heads, then finds them rated
+        obcache.calibrate(model, tokenizer, policy)
+    with policy.attach(model, tokenizer=tokenizer):
         out = model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0,
                              return_dict_in_generate=True)
     cache = out.past_key_values
