@@ -224,10 +224,11 @@ class RaggedLayer(CacheLayerMixin):
         layer.extras = self.extras
         return layer
 
-    def right_aligned(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(index [T], valid [B, Hkv, W]): where each slot sits in a [B, Hkv, W] grid (W = longest segment)
-        whose segments end at the right edge, so every segment's last slots share columns."""
-        width = self.get_seq_length()
+    def right_aligned(self, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(index [T], valid [B, Hkv, W]): where each slot sits in a [B, Hkv, W] grid (W = `width`, at least
+        and by default the longest segment) whose segments end at the right edge, so every segment's last
+        slots share columns."""
+        width = self.get_seq_length() if width is None else width
         device = self.keys.device
         lengths = torch.tensor(self.lengths, device=device)
         segment = torch.arange(len(self.lengths), device=device).repeat_interleave(lengths)

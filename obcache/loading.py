@@ -180,6 +180,7 @@ def load_model(
     attn_implementation: str = "sdpa",
     dtype: torch.dtype | str | None = None,
     device: str | torch.device | None = None,
+    tp_size: int | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load (model, tokenizer) in eval mode, offline.
 
@@ -188,18 +189,30 @@ def load_model(
     None means float32 on CPU and bfloat16 on CUDA. `device`: None means CUDA
     if available, else CPU. Bad names, devices and dtypes raise ValueError and
     unsupported families fail before weights are read; missing files raise a
-    one-line OSError.
+    one-line OSError. `tp_size`: split the model over that many ranks by transformers' tensor parallelism
+    (torch.distributed initialised, one process per rank; each rank then holds its share of the KV heads).
     """
     if attn_implementation not in ("sdpa", "eager"):
         raise ValueError(f"attn_implementation must be 'sdpa' or 'eager', not {attn_implementation!r}")
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
     source = _resolve(name)
-    check_supported_config(_offline_config(source))
+    config = _offline_config(source)
+    check_supported_config(config)
+    split = {}
+    if tp_size is not None:
+        query_heads = config.num_attention_heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or query_heads
+        if isinstance(tp_size, bool) or not isinstance(tp_size, int) or tp_size < 1 or kv_heads % tp_size:
+            raise ValueError(f"tp_size must be a positive number of ranks that divides the model's {kv_heads} KV "
+                             f"heads (and {query_heads} query heads), got {tp_size!r}")
+        from transformers.distributed.configuration_utils import DistributedConfig
+
+        split = {"distributed_config": DistributedConfig(tp_size=tp_size)}
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            source, dtype=dtype, attn_implementation=attn_implementation, local_files_only=True
+            source, dtype=dtype, attn_implementation=attn_implementation, local_files_only=True, **split
         )
     except OSError as err:
         raise OSError(f"cannot load the weights of {source!r}: {_one_line(err)}") from err
-    return model.to(device).eval(), load_tokenizer(source)
+    return (model if split else model.to(device)).eval(), load_tokenizer(source)

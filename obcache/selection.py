@@ -104,12 +104,12 @@ def adaptive_mask(scores: torch.Tensor, k: int, floor: int, group=None) -> torch
     if group is None:
         chosen = order[:, : (k - floor) * heads]
         return mask.view(batch, heads * length).scatter_(-1, chosen, True).view(batch, heads, length)
-    taken = _taken_across_ranks(rest.gather(-1, order), k - floor, heads, length, group)  # [B]
+    taken = _taken_across_ranks(rest.gather(-1, order), k - floor, heads, group)  # [B]
     take = torch.arange(heads * length, device=scores.device) < taken[:, None]
     return mask | torch.zeros_like(take).scatter_(-1, order, take).view(batch, heads, length)
 
 
-def _taken_across_ranks(ranked: torch.Tensor, per_head: int, heads: int, length: int, group) -> torch.Tensor:
+def _taken_across_ranks(ranked: torch.Tensor, per_head: int, heads: int, group) -> torch.Tensor:
     """How many of this rank's candidates (`ranked` [B, n], best first) are among the best
     per_head x (all ranks' heads) of the row over every rank's candidates.
 
@@ -117,14 +117,14 @@ def _taken_across_ranks(ranked: torch.Tensor, per_head: int, heads: int, length:
     device would (by head, then position), so each rank's share is a prefix of its list.
     """
     world, me = dist.get_world_size(group), dist.get_rank(group)
-    counts = [torch.zeros(1, dtype=torch.long, device=ranked.device) for _ in range(world)]
-    dist.all_gather(counts, torch.tensor([heads], device=ranked.device), group=group)
-    slots = per_head * int(sum(counts))
+    sizes = [torch.zeros(2, dtype=torch.long, device=ranked.device) for _ in range(world)]  # (heads, tokens)
+    dist.all_gather(sizes, torch.tensor([heads, ranked.shape[1]], device=ranked.device), group=group)
+    slots = per_head * sum(int(size[0]) for size in sizes)
     sent = ranked.new_full((ranked.shape[0], slots), float("-inf"))
     sent[:, : min(slots, ranked.shape[1])] = ranked[:, :slots]
     gathered = [torch.empty_like(sent) for _ in range(world)]
     dist.all_gather(gathered, sent, group=group)
-    padding = torch.cat([torch.arange(slots, device=ranked.device) >= int(c) * length for c in counts])
+    padding = torch.cat([torch.arange(slots, device=ranked.device) >= int(size[1]) for size in sizes])
     order = _ranked(torch.cat(gathered, dim=1))
     order = order.gather(-1, torch.sort(padding[order].byte(), dim=-1, stable=True).indices)  # padding last
     best = order[:, :slots]

