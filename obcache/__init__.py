@@ -13,6 +13,7 @@ from obcache.calibration import calibrate
 from obcache.generation import GenerationResult, ask, generate
 from obcache.hooks import attach
 from obcache.loading import load_model, load_tokenizer
+from obcache.models import tensor_parallel_group
 from obcache.policies import (
     H2O, POLICIES, TOVA, AdaKV, Decoding, GlobalKV, KVzip, Policy, PyramidKV, ScoredPolicy, SnapKV, StreamingLLM,
     make_policy, paper_preset, recommended,
@@ -24,5 +25,5 @@ __version__ = "0.1.0"
 __all__ = [
     "AdaKV", "Decoding", "EvictableCache", "GenerationResult", "GlobalKV", "H2O", "KVzip", "POLICIES", "Policy", "PyramidKV", "SCORE_KINDS",
     "ScoredPolicy", "SnapKV", "StreamingLLM", "TOVA", "ask", "attach", "calibrate", "generate", "load_model", "load_tokenizer",
-    "make_policy", "paper_preset", "recommended", "saliency",
+    "make_policy", "paper_preset", "recommended", "saliency", "tensor_parallel_group",
 ]

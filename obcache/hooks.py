@@ -170,7 +170,7 @@ def _check_tensor_parallel(model: nn.Module, policy: Selector) -> None:
             raise ValueError(
                 f"the model is split over {ranks} ranks (tensor parallelism) and {policy.name} chooses over all "
                 "KV heads of a layer: give the policy the ranks' process group, e.g. "
-                "SnapKV(..., group=model._device_mesh['tp'].get_group())"
+                "SnapKV(..., group=obcache.tensor_parallel_group(model))"
             )
         return
     import torch.distributed as dist

@@ -118,3 +118,12 @@ def check_attention_implementation(model: nn.Module, *, attached: bool = False) 
         raise UnsupportedModelError(
             f"attention implementation {implementation!r} is not supported; use 'sdpa' (default) or 'eager'"
         )
+
+
+def tensor_parallel_group(model: nn.Module):
+    """The torch.distributed process group over which transformers split `model` by tensor parallelism
+    (`distributed_config=DistributedConfig(tp_size=N)`, or `obcache.load_model(tp_size=N)`); None if not split.
+    Give it to the policy (`SnapKV(..., group=...)`) so that ranks agree on choices across heads."""
+    if (getattr(model, "tp_size", None) or 1) <= 1:
+        return None
+    return model._device_mesh["tp"].get_group()

@@ -56,7 +56,7 @@ def main() -> int:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
     full, tokenizer = obcache.load_model(args.model)
     split, _ = obcache.load_model(args.model, tp_size=world)
-    group = split._device_mesh["tp"].get_group()
+    group = obcache.tensor_parallel_group(split)
     sample = make_sample("niah_single_number", tokenizer, args.length, seed=0)
     rows, failed = [], False
     for name in policies(args.budget, None):

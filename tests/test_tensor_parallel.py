@@ -127,10 +127,12 @@ def _check_split_model(rank: int, folder: str) -> None:
 
     from obcache.loading import load_tokenizer
 
-    tokenizer, group = load_tokenizer(), dist.group.WORLD
+    tokenizer = load_tokenizer()
     for family, reference in torch.load(f"{folder}/reference.pt").items():
         model = AutoModelForCausalLM.from_pretrained(f"{folder}/{family}",
                                                      distributed_config=DistributedConfig(tp_size=2)).eval()
+        group = obcache.tensor_parallel_group(model)
+        assert dist.get_world_size(group) == 2
         heads = model.config.num_key_value_heads // 2
         for name, make in _configs(group).items():
             got, expected = _generate(model, tokenizer, make), reference[name]
@@ -177,6 +179,7 @@ def test_a_group_needs_a_model_split_over_its_ranks(tmp_path):
     dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
     try:
         model = tiny_model()
+        assert obcache.tensor_parallel_group(model) is None
         with SnapKV(budget=12, window=4, group=dist.group.WORLD).attach(model):
             model(torch.randint(10, 500, (1, 40)))
         model._tp_size = 2  # as a split model says (transformers keeps it there)
