@@ -26,8 +26,8 @@ from torch import nn
 from obcache.cache import EvictableCache
 from obcache.hooks import attach
 from obcache.layer_state import Selector
-from obcache.policies import AdaKV, GlobalKV, KVzip
-from obcache.policies.allocation import BudgetWrapper, innermost
+from obcache.policies import KVzip
+from obcache.policies.allocation import BudgetWrapper, PooledBudget, innermost
 from obcache.reconstruction import reconstruct, reconstruction_inputs
 from obcache.text import document_ids
 
@@ -88,7 +88,7 @@ def _heads_shape(model: nn.Module) -> tuple[int, int]:
 
 def _moves_budget_between_heads(selector: Selector) -> bool:
     while isinstance(selector, BudgetWrapper):
-        if isinstance(selector, (AdaKV, GlobalKV)):
+        if isinstance(selector, PooledBudget):
             return True
         selector = selector.policy
     return False

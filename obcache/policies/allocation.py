@@ -69,7 +69,22 @@ def innermost(selector: Policy | BudgetWrapper) -> Policy:
 
 
 @dataclass
-class AdaKV(BudgetWrapper):
+class PooledBudget(BudgetWrapper):
+    """A wrapper whose heads draw on one pool of slots, each keeping at least alpha x budget tokens."""
+
+    chooses_across_heads: ClassVar[bool] = True
+    alpha: float = 0.2
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(
+                f"alpha must be a number in [0, 1] (the share of the budget every head keeps), got {self.alpha!r}"
+            )
+
+
+@dataclass
+class AdaKV(PooledBudget):
     """Head-adaptive budgets (Ada-KV, arXiv 2407.11550).
 
     Per layer and batch row, the budget x Hkv slots go to the best scores over
@@ -78,12 +93,9 @@ class AdaKV(BudgetWrapper):
     """
 
     name: ClassVar[str] = "adakv"
-    chooses_across_heads: ClassVar[bool] = True
-    alpha: float = 0.2
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check_alpha(self.alpha)
         if self.policy.selection == "shared":
             raise ValueError("AdaKV gives heads different budgets; it needs selection='per-head', not 'shared'")
 
@@ -92,7 +104,7 @@ class AdaKV(BudgetWrapper):
 
 
 @dataclass
-class GlobalKV(BudgetWrapper):
+class GlobalKV(PooledBudget):
     """One pool for the whole model, as KVzip allocates (arXiv 2505.23416).
 
     Per batch row, the budget x Hkv x layers slots go to the best scores over
@@ -107,12 +119,9 @@ class GlobalKV(BudgetWrapper):
     """
 
     name: ClassVar[str] = "global"
-    chooses_across_heads: ClassVar[bool] = True
-    alpha: float = 0.2
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check_alpha(self.alpha)
         if isinstance(self.policy, BudgetWrapper):
             raise ValueError(
                 f"global allocation sets every head's and layer's budget itself; wrap the policy directly, "
@@ -154,11 +163,6 @@ def _relative(scores: torch.Tensor, group=None) -> torch.Tensor:
 def _floor(alpha: float, kept: int) -> int:
     """Tokens every head keeps at least: alpha x budget, rounded up, at least one."""
     return min(kept, max(1, math.ceil(alpha * kept)))
-
-
-def _check_alpha(alpha) -> None:
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must be a number in [0, 1] (the share of the budget every head keeps), got {alpha!r}")
 
 
 @dataclass
