@@ -1,0 +1,178 @@
+"""Needle retrieval, obcache against kvpress, on the same prompts (query-aware: the question is compressed
+with the context), paired sample by sample.
+
+    python scripts/peer_kvpress_needle.py --kvpress-python /tmp/kvenv/bin/python     # (setup: peer_kvpress.py)
+
+SmolLM2-135M, float32: 24 samples of `niah_single_number` at 2048 tokens (a 7-digit value), each prompt
+built by obcache (chat template, question, answer prefix) and fed as the same token ids to both
+libraries; greedy answers of up to 12 tokens; counted over the samples the full cache answers. The two
+sides run at once, one thread each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+import torch
+
+REMOVED = (0.5, 0.8, 0.9)
+NEW_TOKENS = 12
+
+
+def kvpress_configs(removed: float) -> dict:
+    from kvpress import AdaKVPress, ChunkKVPress, SnapKVPress, TOVAPress
+
+    return {
+        "kvpress snapkv": lambda: SnapKVPress(compression_ratio=removed),
+        "kvpress adakv(snapkv)": lambda: AdaKVPress(SnapKVPress(compression_ratio=removed)),
+        "kvpress tova": lambda: TOVAPress(compression_ratio=removed),
+        "kvpress chunkkv(snapkv)": lambda: ChunkKVPress(SnapKVPress(compression_ratio=removed), chunk_length=8),
+    }
+
+
+def obcache_configs(removed: float) -> dict:
+    import obcache
+
+    kept = round(1 - removed, 6)
+    return {
+        "obcache recommended (obc-key)": lambda: obcache.recommended(budget=kept, score="obc-key"),
+        "obcache recommended (attention)": lambda: obcache.recommended(budget=kept, score="attention"),
+        "obcache snapkv (paper)": lambda: obcache.SnapKV(budget=kept, score="attention"),
+    }
+
+
+def answer_kvpress(model, ids: list[int], press, eos: set[int]) -> list[int]:
+    from contextlib import nullcontext
+
+    from transformers import DynamicCache
+
+    cache, prompt = DynamicCache(), torch.tensor([ids])
+    with (press(model) if press else nullcontext()), torch.no_grad():
+        hidden = model.model(input_ids=prompt, past_key_values=cache).last_hidden_state[:, -1:]
+    token = model.lm_head(hidden).argmax(-1)
+    out = []
+    with torch.no_grad():
+        for i in range(NEW_TOKENS):  # as kvpress's pipeline: positions after the full prompt
+            if int(token) in eos:
+                break
+            out.append(int(token))
+            position = torch.tensor([[len(ids) + i]])
+            token = model(input_ids=token, past_key_values=cache, position_ids=position).logits[:, -1:].argmax(-1)
+    return out
+
+
+def answer_obcache(model, ids: list[int], policy, eos: set[int]) -> list[int]:
+    import obcache
+    from obcache.generation import continue_greedy, forward_tokens
+
+    cache = obcache.EvictableCache(config=model.config)
+    with obcache.attach(model, policy), torch.no_grad():
+        logits = forward_tokens(model, cache, ids)
+        return continue_greedy(model, cache, logits, [], eos=eos, max_new_tokens=NEW_TOKENS)
+
+
+def run_side(side: str, prompts_file: str, out_file: str) -> None:
+    torch.set_num_threads(1)
+    prompts = json.load(open(prompts_file))
+    eos = set(prompts["eos"])
+    if side == "kvpress":
+        from transformers import AutoModelForCausalLM
+
+        from peer_kvpress import model_path
+
+        model = AutoModelForCausalLM.from_pretrained(model_path(), dtype=torch.float32).eval()
+        configs, answer = kvpress_configs, answer_kvpress
+    else:
+        import obcache
+
+        model, _ = obcache.load_model()
+        configs, answer = obcache_configs, answer_obcache
+    done = set()
+    if os.path.exists(out_file):
+        done = {(r["config"], r["removed"], r["sample"]) for r in map(json.loads, open(out_file))}
+    with open(out_file, "a") as out:
+        for sample, ids in enumerate(prompts["ids"]):
+            jobs = [("full cache", 0.0, None)] if side == "obcache" else []
+            jobs += [(name, removed, make) for removed in REMOVED for name, make in configs(removed).items()]
+            for name, removed, make in jobs:
+                if (name, removed, sample) not in done:
+                    tokens = answer(model, ids, make() if make else None, eos)
+                    out.write(json.dumps({"config": name, "removed": removed, "sample": sample, "tokens": tokens}) + "\n")
+                    out.flush()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--kvpress-python", help="the python of an environment with kvpress (see peer_kvpress.py)")
+    parser.add_argument("--samples", type=int, default=24)
+    parser.add_argument("--out", default="runs/peer-kvpress-needle")
+    parser.add_argument("--side", choices=("obcache", "kvpress"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    prompts_file = os.path.join(args.out, "prompts.json")
+    if args.side:
+        run_side(args.side, prompts_file, os.path.join(args.out, f"{args.side}.jsonl"))
+        return 0
+    if not args.kvpress_python:
+        parser.error("--kvpress-python is required (kvpress needs its own environment, see peer_kvpress.py)")
+    import obcache
+    from obcache.evaluation.tasks import make_sample
+    from obcache.generation import build_prompt
+
+    tokenizer = obcache.load_tokenizer()
+    samples = [make_sample("niah_single_number", tokenizer, 2048, seed=seed) for seed in range(args.samples)]
+    ids = []
+    for s in samples:
+        context, question = build_prompt(tokenizer, s.context, s.question, answer_prefix=s.answer_prefix)
+        ids.append(context + question)
+    os.makedirs(args.out, exist_ok=True)
+    eos = [tokenizer.eos_token_id] + ([tokenizer.convert_tokens_to_ids("<|im_end|>")] if "<|im_end|>" in tokenizer.get_vocab() else [])
+    json.dump({"ids": ids, "eos": eos}, open(prompts_file, "w"))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRANSFORMERS_VERBOSITY": "error",
+           "PYTHONPATH": os.path.dirname(os.path.abspath(__file__))}
+    sides = [subprocess.Popen([python, __file__, "--side", side, "--out", args.out], env=env,
+                              stderr=subprocess.DEVNULL)
+             for side, python in (("obcache", sys.executable), ("kvpress", args.kvpress_python))]
+    if any(side.wait() for side in sides):
+        print("a side failed; rerun to resume", file=sys.stderr)
+        return 1
+    report(args.out, samples, tokenizer)
+    return 0
+
+
+def report(folder: str, samples, tokenizer) -> None:
+    from obcache.evaluation.stats import sign_test, wilson
+    from obcache.evaluation.tasks import score_prediction
+
+    right: dict = {}
+    for side in ("obcache", "kvpress"):
+        for row in map(json.loads, open(os.path.join(folder, f"{side}.jsonl"))):
+            text = tokenizer.decode(row["tokens"], skip_special_tokens=True)
+            right[(row["config"], row["removed"], row["sample"])] = score_prediction(samples[row["sample"]], text) == 1.0
+    answered = [s for s in range(len(samples)) if right[("full cache", 0.0, s)]]
+    configs = sorted({c for c, r, _ in right if r}, key=lambda c: (not c.startswith("obcache"), c))
+    reference = "obcache recommended (obc-key)"
+    print(f"SmolLM2-135M, 2048 tokens, query-aware, {len(samples)} samples; counted over the {len(answered)} the "
+          f"full cache answers; p: sign test on the discordant pairs against {reference}")
+    print("| configuration | " + " | ".join(f"{r:.0%} removed" for r in REMOVED) + " |")
+    print("|---|" + "---:|" * len(REMOVED))
+    for config in configs:
+        cells = []
+        for removed in REMOVED:
+            hits = [right[(config, removed, s)] for s in answered]
+            low, high = wilson(sum(hits), len(hits))
+            cell = f"{sum(hits)}/{len(hits)} [{low:.0%}, {high:.0%}]"
+            if config != reference:
+                ours = [right[(reference, removed, s)] for s in answered]
+                wins = sum(o and not h for o, h in zip(ours, hits))
+                losses = sum(h and not o for o, h in zip(ours, hits))
+                cell += f" p={sign_test(wins, losses):.3f}"
+            cells.append(cell)
+        print(f"| {config} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
