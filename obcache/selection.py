@@ -19,9 +19,9 @@ All of them act per batch row and per layer. Under tensor parallelism each
 rank holds some of a layer's KV heads, ranks in head order, and runs them on
 its own heads: `top_k_mask` and `chunk_scores` need nothing from the others;
 `combine_heads` and `adaptive_mask` take the process `group` and agree with
-the other ranks in one collective each (a sum or max over heads; the values
-of each rank's best candidates), so that every rank's mask equals its part of
-the single-device mask.
+the other ranks through small collectives (a sum or max over heads; the ranks'
+sizes, then the values of each rank's best candidates), so that every rank's
+mask equals its part of the single-device mask.
 """
 
 from __future__ import annotations
