@@ -169,7 +169,8 @@ def report(folder: str, samples, tokenizer) -> None:
                 ours = [right[(reference, removed, s)] for s in answered]
                 wins = sum(o and not h for o, h in zip(ours, hits))
                 losses = sum(h and not o for o, h in zip(ours, hits))
-                cell += f" p={sign_test(wins, losses):.3f}"
+                p = sign_test(wins, losses)
+                cell += " p<0.001" if p < 0.001 else f" p={p:.3f}"
             cells.append(cell)
         print(f"| {config} | " + " | ".join(cells) + " |")
 
