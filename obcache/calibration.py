@@ -26,6 +26,7 @@ from torch import nn
 from obcache.cache import EvictableCache
 from obcache.hooks import attach
 from obcache.layer_state import Selector
+from obcache.models import kv_heads, tensor_parallel_ranks
 from obcache.policies import KVzip
 from obcache.policies.allocation import BudgetWrapper, PooledBudget, innermost
 from obcache.reconstruction import reconstruct, reconstruction_inputs
@@ -82,8 +83,7 @@ def calibrate(model: nn.Module, tokenizer, selector: Selector, *, chat_template:
 def _heads_shape(model: nn.Module) -> tuple[int, int]:
     """(layers, KV heads) of `model`: this rank's heads when it is split by tensor parallelism."""
     config = model.config.get_text_config()
-    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    return config.num_hidden_layers, heads // (getattr(model, "tp_size", None) or 1)
+    return config.num_hidden_layers, kv_heads(config) // tensor_parallel_ranks(model)
 
 
 def _moves_budget_between_heads(selector: Selector) -> bool:

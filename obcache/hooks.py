@@ -23,6 +23,7 @@ from __future__ import annotations
 import inspect
 import time
 import torch
+import torch.distributed as dist
 from torch import nn
 from transformers import DynamicCache
 
@@ -30,6 +31,7 @@ from obcache.attention import IMPLEMENTATIONS, register
 from obcache.cache import EvictableCache
 from obcache.capture import LayerHooks
 from obcache.layer_state import LayerState, Selector
+from obcache.models import tensor_parallel_ranks
 from obcache.reconstruction import select_after_prefill
 
 
@@ -164,7 +166,7 @@ class EvictionHooks(LayerHooks):
 def _check_tensor_parallel(model: nn.Module, policy: Selector) -> None:
     """A model split by transformers' tensor parallelism holds some KV heads per rank: a policy that chooses
     across heads needs the ranks' process group, and a group needs a model split over exactly its ranks."""
-    ranks, group = getattr(model, "tp_size", None) or 1, getattr(policy, "group", None)
+    ranks, group = tensor_parallel_ranks(model), getattr(policy, "group", None)
     if group is None:
         if ranks > 1 and getattr(policy, "chooses_across_heads", False):
             raise ValueError(
@@ -173,8 +175,6 @@ def _check_tensor_parallel(model: nn.Module, policy: Selector) -> None:
                 "SnapKV(..., group=obcache.tensor_parallel_group(model))"
             )
         return
-    import torch.distributed as dist
-
     if ranks != dist.get_world_size(group):
         raise ValueError(
             f"the policy's process group has {dist.get_world_size(group)} ranks but the model is split "

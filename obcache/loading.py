@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from obcache.models import check_supported_config
+from obcache.models import check_supported_config, kv_heads
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 MODELS: dict[str, str] = {
@@ -201,11 +201,10 @@ def load_model(
     check_supported_config(config)
     split = {}
     if tp_size is not None:
-        query_heads = config.num_attention_heads
-        kv_heads = getattr(config, "num_key_value_heads", None) or query_heads
-        if isinstance(tp_size, bool) or not isinstance(tp_size, int) or tp_size < 1 or kv_heads % tp_size:
-            raise ValueError(f"tp_size must be a positive number of ranks that divides the model's {kv_heads} KV "
-                             f"heads (and {query_heads} query heads), got {tp_size!r}")
+        heads = kv_heads(config)
+        if isinstance(tp_size, bool) or not isinstance(tp_size, int) or tp_size < 1 or heads % tp_size:
+            raise ValueError(f"tp_size must be a positive number of ranks that divides the model's {heads} KV "
+                             f"heads (and {config.num_attention_heads} query heads), got {tp_size!r}")
         from transformers.distributed.configuration_utils import DistributedConfig
 
         split = {"distributed_config": DistributedConfig(tp_size=tp_size)}

@@ -120,10 +120,20 @@ def check_attention_implementation(model: nn.Module, *, attached: bool = False) 
         )
 
 
+def kv_heads(config) -> int:
+    """The model's KV heads (all of them, over every tensor-parallel rank)."""
+    return getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+
+
+def tensor_parallel_ranks(model: nn.Module) -> int:
+    """Over how many ranks transformers split `model` by tensor parallelism (1 if not split)."""
+    return getattr(model, "tp_size", None) or 1
+
+
 def tensor_parallel_group(model: nn.Module):
     """The torch.distributed process group over which transformers split `model` by tensor parallelism
     (`distributed_config=DistributedConfig(tp_size=N)`, or `obcache.load_model(tp_size=N)`); None if not split.
     Give it to the policy (`SnapKV(..., group=...)`) so that ranks agree on choices across heads."""
-    if (getattr(model, "tp_size", None) or 1) <= 1:
+    if tensor_parallel_ranks(model) <= 1:
         return None
     return model._device_mesh["tp"].get_group()
