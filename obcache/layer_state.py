@@ -78,14 +78,23 @@ class LayerState:
         return self.keys.shape[1]
 
     def real_lengths(self) -> torch.Tensor:
-        """[B] real (non-padding) tokens per row."""
+        """[B] real (non-padding) tokens per row (of its longest head with a per-head key mask)."""
         if self.key_mask is None:
             return torch.full((self.keys.shape[0],), self.length, device=self.keys.device)
-        return self.key_mask.sum(-1)
+        lengths = self.key_mask.sum(-1)
+        return lengths if lengths.dim() == 1 else lengths.amax(-1)
 
     def longest(self) -> int:
         """Real tokens of the longest row."""
         return self.length if self.key_mask is None else int(self.real_lengths().max())
+
+    def starts(self) -> torch.Tensor:
+        """[B, 1] (or [B, Hkv] with a per-head key mask) slot of each row's (head's) first real token: real
+        slots are the last ones (left padding; right-aligned grids of ragged layers)."""
+        if self.key_mask is None:
+            return torch.zeros(self.keys.shape[0], 1, dtype=torch.long, device=self.keys.device)
+        starts = (~self.key_mask).sum(-1)
+        return starts.unsqueeze(-1) if starts.dim() == 1 else starts
 
 
 @runtime_checkable

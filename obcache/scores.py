@@ -89,7 +89,7 @@ def saliency(
     reduce: str = "sum",
     log_normalizers: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Score each cached token of each KV head; float32 [B, Hkv, L].
+    """Score each cached token of each KV head; float32 [B, Hkv, L] (float64 for float64 queries).
 
     queries: [B, Hq, W, d] post-RoPE window queries; query head h uses KV head
         h // G with G = Hq // Hkv (transformers' repeat_kv layout).
@@ -115,7 +115,7 @@ def saliency(
         A_ip = exp(z_ip - lse_i) instead of the softmax over `keys`, and `outputs`
         should be the queries' true outputs (over all their keys).
 
-    Computed in float32 whatever the input dtype. Returns, per KV head, the sum
+    Computed in float32 whatever the input dtype (float64 inputs: in float64). Returns, per KV head, the sum
     over the W queries and its G query heads. Keys that no window query can see
     score exactly 0. For `exact-removal`, 1 - A_ip is clamped at EXACT_REMOVAL_EPS,
     a query's only visible key contributes ||v_p||^2 / EXACT_REMOVAL_EPS^2 (deleting
@@ -151,7 +151,7 @@ def saliency(
     hidden = ~visible[:, None, None]  # broadcasts over [B, Hkv, G, W, hi - lo]
 
     rows = group * width
-    f32 = torch.float32
+    f32 = torch.float64 if queries.dtype == torch.float64 else torch.float32  # float32 unless given float64
     q = queries.to(f32).reshape(batch, heads_kv, rows, -1) * scaling  # [B, Hkv, G*W, d]
     k = keys[:, :, :hi].to(f32)  # [B, Hkv, hi, d]
     v = values[:, :, :hi].to(f32)  # [B, Hkv, hi, dv]

@@ -5,6 +5,11 @@ all heads share one set) where protected tokens score +inf and padding -inf,
 and answers with a keep mask [B, H, L] (bool). Selection is deterministic: ties
 go to the earlier position, so heads with equal scores keep equal sets.
 
+Every batch row is chosen on its own: budgets may differ per row (a [B]
+tensor: a float budget is a fraction of each row's own prompt), and spans
+start at each row's (or head's) first real slot, so a left-padded row keeps
+exactly what it keeps alone.
+
 - `combine_heads`: one score per token for all heads (head-shared selection);
 - `chunk_scores`: the mean score of each span of `chunk` consecutive tokens,
   given to all its tokens, so that whole spans are kept or dropped (ChunkKV,
@@ -62,18 +67,25 @@ def _all_reduce(tensor: torch.Tensor, op, group) -> torch.Tensor:
     return tensor
 
 
-def chunk_scores(scores: torch.Tensor, chunk: int) -> torch.Tensor:
-    """[B, H, L] -> [B, H, L]: every token gets the mean score of its span [c*chunk, (c+1)*chunk)."""
+def chunk_scores(scores: torch.Tensor, chunk: int, starts: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, H, L] -> [B, H, L]: every token gets the mean score of its span [s + c*chunk, s + (c+1)*chunk),
+    s = its row's (head's) first real slot, `starts` [B, 1 or H] (default 0); slots before s score 0."""
     if chunk == 1:
         return scores
     batch, heads, length = scores.shape
     spans = -(-length // chunk)
-    padded = scores.new_zeros(batch, heads, spans * chunk)
-    padded[..., :length] = scores
-    sizes = torch.full((spans,), chunk, dtype=scores.dtype, device=scores.device)
-    sizes[-1] = length - (spans - 1) * chunk
-    means = padded.view(batch, heads, spans, chunk).sum(-1) / sizes
-    return means.repeat_interleave(chunk, dim=-1)[..., :length]
+    if starts is None:
+        starts = torch.zeros(batch, 1, dtype=torch.long, device=scores.device)
+    starts = starts.to(scores.device).long().expand(batch, heads)
+    slots = torch.arange(spans * chunk, device=scores.device)
+    source = slots + starts[..., None]  # [B, H, spans * chunk]: the row's own tokens from its first one
+    inside = source < length
+    shifted = scores.gather(-1, source.clamp_max(length - 1)).masked_fill_(~inside, 0.0)
+    sizes = inside.view(batch, heads, spans, chunk).sum(-1).clamp_min(1).to(scores.dtype)
+    means = shifted.view(batch, heads, spans, chunk).sum(-1) / sizes
+    back = torch.arange(length, device=scores.device) - starts[..., None]  # [B, H, L], < 0 before the start
+    out = means.gather(-1, back.clamp_min(0) // chunk)
+    return out.masked_fill_(back < 0, 0.0)
 
 
 def _ranked(scores: torch.Tensor) -> torch.Tensor:
@@ -81,14 +93,23 @@ def _ranked(scores: torch.Tensor) -> torch.Tensor:
     return torch.sort(scores, dim=-1, descending=True, stable=True).indices
 
 
-def top_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """[B, H, L] -> bool [B, H, L]: the k best tokens of each head (0 <= k <= L)."""
+def top_k_mask(scores: torch.Tensor, k: int | torch.Tensor) -> torch.Tensor:
+    """[B, H, L] -> bool [B, H, L]: the k best tokens of each head (0 <= k <= L; k an int or per row [B])."""
     mask = torch.zeros_like(scores, dtype=torch.bool)
-    return mask.scatter_(-1, _ranked(scores)[..., :k], True)
+    if isinstance(k, int):
+        return mask.scatter_(-1, _ranked(scores)[..., :k], True)
+    take = torch.arange(scores.shape[-1], device=scores.device) < k.to(scores.device)[:, None, None]
+    return mask.scatter_(-1, _ranked(scores), take.expand_as(mask))
 
 
-def adaptive_mask(scores: torch.Tensor, k: int, floor: int, group=None) -> torch.Tensor:
-    """[B, H, L] -> bool [B, H, L]: k x H tokens per batch row, at least `floor` (<= k) in each head.
+def _per_row(value: int | torch.Tensor, batch: int, device) -> torch.Tensor:
+    """An int or a [B] tensor as a [B] long tensor."""
+    return torch.as_tensor(value, device=device).long().expand(batch)
+
+
+def adaptive_mask(scores: torch.Tensor, k: int | torch.Tensor, floor: int | torch.Tensor, group=None) -> torch.Tensor:
+    """[B, H, L] -> bool [B, H, L]: k x H tokens per batch row, at least `floor` (<= k) in each head
+    (k and floor: ints, or per row [B]).
 
     Each head first takes its `floor` best tokens; the remaining (k - floor) x H
     slots go to the best of all other tokens of the row, whatever their head.
@@ -97,21 +118,22 @@ def adaptive_mask(scores: torch.Tensor, k: int, floor: int, group=None) -> torch
     them; each rank sends the values of its own best (k - floor) x H candidates.
     """
     batch, heads, length = scores.shape
+    k, floor = _per_row(k, batch, scores.device), _per_row(floor, batch, scores.device)
     mask = top_k_mask(scores, floor)
     rest = scores.masked_fill(mask, float("-inf")).reshape(batch, heads * length)
     order = _ranked(rest)
     # a row with fewer candidates than slots may pick already-kept (-inf) tokens again: harmless
     if group is None:
-        chosen = order[:, : (k - floor) * heads]
-        return mask.view(batch, heads * length).scatter_(-1, chosen, True).view(batch, heads, length)
-    taken = _taken_across_ranks(rest.gather(-1, order), k - floor, heads, group)  # [B]
+        taken = (k - floor) * heads
+    else:
+        taken = _taken_across_ranks(rest.gather(-1, order), k - floor, heads, group)  # [B]
     take = torch.arange(heads * length, device=scores.device) < taken[:, None]
     return mask | torch.zeros_like(take).scatter_(-1, order, take).view(batch, heads, length)
 
 
-def _taken_across_ranks(ranked: torch.Tensor, per_head: int, heads: int, group) -> torch.Tensor:
+def _taken_across_ranks(ranked: torch.Tensor, per_head: torch.Tensor, heads: int, group) -> torch.Tensor:
     """How many of this rank's candidates (`ranked` [B, n], best first) are among the best
-    per_head x (all ranks' heads) of the row over every rank's candidates.
+    per_head[b] x (all ranks' heads) of row b over every rank's candidates.
 
     Merging the ranks' lists in rank order with a stable sort orders ties as one
     device would (by head, then position), so each rank's share is a prefix of its list.
@@ -119,7 +141,8 @@ def _taken_across_ranks(ranked: torch.Tensor, per_head: int, heads: int, group) 
     world, me = dist.get_world_size(group), dist.get_rank(group)
     sizes = [torch.zeros(2, dtype=torch.long, device=ranked.device) for _ in range(world)]  # (heads, tokens)
     dist.all_gather(sizes, torch.tensor([heads, ranked.shape[1]], device=ranked.device), group=group)
-    slots = per_head * sum(int(size[0]) for size in sizes)
+    wanted = per_head * sum(int(size[0]) for size in sizes)  # [B]
+    slots = int(wanted.max())  # every rank sends as many, the same on all ranks
     sent = ranked.new_full((ranked.shape[0], slots), float("-inf"))
     sent[:, : min(slots, ranked.shape[1])] = ranked[:, :slots]
     gathered = [torch.empty_like(sent) for _ in range(world)]
@@ -127,8 +150,8 @@ def _taken_across_ranks(ranked: torch.Tensor, per_head: int, heads: int, group) 
     padding = torch.cat([torch.arange(slots, device=ranked.device) >= int(size[1]) for size in sizes])
     order = _ranked(torch.cat(gathered, dim=1))
     order = order.gather(-1, torch.sort(padding[order].byte(), dim=-1, stable=True).indices)  # padding last
-    best = order[:, :slots]
-    return ((best >= me * slots) & (best < (me + 1) * slots)).sum(-1)
+    best = torch.arange(order.shape[1], device=ranked.device) < wanted[:, None]  # each row's best `wanted`
+    return (best & (order >= me * slots) & (order < (me + 1) * slots)).sum(-1)
 
 
 def pyramid_budgets(scored: int, num_layers: int, beta: float, capacity: int) -> list[int]:

@@ -116,13 +116,13 @@ def test_h2o_full_history_in_chunks_equals_one_pass_over_all_queries(chunk_eleme
     torch.testing.assert_close(chunked.token_scores(layer), whole, rtol=1e-5, atol=1e-6)
 
 
-def test_padding_slots_only_fill_what_real_tokens_cannot():
+def test_a_row_with_fewer_real_tokens_than_the_budget_keeps_them_all_and_no_padding():
     mask = torch.ones(B, L, dtype=torch.bool)
     mask[1, :40] = False  # row 1: 8 real tokens
     layer = synthetic_layer(key_mask=mask)
-    indices = kept_indices(SnapKV(budget=12, window=4, score="obc-joint").select(layer))
-    assert torch.equal(indices[1, :, 4:], torch.arange(40, 48).expand(HKV, -1))
-    assert (indices[1, :, :4] < 40).all()
+    chosen = SnapKV(budget=12, window=4, score="obc-joint").select(layer)
+    assert torch.equal(chosen[1], mask[1].expand(HKV, -1))  # its 8 real tokens, not a padding slot
+    assert chosen[0].sum(-1).tolist() == [12] * HKV
 
 
 def test_sinks_are_the_first_real_tokens_of_each_row():

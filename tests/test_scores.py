@@ -318,8 +318,9 @@ def test_joint_is_value_plus_key_plus_cross_term():
 def test_scores_nonnegative_shape_dtype(kind):
     q, k, v = make(14, length=20, width=5)
     scores = saliency(q.double(), k.double(), v.double(), kind, scaling=0.3)
-    assert scores.dtype == torch.float32 and scores.shape == (B, HKV, 20)
+    assert scores.dtype == torch.float64 and scores.shape == (B, HKV, 20)  # float64 in, float64 out
     assert (scores >= 0).all() and torch.isfinite(scores).all()
+    assert saliency(q.half(), k.half(), v.half(), kind, scaling=0.3).dtype == torch.float32  # else float32
 
 
 # ---------------------------------------------------------------- validation

@@ -44,13 +44,13 @@ class BudgetWrapper:
     def kept_tokens(self, prompt_length: int) -> int:
         return self.policy.kept_tokens(prompt_length)
 
-    def layer_budget(self, layer: LayerState) -> int:
+    def layer_budget(self, layer: LayerState) -> torch.Tensor:
         return self.policy.layer_budget(layer)
 
     def prepared_scores(self, layer: LayerState, scores: torch.Tensor | None = None) -> torch.Tensor:
         return self.policy.prepared_scores(layer, scores)
 
-    def allocate(self, scores: torch.Tensor, kept: int, layer: LayerState) -> torch.Tensor:
+    def allocate(self, scores: torch.Tensor, kept: torch.Tensor, layer: LayerState) -> torch.Tensor:
         return self.policy.allocate(scores, kept, layer)
 
     def check_prompt(self, prompt_lengths: list[int]) -> None:
@@ -99,7 +99,7 @@ class AdaKV(PooledBudget):
         if self.policy.selection == "shared":
             raise ValueError("AdaKV gives heads different budgets; it needs selection='per-head', not 'shared'")
 
-    def allocate(self, scores: torch.Tensor, kept: int, layer: LayerState) -> torch.Tensor:
+    def allocate(self, scores: torch.Tensor, kept: torch.Tensor, layer: LayerState) -> torch.Tensor:
         return adaptive_mask(scores, kept, _floor(self.alpha, kept), self.group)
 
 
@@ -137,8 +137,8 @@ class GlobalKV(PooledBudget):
 
     def select_layers(self, layers: list[LayerState], scores: list[torch.Tensor]) -> list[torch.Tensor | None]:
         kept = self.layer_budget(layers[0])
-        length, heads = layers[0].length, layers[0].kv_heads
-        if kept >= length:
+        heads = layers[0].kv_heads
+        if bool((kept >= layers[0].real_lengths()).all()):
             return [None] * len(layers)
         prepared = [self.prepared_scores(layer, layer_scores) for layer, layer_scores in zip(layers, scores)]
         shared = prepared[0].shape[1]  # Hkv, or 1 with shared selection
@@ -160,9 +160,10 @@ def _relative(scores: torch.Tensor, group=None) -> torch.Tensor:
     return scores / mean.clamp_min(torch.finfo(scores.dtype).tiny)
 
 
-def _floor(alpha: float, kept: int) -> int:
-    """Tokens every head keeps at least: alpha x budget, rounded up, at least one."""
-    return min(kept, max(1, math.ceil(alpha * kept)))
+def _floor(alpha: float, kept: torch.Tensor) -> torch.Tensor:
+    """[B] tokens every head keeps at least: alpha x budget, rounded up, at least one (at most the budget)."""
+    floors = torch.tensor([max(1, math.ceil(alpha * k)) for k in kept.tolist()], device=kept.device)
+    return torch.minimum(kept, floors)
 
 
 @dataclass
@@ -182,8 +183,10 @@ class PyramidKV(BudgetWrapper):
         if isinstance(self.beta, bool) or not isinstance(self.beta, (int, float)) or not self.beta >= 1:
             raise ValueError(f"beta must be a number >= 1 (first/last layer budget ratio parameter), got {self.beta!r}")
 
-    def layer_budget(self, layer: LayerState) -> int:
-        return self.layer_budgets(layer.longest(), layer.num_layers)[layer.layer_idx]
+    def layer_budget(self, layer: LayerState) -> torch.Tensor:
+        lengths = layer.real_lengths().tolist()
+        return torch.tensor([self.layer_budgets(int(n), layer.num_layers)[layer.layer_idx] for n in lengths],
+                            device=layer.keys.device)
 
     def layer_budgets(self, prompt_length: int, num_layers: int) -> list[int]:
         """Tokens kept per KV head in each layer for a prompt of `prompt_length` real tokens."""

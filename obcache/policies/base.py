@@ -9,7 +9,7 @@ only say how tokens are scored (`token_scores`) and which are protected.
 - `prepared_scores`: the policy's scores [B, Hkv, L]; with `selection="shared"`
   one row [B, 1, L] for all heads (`combine`); with `chunk > 1` span means; then
   protected tokens +inf and padding -inf;
-- `layer_budget`: tokens kept per KV head in this layer;
+- `layer_budget`: tokens kept per KV head in this layer, per batch row [B];
 - `allocate`: the keep mask; here the top `budget` tokens of every head.
 
 Budget wrappers (`obcache.AdaKV`, `obcache.PyramidKV`) replace `allocate` or
@@ -20,7 +20,8 @@ Budget vocabulary (one meaning everywhere): `budget` is what is **kept**, per
 layer and KV head, counting protected tokens:
 
 - a float in (0, 1]: the fraction of the prompt kept (kept = round(budget * L),
-  L = the longest row's real prompt length);
+  L = each batch row's own real prompt length, so a left-padded row keeps what
+  it keeps alone);
 - an int >= 1: the number of tokens kept.
 """
 
@@ -109,30 +110,36 @@ class Policy:
             return min(prompt_length, max(1, round(self.budget * prompt_length)))
         return min(prompt_length, self.budget)
 
-    def layer_budget(self, layer: LayerState) -> int:
-        """Tokens kept per KV head in this layer."""
-        return self.kept_tokens(layer.longest())
+    def layer_budget(self, layer: LayerState) -> torch.Tensor:
+        """[B] tokens kept per KV head in this layer, for each batch row's own prompt."""
+        lengths = layer.real_lengths().tolist()
+        return torch.tensor([self.kept_tokens(int(n)) for n in lengths], device=layer.keys.device)
 
     def prepared_scores(self, layer: LayerState, scores: torch.Tensor | None = None) -> torch.Tensor:
-        """[B, Hkv or 1, L] float32: token scores (given, or `token_scores`) after sharing and chunking;
-        protected tokens +inf, padding -inf."""
-        scores = (self.token_scores(layer) if scores is None else scores).float()
+        """[B, Hkv or 1, L] float32 (float64 for float64 scores): token scores (given, or `token_scores`) after
+        sharing and chunking, which see each row's real tokens only; protected tokens +inf, padding -inf."""
+        scores = self.token_scores(layer) if scores is None else scores
+        scores = scores.to(torch.promote_types(scores.dtype, torch.float32))
+        real = _per_head(layer.key_mask) if layer.key_mask is not None else None
+        if real is not None:
+            scores = scores.masked_fill(~real, 0.0)
         if self.selection == "shared":
             scores = combine_heads(scores, self.combine, self.group)
-        scores = chunk_scores(scores, self.chunk)
+        starts = layer.starts()
+        scores = chunk_scores(scores, self.chunk, starts if scores.shape[1] > 1 else starts.amin(-1, keepdim=True))
         scores = scores.masked_fill(_per_head(self.protected_mask(layer)), float("inf"))
-        if layer.key_mask is not None:
-            scores = scores.masked_fill(~_per_head(layer.key_mask), float("-inf"))
+        if real is not None:
+            scores = scores.masked_fill(~real, float("-inf"))
         return scores
 
-    def allocate(self, scores: torch.Tensor, kept: int, layer: LayerState) -> torch.Tensor:
-        """Keep mask [B, Hkv, L]: the `kept` best tokens of every head (or of the shared row)."""
+    def allocate(self, scores: torch.Tensor, kept: torch.Tensor, layer: LayerState) -> torch.Tensor:
+        """Keep mask [B, Hkv, L]: the `kept` [B] best tokens of every head (or of the shared row)."""
         return top_k_mask(scores, kept).expand(-1, layer.kv_heads, -1)
 
     def select(self, layer: LayerState, scores: torch.Tensor | None = None) -> torch.Tensor | None:
         """Keep mask [B, Hkv, L] of the layer's slots (from `scores`, or `token_scores`); None = keep all."""
         kept = self.layer_budget(layer)
-        if kept >= layer.length:
+        if bool((kept >= layer.real_lengths()).all()):
             return None
         return self.allocate(self.prepared_scores(layer, scores), kept, layer)
 
@@ -171,25 +178,26 @@ class Policy:
 
     def check_prompt(self, prompt_lengths: list[int]) -> None:
         """Raise a clear error if the policy cannot run on prompts of these real lengths."""
-        shortest, longest = min(prompt_lengths), max(prompt_lengths)
+        shortest = min(prompt_lengths)
         if shortest < self.min_context:
             raise ValueError(
                 f"{self.name}: the prompt has {shortest} tokens, shorter than the policy's query window "
                 f"({self.min_context}); use a longer context or a smaller window"
             )
         protected = self.window_protected + self.sinks
-        kept = self.kept_tokens(longest)
-        if kept < longest and kept < protected:
-            raise ValueError(
-                f"{self.name}: budget {self.budget!r} keeps {kept} tokens of a {longest}-token prompt, fewer than "
-                f"the {protected} protected tokens (window {self.window_protected} + sinks {self.sinks}); "
-                "raise the budget or shrink the window/sinks"
-            )
-        if kept < longest and self.chunk > kept:
-            raise ValueError(
-                f"{self.name}: chunk {self.chunk} is larger than the {kept} tokens the budget {self.budget!r} keeps "
-                f"of a {longest}-token prompt; use a smaller chunk"
-            )
+        for length in sorted(set(prompt_lengths)):  # each row keeps its own budget
+            kept = self.kept_tokens(length)
+            if kept < length and kept < protected:
+                raise ValueError(
+                    f"{self.name}: budget {self.budget!r} keeps {kept} tokens of a {length}-token prompt, fewer "
+                    f"than the {protected} protected tokens (window {self.window_protected} + sinks {self.sinks}); "
+                    "raise the budget or shrink the window/sinks"
+                )
+            if kept < length and self.chunk > kept:
+                raise ValueError(
+                    f"{self.name}: chunk {self.chunk} is larger than the {kept} tokens the budget {self.budget!r} "
+                    f"keeps of a {length}-token prompt; use a smaller chunk"
+                )
 
     def protected_mask(self, layer: LayerState) -> torch.Tensor:
         """[B, L] bool (or [B, Hkv, L] with a per-head key mask): the last `window_protected` slots and the

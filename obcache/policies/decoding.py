@@ -83,11 +83,11 @@ class Decoding(BudgetWrapper):
     def select(self, layer: LayerState) -> torch.Tensor | None:
         scores = self.base.token_scores(layer)
         if self.base.decode_accumulates:
-            layer.layer.scores = scores.float()  # follows the kept slots through `keep`
+            layer.layer.scores = scores.to(torch.promote_types(scores.dtype, torch.float32))  # follows `keep`
         if self.query_window:
             layer.layer.extras["queries"] = layer.queries(layer.length - self.query_window, layer.length)
         kept = self.policy.layer_budget(layer)
-        if kept >= layer.length:
+        if bool((kept >= layer.real_lengths()).all()):
             return None
         return self.policy.allocate(self.policy.prepared_scores(layer, scores), kept, layer)
 
@@ -102,29 +102,37 @@ class Decoding(BudgetWrapper):
             if "queries" in cache_layer.extras:
                 recent = torch.cat([cache_layer.extras["queries"], recent], dim=-2)
             cache_layer.extras["queries"] = recent[:, :, -self.query_window :]
-        if _mean_slots(cache_layer, self.group) < self.budget + self.interval:
+        due = _mean_slots(cache_layer, self.group) >= self.budget + self.interval  # [B]: each row on its own
+        if not bool(due.any()):
             return None
         # Under tensor parallelism every rank chooses in the grid one device would: as wide as the longest head.
         width = _agreed_width(cache_layer.get_seq_length(), self.group, cache_layer.keys.device)
         if isinstance(cache_layer, RaggedLayer):
             index, valid = cache_layer.right_aligned(width)
-            grid = torch.zeros(valid.numel(), device=index.device)
-            grid[index] = self._ragged_scores(layer)
-            mask = self._allocate(_grid_view(layer, valid), grid.view_as(valid))
+            scores = self._ragged_scores(layer)
+            grid = scores.new_zeros(valid.numel())
+            grid[index] = scores
+            mask = self._allocate(_grid_view(layer, valid), grid.view_as(valid), due)
             return mask.reshape(-1)[index]
         view = replace(layer, queries=_buffered_queries(layer.length, cache_layer.extras.get("queries")), outputs=None)
         raw = cache_layer.scores if self.base.decode_accumulates else self.base.token_scores(view)
         if width == view.length:
-            return self._allocate(view, raw)
+            return self._allocate(view, raw, due)
         pad = width - view.length  # another rank holds longer heads: right-align this rank's in the wider grid
         real = view.key_mask if view.key_mask is not None else raw.new_ones(raw.shape[0], view.length, dtype=torch.bool)
         valid = torch.cat([real.new_zeros(*real.shape[:-1], pad), real], dim=-1).expand(*raw.shape[:2], width)
         wide = torch.cat([raw.new_zeros(*raw.shape[:-1], pad), raw], dim=-1)
-        return self._allocate(_grid_view(view, valid), wide)[..., pad:]
+        return self._allocate(_grid_view(view, valid), wide, due)[..., pad:]
 
-    def _allocate(self, view: LayerState, raw: torch.Tensor) -> torch.Tensor:
-        budget = min(self.budget, view.length)
-        return self.policy.allocate(self.policy.prepared_scores(view, raw), budget, view)
+    def _allocate(self, view: LayerState, raw: torch.Tensor, due: torch.Tensor) -> torch.Tensor:
+        """Keep mask of the view's slots: `budget` per head in the rows that are `due` [B], every real slot in
+        the others."""
+        # A due row holds more than `budget` slots in some head; one count for all rows and ranks keeps them agreed.
+        budget = torch.full((raw.shape[0],), min(self.budget, view.length), device=raw.device)
+        chosen = self.policy.allocate(self.policy.prepared_scores(view, raw), budget, view)
+        real = view.key_mask if view.key_mask is not None else torch.ones_like(chosen)
+        real = real.unsqueeze(1) if real.dim() == 2 else real
+        return torch.where(due[:, None, None], chosen & real, real.expand_as(chosen))
 
     def _segments(self, layer: LayerState):
         """(row, head query slice, segment state) of every segment of a ragged layer."""
@@ -163,7 +171,7 @@ class Decoding(BudgetWrapper):
 
         if cache_layer.scores is None:  # a cache not prefilled under this policy: sums start now
             size = cache_layer.keys.shape[0] if isinstance(cache_layer, RaggedLayer) else layer.keys.shape[:3]
-            cache_layer.scores = torch.zeros(size, device=queries.device)
+            cache_layer.scores = torch.zeros(size, device=queries.device, dtype=torch.promote_types(queries.dtype, torch.float32))
         if not isinstance(cache_layer, RaggedLayer):
             cache_layer.scores += score(queries, outputs, layer.keys, layer.values, layer.key_mask)
             return
@@ -201,16 +209,11 @@ def _agreed_width(width: int, group, device) -> int:
     return int(longest)
 
 
-def _mean_slots(cache_layer, group=None) -> float:
-    """Slots per KV head, averaged over the heads and rows of a layer (of every rank's heads with a process
-    `group`, so that all ranks evict at the same step)."""
-    if isinstance(cache_layer, RaggedLayer):
-        total, heads = sum(cache_layer.lengths), len(cache_layer.lengths)
-    else:
-        heads = cache_layer.keys.shape[0] * cache_layer.keys.shape[1]
-        total = cache_layer.get_seq_length() * heads
+def _mean_slots(cache_layer, group=None) -> torch.Tensor:
+    """[B] real slots per KV head, averaged over the heads of each row of a layer (of every rank's heads with a
+    process `group`, so that all ranks evict at the same step)."""
+    lengths = cache_layer.head_lengths().to(cache_layer.keys.device, torch.float64)  # [B, Hkv]
+    both = torch.stack([lengths.sum(-1), torch.full_like(lengths[:, 0], lengths.shape[1])])
     if group is not None:
-        both = torch.tensor([total, heads], dtype=torch.float64, device=cache_layer.keys.device)
         dist.all_reduce(both, group=group)
-        total, heads = both.tolist()
-    return total / heads
+    return both[0] / both[1]

@@ -133,14 +133,16 @@ class KVzip(ScoredPolicy):
         return self._over_queries(layer, queries, keys, values, mask, slots + length, None, length)
 
     def _head_ratings(self, layer: LayerState) -> torch.Tensor:
-        """[B, Hkv, L]: rating_h x (1 + RECENCY x p / L) for token p of KV head h."""
+        """[B, Hkv, L]: rating_h x (1 + RECENCY x p / L) for token p of KV head h (p counted from the row's first
+        real token, L its real tokens)."""
         expected = (layer.num_layers, layer.kv_heads)
         if tuple(self.head_scores.shape) != expected:
             raise ValueError(f"{self.name}: head_scores has shape {tuple(self.head_scores.shape)}, but the model has "
                              f"{expected[0]} layers of {expected[1]} KV heads: calibrate on this model")
         rating = self.head_scores[layer.layer_idx].to(layer.keys.device, torch.float32)
-        recency = torch.arange(layer.length, device=layer.keys.device, dtype=torch.float32).mul_(RECENCY / layer.length)
-        return (rating[:, None] * recency.add_(1.0)).expand(layer.keys.shape[0], -1, -1)
+        slots = torch.arange(layer.length, device=layer.keys.device, dtype=torch.float32)
+        recency = (slots - layer.starts()[..., None]) * (RECENCY / layer.real_lengths()[:, None, None]) + 1.0
+        return (rating[:, None] * recency).expand(layer.keys.shape[0], -1, -1)
 
     def reconstruction_scores(self, layer: LayerState, context_length: int) -> torch.Tensor:
         """[B, Hkv, context_length]: the score of every context token over the queries of one reconstruction

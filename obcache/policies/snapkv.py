@@ -43,6 +43,10 @@ class SnapKV(WindowPolicy):
         if self.pooling == "none" or prefix.shape[-1] == 0:
             return scores
         batch, kv_heads, width = prefix.shape
+        if layer.key_mask is not None:  # padding slots pool as the kernel's own padding does: not at all
+            real = layer.key_mask[..., :width]
+            prefix = prefix.masked_fill(~(real.unsqueeze(1) if real.dim() == 2 else real),
+                                        float("-inf") if self.pooling == "max" else 0.0)
         flat = prefix.reshape(batch * kv_heads, 1, width)
         pool = F.max_pool1d if self.pooling == "max" else F.avg_pool1d
         pooled = pool(flat, self.kernel, stride=1, padding=self.kernel // 2).view(batch, kv_heads, width)

@@ -23,7 +23,8 @@ class StreamingLLM(Policy):
     sinks: int = option(4, "first real tokens always kept")
 
     def token_scores(self, layer: LayerState) -> torch.Tensor:
-        """Later positions score higher, so top-k takes the most recent tokens."""
+        """Later positions (counted from each row's first real token) score higher, so top-k takes the most
+        recent tokens."""
         batch, kv_heads, length = layer.keys.shape[:3]
-        positions = torch.arange(length, dtype=torch.float32, device=layer.keys.device)
-        return positions.expand(batch, kv_heads, length)
+        slots = torch.arange(length, dtype=torch.float32, device=layer.keys.device)
+        return (slots - layer.starts()[..., None]).expand(batch, kv_heads, length)
