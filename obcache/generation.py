@@ -28,6 +28,7 @@ from obcache.cache import EvictableCache
 from obcache.calibration import calibrate
 from obcache.hooks import attach
 from obcache.layer_state import Selector
+from obcache.models import position_limit
 
 
 @dataclass
@@ -42,7 +43,9 @@ class GenerationResult:
     the cache after this turn, the conversation so far, and the generated
     token not yet fed to the model (when generation stopped at max_new_tokens).
     `context` and `compressed` (query-agnostic compression only: the cache right
-    after it) let `ask` put other questions to the same compressed context.
+    after it) let `ask` put other questions to the same compressed context;
+    later turns carry them on. `selector`: the policy, which keeps evicting
+    during decoding in later turns and questions if it does (`obcache.Decoding`).
     `calibration_seconds`: the one-off rating of the heads this call did first
     (`obcache.calibrate`, head-level KVzip), not part of the prefill.
     """
@@ -58,6 +61,7 @@ class GenerationResult:
     eviction_seconds: float
     decode_seconds: float
     policy: str = "full cache"
+    selector: Selector | None = field(default=None, repr=False)
     cache: EvictableCache | None = field(default=None, repr=False)
     messages: list[dict] = field(default_factory=list, repr=False)
     pending: list[int] = field(default_factory=list, repr=False)
@@ -141,6 +145,7 @@ def generate(
     rest_ids = [] if query_aware else question_ids
     if not prefill_ids:
         raise ValueError("the prompt is empty: give a context (or a question with query_aware=True)")
+    check_positions(model, len(context_ids) + len(question_ids), max_new_tokens)
     calibration = 0.0
     if policy is not None:
         calibration = calibrate(model, tokenizer, policy, chat_template=chat_template)  # head-level KVzip, once
@@ -175,7 +180,7 @@ def generate(
         prefill_seconds=prefill_seconds,
         eviction_seconds=cache.eviction_seconds,
         decode_seconds=decode_seconds,
-        policy=repr(policy) if policy is not None else "full cache",
+        policy=repr(policy) if policy is not None else "full cache", selector=policy,
         cache=cache, messages=messages, pending=pending, chat_template=chat_template, context=context,
         compressed=compressed, calibration_seconds=calibration,
     )
@@ -197,8 +202,9 @@ def ask(model, tokenizer, compressed: GenerationResult, question: str, *, max_ne
     _, question_ids = build_prompt(tokenizer, compressed.context, question, chat_template=compressed.chat_template,
                                    answer_prefix=answer_prefix)
     cache = compressed.compressed.fork()
+    check_positions(model, cache.seen_tokens + len(question_ids), max_new_tokens)
     start = time.perf_counter()
-    with attach(model):
+    with attach(model, compressed.selector, tokenizer=tokenizer, chat_template=compressed.chat_template):
         logits = forward_tokens(model, cache, question_ids)
         generated, pending = continue_greedy(model, cache, logits, [], eos=eos_token_ids(model, tokenizer),
                                              max_new_tokens=max_new_tokens, return_pending=True)
@@ -221,7 +227,9 @@ def _next_turn(model, tokenizer, history: GenerationResult, message: str, questi
     messages = history.messages + [{"role": "user", "content": content}]
     ids = history.pending + turn_ids(tokenizer, history.messages, content, chat_template=history.chat_template,
                                      answer_prefix=answer_prefix)
-    cache = history.cache
+    cache = history.cache.fork()  # the history stays as it was: a retry or a second branch starts from it too
+    check_positions(model, cache.seen_tokens + len(ids), max_new_tokens)
+    policy = history.selector if policy is None else policy
     with attach(model, policy, tokenizer=tokenizer, chat_template=history.chat_template):
         start = time.perf_counter()
         logits = forward_tokens(model, cache, ids)
@@ -235,10 +243,25 @@ def _next_turn(model, tokenizer, history: GenerationResult, message: str, questi
         text=text, token_ids=generated, context_tokens=len(ids), question_tokens=0,
         kept_per_layer=cache.kept_tokens(), cache_bytes_full=cache.full_bytes or cache.nbytes(),
         cache_bytes_kept=cache.nbytes(), prefill_seconds=0.0, eviction_seconds=cache.eviction_seconds,
-        decode_seconds=seconds, policy=history.policy if policy is None else repr(policy), cache=cache,
-        messages=messages + [{"role": "assistant", "content": answer_prefix + text}], pending=pending,
-        chat_template=history.chat_template,
+        decode_seconds=seconds, policy=history.policy if policy is None else repr(policy), selector=policy,
+        cache=cache, messages=messages + [{"role": "assistant", "content": answer_prefix + text}], pending=pending,
+        chat_template=history.chat_template, context=history.context, compressed=history.compressed,
     )
+
+
+def check_positions(model, prompt_tokens: int, max_new_tokens: int) -> None:
+    """Raise, before any work, if the prompt and the answer would pass the model's position limit
+    (`max_position_embeddings`): positions beyond it give garbage, silently."""
+    limit = position_limit(model.config)
+    if limit is None:
+        return
+    if prompt_tokens > limit:
+        raise ValueError(f"the prompt has {prompt_tokens} tokens, more than the model's limit of {limit} positions "
+                         "(max_position_embeddings); shorten the context")
+    if prompt_tokens + max_new_tokens > limit:
+        raise ValueError(f"the prompt ({prompt_tokens} tokens) plus max_new_tokens={max_new_tokens} pass the "
+                         f"model's limit of {limit} positions (max_position_embeddings); lower max_new_tokens to "
+                         f"{limit - prompt_tokens} or shorten the context")
 
 
 def turn_ids(tokenizer, messages: list[dict], content: str, *, chat_template: bool, answer_prefix: str = "") -> list[int]:

@@ -20,12 +20,16 @@ return) adds, while entered:
 
 from __future__ import annotations
 
+import copy
+import functools
 import inspect
 import time
+
 import torch
 import torch.distributed as dist
 from torch import nn
 from transformers import DynamicCache
+from transformers.generation.configuration_utils import GenerationMode
 
 from obcache.attention import IMPLEMENTATIONS, register
 from obcache.cache import EvictableCache
@@ -78,6 +82,8 @@ class EvictionHooks(LayerHooks):
         self._implementation = implementation
         self._handles.append(self.decoder.register_forward_pre_hook(self._before_forward, with_kwargs=True))
         self._handles.append(self.decoder.register_forward_hook(self._after_forward))
+        if hasattr(self.model, "generate"):
+            self.model.generate = _checked_generate(self.model)  # an instance attribute, removed on exit
         return super().__enter__()
 
     def __exit__(self, *exc) -> None:
@@ -85,6 +91,7 @@ class EvictionHooks(LayerHooks):
         if self._implementation is not None:
             self.model.set_attn_implementation(self._implementation)
             self._implementation = None
+        self.model.__dict__.pop("generate", None)
         for cache in self._caches:
             cache.attached = False
         self._caches.clear()
@@ -123,8 +130,10 @@ class EvictionHooks(LayerHooks):
         if cache is None or (type(cache) is DynamicCache and cache.get_seq_length() == 0):
             cache = kwargs["past_key_values"] = EvictableCache()
         if not isinstance(cache, EvictableCache):
+            state = "a filled" if cache.get_seq_length() > 0 else "an empty"
             raise TypeError(
-                f"obcache needs an EvictableCache or an empty DynamicCache, got a filled {type(cache).__name__}"
+                f"obcache needs an EvictableCache or an empty DynamicCache, got {state} {type(cache).__name__} "
+                "(do not set cache_implementation; obcache brings its own cache)"
             )
         mask = kwargs.get("attention_mask")
         if mask is not None and mask.ndim != 2:
@@ -161,6 +170,34 @@ class EvictionHooks(LayerHooks):
         for cache in self._caches:
             cache.attached = False
         self._caches.clear()
+
+
+#: Generation modes that run on an obcache cache: one sequence per row, fed token by token.
+SUPPORTED_MODES = (GenerationMode.GREEDY_SEARCH, GenerationMode.SAMPLE)
+
+
+def _checked_generate(model: nn.Module):
+    """`model.generate` that refuses, before any work, what an evicting cache cannot serve: beam search and
+    assisted (prompt-lookup, speculative) decoding reorder or crop the cache; cache_implementation replaces it."""
+    generate = model.generate
+
+    @functools.wraps(generate)
+    def checked(*args, **kwargs):
+        config = copy.deepcopy(kwargs.get("generation_config") or model.generation_config)
+        config.update(**{key: value for key, value in kwargs.items() if key != "generation_config"})
+        mode = config.get_generation_mode(kwargs.get("assistant_model"))
+        if mode not in SUPPORTED_MODES:
+            raise ValueError(
+                f"obcache caches support greedy decoding and sampling only, not {mode.value.replace('_', ' ')} "
+                "(beam search and assisted decoding reorder or crop the cache): use num_beams=1 and no "
+                "assistant model or prompt_lookup_num_tokens"
+            )
+        if config.cache_implementation is not None:
+            raise ValueError(f"cache_implementation={config.cache_implementation!r} replaces obcache's own cache; "
+                             "leave it unset under attach")
+        return generate(*args, **kwargs)
+
+    return checked
 
 
 def _check_tensor_parallel(model: nn.Module, policy: Selector) -> None:

@@ -120,6 +120,12 @@ def check_attention_implementation(model: nn.Module, *, attached: bool = False) 
         )
 
 
+def position_limit(config) -> int | None:
+    """The positions the model was built for (`max_position_embeddings` of its text config), or None if unknown."""
+    text_config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    return getattr(text_config, "max_position_embeddings", None)
+
+
 def kv_heads(config) -> int:
     """The model's KV heads (all of them, over every tensor-parallel rank)."""
     return getattr(config, "num_key_value_heads", None) or config.num_attention_heads

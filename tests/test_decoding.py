@@ -216,3 +216,9 @@ def test_a_selector_that_cannot_score_is_rejected():
 
     with pytest.raises(TypeError, match="wraps a policy"):
         Decoding(Custom(), budget=64)
+
+
+def test_decoding_inside_decoding_is_refused():
+    """The inner budget would be silently ignored."""
+    with pytest.raises(ValueError, match="not another Decoding"):
+        Decoding(Decoding(H2O(budget=16, window=2), budget=12, interval=2), budget=10, interval=2)

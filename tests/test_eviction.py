@@ -340,6 +340,32 @@ def test_budget_below_protected_tokens_is_rejected():
         model(input_ids=prompt())
 
 
+@pytest.mark.parametrize("options,refusal", [
+    ({"num_beams": 2}, "not beam search"),
+    ({"num_beams": 2, "do_sample": True}, "not beam sample"),
+    ({"prompt_lookup_num_tokens": 3}, "not assisted generation"),
+    ({"cache_implementation": "static"}, "cache_implementation='static'"),
+])
+def test_generation_modes_that_reorder_crop_or_replace_the_cache_are_refused_before_work(options, refusal):
+    model = tiny_model()
+    forwards = []
+    handle = model.model.register_forward_pre_hook(lambda *args: forwards.append(1))
+    with SnapKV(budget=12, window=4).attach(model), pytest.raises(ValueError, match=refusal):
+        model.generate(prompt(), max_new_tokens=3, pad_token_id=0, **options)
+    handle.remove()
+    assert not forwards  # no prefill, no eviction
+    assert "generate" not in model.__dict__  # the check leaves with the attach
+
+
+def test_a_cache_of_another_kind_is_named_for_what_it_holds():
+    from transformers import StaticCache
+
+    model = tiny_model()
+    static = StaticCache(config=model.config, max_cache_len=64)
+    with SnapKV(budget=12, window=4).attach(model), pytest.raises(TypeError, match="got an empty StaticCache"):
+        model(input_ids=prompt(), past_key_values=static)
+
+
 def test_unsupported_model_family_is_rejected():
     from transformers import GPT2Config, GPT2LMHeadModel
 

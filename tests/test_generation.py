@@ -41,7 +41,7 @@ def test_a_later_turn_continues_exactly_as_one_forward_over_the_whole_conversati
     expected = plain.tolist()
     expected = expected[: expected.index(eos)] if eos in expected else expected
     assert second.token_ids == expected
-    assert first.cache is second.cache and second.cache.get_seq_length() == len(fed) + len(second.token_ids) - len(second.pending)
+    assert second.cache.get_seq_length() == len(fed) + len(second.token_ids) - len(second.pending)
 
 
 @pytest.mark.parametrize("policy", [SnapKV(budget=0.3, window=8, score="obc-joint"),
@@ -81,3 +81,57 @@ def test_summary_reports_the_mean_kept_tokens_over_layers():
     assert "rated" not in result.summary()
     rated = replace(result, calibration_seconds=24.56).summary()
     assert rated.endswith("decode 2 tokens in 0.50s; heads rated once for this model in 24.6s")
+
+
+# ---------------------------------------------------------------- a history is never mutated; limits before work
+
+
+@pytest.mark.parametrize("policy", [None, SnapKV(budget=0.3, window=8, score="obc-key"),
+                                    Decoding(H2O(budget=0.3, window=4, score="obc-key"), budget=30, interval=4)])
+def test_a_history_used_twice_gives_the_same_turn_and_stays_unchanged(model, tokenizer, policy):
+    """A retry (or a second branch) continues from the history as it was, not on top of the first follow-up."""
+    first = generate(model, tokenizer, CONTEXT, "What jumps?", policy=policy, query_aware=True, max_new_tokens=5)
+    seen, held = first.cache.get_seq_length(), [layer.keys.clone() for layer in first.cache.layers]
+    one = generate(model, tokenizer, "And then?", history=first, max_new_tokens=6)
+    two = generate(model, tokenizer, "And then?", history=first, max_new_tokens=6)
+    assert one.token_ids == two.token_ids
+    assert first.cache.get_seq_length() == seen
+    assert all(torch.equal(layer.keys, before) for layer, before in zip(first.cache.layers, held))
+
+
+def test_ask_keeps_evicting_during_decoding_under_a_bounded_compression(model, tokenizer):
+    bounded = Decoding(H2O(budget=24, window=4, score="obc-key"), budget=24, interval=4)
+    doc = generate(model, tokenizer, CONTEXT * 3, "What jumps?", policy=bounded, max_new_tokens=30)
+    other = obcache.ask(model, tokenizer, doc, "Who sleeps?", max_new_tokens=30)
+    assert len(other.token_ids) == 30  # enough new tokens to pass the bound several times
+    for layer in range(len(other.cache.layers)):
+        assert other.cache.head_lengths(layer).float().mean() < 24 + 4  # bounded, as the compression was
+
+
+def test_ask_on_a_later_turn_asks_the_conversation_s_compressed_context(model, tokenizer):
+    policy = SnapKV(budget=0.5, window=4, score="obc-key")
+    first = generate(model, tokenizer, CONTEXT, "What jumps?", policy=policy, max_new_tokens=4)
+    later = generate(model, tokenizer, "And then?", history=first, max_new_tokens=4)
+    assert obcache.ask(model, tokenizer, later, "Who sleeps?", max_new_tokens=4).token_ids == \
+        obcache.ask(model, tokenizer, first, "Who sleeps?", max_new_tokens=4).token_ids
+    aware = generate(model, tokenizer, CONTEXT, "What jumps?", policy=policy, query_aware=True, max_new_tokens=2)
+    with pytest.raises(ValueError, match="query_aware=True"):
+        obcache.ask(model, tokenizer, generate(model, tokenizer, "And?", history=aware, max_new_tokens=2), "Who?")
+
+
+def test_a_prompt_past_the_model_s_positions_is_refused_before_any_work(tokenizer):
+    small = tiny_model(vocab_size=len(tokenizer))
+    small.config.max_position_embeddings = 64
+    calls = []
+    small.model.register_forward_pre_hook(lambda *args: calls.append(1))
+    with pytest.raises(ValueError, match="limit of 64 positions"):
+        generate(small, tokenizer, CONTEXT * 4, "What jumps?", max_new_tokens=4)
+    short = "The fox jumps."
+    with pytest.raises(ValueError, match="plus max_new_tokens=60 pass the model's limit of 64 positions"):
+        generate(small, tokenizer, short, "What?", max_new_tokens=60)
+    assert not calls
+    first = generate(small, tokenizer, short, "What?", max_new_tokens=4)
+    calls.clear()
+    with pytest.raises(ValueError, match="limit of 64 positions"):
+        generate(small, tokenizer, "And then? " * 10, history=first, max_new_tokens=30)
+    assert not calls

@@ -47,6 +47,9 @@ class Decoding(BudgetWrapper):
         super().__post_init__()
         check_count("budget", self.budget, minimum=1)
         check_count("interval", self.interval, minimum=1)
+        if isinstance(self.policy, Decoding):
+            raise ValueError("Decoding wraps a policy that evicts after the prompt, not another Decoding: its budget "
+                             "would be ignored; use one Decoding(policy, budget=..., interval=...)")
         base = self.base
         if not isinstance(base, Policy):
             raise TypeError(f"Decoding needs a policy that scores tokens (H2O, TOVA, SnapKV, ...), got {base!r}")
