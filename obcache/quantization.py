@@ -22,7 +22,8 @@ Float16 rather than bfloat16 for scale and zero (KIVI's choice too): 3 more mant
 measured on N(0, 1) [64, 1024, 64], groups of 32 channels, the mean squared error with bfloat16
 scales is 1.008x, 1.010x and 1.07x that with float16 at 2, 4 and 8 bits. Its range is checked
 (|zero|, scale <= 65504); float16 x within scale / 2 of ±65504 may come back as ±inf.
-Arithmetic: codes in float64 (exact roundings of the quotient, the same on every device);
+Arithmetic: codes in float64 (exact roundings of the quotient, the same on every device; transient
+float64 copies of x, 8 bytes per element);
 x^ in float32 (float64 for float64 input), one more rounding (<= 2^-24 |x^|), then the cast
 back to x's dtype.
 
