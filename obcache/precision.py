@@ -9,7 +9,7 @@ Distortion model (method.md notation; token p stored with errors e_p on v_p and 
 - key eviction (δk_p = -k_p) costs sum_i A_ip^2 z_ip^2 ||v_p - o_i||^2 = S_p, the obc-key score: z_ip^2 =
   (s q_i.k_p)^2 in place of (s ||q_i|| ||k_p||)^2 / d, equal on average over directions.
 - joint and across tokens: independent zero-mean errors add, cross terms vanish in expectation; one
-  width for k_p and v_p costs w^v_p ε_v(b) + w^k_p ε_k(b), of the form below with ε_k = ε_v or w^k ∝ w^v.
+  width for k_p and v_p costs w^v_p ε_v(b) + w^k_p ε_k(b): the form below if ε_k = ε_v, else approximated.
 - quantizer: rounding with step Δ gives E||e_p||^2 ≈ d Δ^2 / 12; measured instead on the real one,
   ε(b) = sum ||x - x^_b||^2 / sum ||x||^2 over the pool (`measured_error`): ε(16) ≈ 0, ε(0) = 1 (row lost).
   Measured at head_dim 64, groups of 32, 2/4/8 bits: N(0, 1) 0.155, 6.1e-3, 2.1e-5; SmolLM2's values
