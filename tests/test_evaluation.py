@@ -369,3 +369,58 @@ def test_fidelity_of_a_ragged_cache_equals_a_masked_full_cache(model):
     reference = masked_teacher_forcing(model, ids[:-1], 120, masks)
     torch.testing.assert_close(evicted.log_probs, torch.log_softmax(reference.float(), -1), rtol=1e-4, atol=1e-4)
     assert len(evicted.outputs) == len(masks) and evicted.outputs[0].shape[0] == 39
+
+
+# ---------------------------------------------------------------- the results file: what repair may and may not touch
+
+
+def _lines(*rows: dict) -> bytes:
+    return "".join(json.dumps(row) + "\n" for row in rows).encode()
+
+
+def test_a_complete_last_row_without_its_newline_is_read_and_its_newline_restored(tmp_path):
+    """A row whose newline never made it is a row: read, and (before appends) given its newline back, not cut."""
+    second = {**NEEDLE_ROW, "sample": 1}
+    path = tmp_path / "results.jsonl"
+    path.write_bytes(_lines(NEEDLE_ROW) + json.dumps(second).encode())
+    assert read_rows(path) == [NEEDLE_ROW, second]
+    assert read_rows(path, repair=True) == [NEEDLE_ROW, second]
+    assert path.read_bytes() == _lines(NEEDLE_ROW, second)
+
+
+@pytest.mark.parametrize("tail", ['{"model": "m", "task": "niah_si', '{"mo', "{"])
+def test_only_an_unterminated_beginning_of_a_row_is_cut(tail, tmp_path):
+    path = tmp_path / "results.jsonl"
+    for before in (b"", _lines(NEEDLE_ROW)):  # also when the first write was cut short
+        path.write_bytes(before + tail.encode())
+        assert read_rows(path) == read_rows(path, repair=True) == ([NEEDLE_ROW] if before else [])
+        assert path.read_bytes() == before
+
+
+@pytest.mark.parametrize("content,message", [
+    (b"hello world\n", "line 1: corrupt line \\(not JSON\\); results.jsonl does not start with a result row"),
+    (b"hello world", "line 1: corrupt line \\(not JSON\\); results.jsonl does not start with a result row"),
+    (b'{"name": "not a row"}', "line 1: not a result row: it has no 'task' string; results.jsonl does not start"),
+    (b'{"name": "not a r', "line 1: corrupt line \\(not JSON\\); results.jsonl does not start with a result row"),
+    (_lines(NEEDLE_ROW) + b"{oops\n", "line 2: corrupt line \\(not JSON\\); fix or remove the line"),
+    (_lines(NEEDLE_ROW) + b"\x00\x00\x00", "line 2: corrupt line \\(not JSON\\); fix or remove the line"),
+    (_lines(NEEDLE_ROW) + b"plain text", "line 2: corrupt line \\(not JSON\\); fix or remove the line"),
+])
+def test_a_file_that_is_not_rows_plus_a_cut_row_is_refused_and_left_untouched(content, message, tmp_path):
+    path = tmp_path / "results.jsonl"
+    path.write_bytes(content)
+    for repair in (False, True):
+        with pytest.raises(ValueError, match=message):
+            read_rows(path, repair=repair)
+        assert path.read_bytes() == content
+
+
+def test_eval_refuses_a_symlinked_results_file_and_leaves_its_target_alone(model, tokenizer, tmp_path):
+    target = tmp_path / "notes.txt"
+    target.write_bytes(b"my notes")  # one unterminated line: what the old repair cut
+    spec = small_spec(tmp_path, samples=1)
+    spec.out.mkdir()
+    (spec.out / "results.jsonl").symlink_to(target)
+    with pytest.raises(ValueError, match="results.jsonl is a symbolic link .*notes.txt.*: obcache eval writes only"):
+        run_eval(spec, model=model, tokenizer=tokenizer, progress=False)
+    assert target.read_bytes() == b"my notes"

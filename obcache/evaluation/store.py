@@ -1,9 +1,12 @@
 """The results file `results.jsonl`: one JSON object per line, appended as samples end.
 
 Rows are appended in one write per sample, flushed and fsynced, so a killed
-run leaves at most one half-written last line; `read_rows(path, repair=True)`
-cuts it off. Every complete line must be a row of the shape the harness
-writes (`check_row`): anything else is a ValueError naming the file and line.
+run leaves at most one half-written last line: the beginning of a row, with no
+newline. `read_rows(path, repair=True)` cuts off exactly that, and gives a
+complete last row whose newline is missing its newline back. Every other line
+must be a row of the shape the harness writes (`check_row`): anything else
+(a corrupt line, a file that is not a results file) is a ValueError naming the
+file and line, and the file is left untouched; so is a symbolic link.
 A row's identity is `row_key`: its sample, policy, score, budget and the
 settings that change its numbers; a resumed run never writes a key twice.
 """
@@ -12,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -66,35 +70,66 @@ def check_row(row) -> None:
             raise ValueError(f"field {name!r} must be {_type_name(kind)}, got {json.dumps(row[name])[:60]}")
 
 
-def read_rows(path: Path, *, repair: bool = False) -> list[dict]:
-    """The complete rows of a results file, each key once; with `repair`, cut off a half-written last line.
+def _begins_a_row(tail: bytes) -> bool:
+    """Whether an unterminated last line is a row that `append_rows` was cut off writing: printable ASCII
+    (json.dumps escapes everything else) opening an object whose first key is, or begins, a row field."""
+    if not tail.isascii() or not tail.decode().isprintable():
+        return False
+    match = re.match(r'\{(?:"(\w*)(")?)?', tail.decode())
+    if match is None:
+        return False
+    key, closed = match.group(1) or "", match.group(2)
+    return any(name == key if closed else name.startswith(key) for name in BASE_FIELDS)
 
-    Two runs into one folder at the same time may both write a row (the full
-    cache's, say): the first of rows with the same key is kept.
-    Raises ValueError naming the line for a corrupt line before the last, or a row of the wrong shape.
+
+def _line_error(path: Path, number: int, problem: str) -> ValueError:
+    """The error for a line that is not a row; on line 1 the file is not a results file at all."""
+    if number == 1:
+        return ValueError(f"{path}, line 1: {problem}; {path.name} does not start with a result row, so it is not "
+                          "a results file of obcache eval (it was left untouched)")
+    return ValueError(f"{path}, line {number}: {problem}; fix or remove the line")
+
+
+def read_rows(path: Path, *, repair: bool = False) -> list[dict]:
+    """The rows of a results file, each key once (see the module docstring for what is refused).
+
+    A last line without its newline is read if it is a complete row, and
+    skipped if it is the beginning of one; with `repair` (before appending),
+    the newline is restored or the beginning cut off, and a symbolic link or
+    special file is refused. Two runs into one folder at the same time may
+    both write a row (the full cache's, say): the first of rows with the same
+    key is kept.
     """
+    if repair and path.is_symlink():
+        raise ValueError(f"{path} is a symbolic link (to {os.readlink(path)}): obcache eval writes only to a "
+                         "regular file in its --out folder; remove the link or give another --out")
     if not path.exists():
         return []
+    if not path.is_file():
+        raise ValueError(f"{path} is not a regular file: obcache eval keeps its rows in a plain text file")
     data = path.read_bytes()
-    rows, good, keys = [], 0, set()
-    for number, line in enumerate(data.splitlines(keepends=True), 1):
+    *lines, tail = data.split(b"\n")
+    rows, keys = [], set()
+    for number, line in enumerate([*lines, tail] if tail else lines, 1):
+        unterminated = number > len(lines)
         try:
-            if not line.endswith(b"\n"):
-                raise ValueError("unterminated line")
             row = json.loads(line)
         except ValueError:
-            if good + len(line) != len(data):
-                raise ValueError(f"{path}, line {number}: corrupt line (not JSON), not at the end; fix or remove it") from None
-            if repair:
-                print(f"obcache eval: dropping a half-written last line of {path}", file=sys.stderr)
-                with open(path, "r+b") as file:
-                    file.truncate(good)
-            break
+            if unterminated and _begins_a_row(tail):
+                if repair:
+                    print(f"obcache eval: dropping a half-written last line of {path}", file=sys.stderr)
+                    with open(path, "r+b") as file:
+                        file.truncate(len(data) - len(tail))
+                break
+            raise _line_error(path, number, "corrupt line (not JSON)") from None
         try:
             check_row(row)
         except ValueError as error:
-            raise ValueError(f"{path}, line {number}: {error}; fix or remove the line") from None
-        good += len(line)
+            raise _line_error(path, number, str(error)) from None
+        if unterminated and repair:
+            print(f"obcache eval: restoring the newline after the last row of {path}", file=sys.stderr)
+            with open(path, "ab") as file:
+                file.write(b"\n")
         if row_key(row) not in keys:
             keys.add(row_key(row))
             rows.append(row)
