@@ -178,6 +178,19 @@ def model_identity(name: str | None) -> str:
     return f"{folder} (files sha256 {digest.hexdigest()[:16]})"
 
 
+def _check_weights(source: str) -> None:
+    """OSError naming the file if a safetensors file of the model is truncated or corrupt (reads headers only)."""
+    from safetensors import SafetensorError, safe_open
+
+    for file in sorted(_model_folder(source).glob("*.safetensors")):
+        try:
+            with safe_open(file, framework="pt"):
+                pass
+        except SafetensorError as err:
+            raise OSError(f"cannot load the weights of {source!r}: {file.name} ({file.stat().st_size} bytes) is "
+                          f"truncated or corrupt (safetensors: {_one_line(err)})") from err
+
+
 def resolve_device(device: str | torch.device | None) -> torch.device:
     """None -> CUDA if available, else CPU; ValueError for a malformed device or a CUDA device torch cannot use."""
     if device is None:
@@ -234,8 +247,8 @@ def load_model(
     folder, or a hub id already in the local Hugging Face cache. `dtype`:
     None means float32 on CPU and bfloat16 on CUDA. `device`: None means CUDA
     if available, else CPU. Bad names, devices and dtypes raise ValueError and
-    unsupported families fail before weights are read; missing files raise a
-    one-line OSError. `tp_size`: split the model over that many ranks by transformers' tensor parallelism
+    unsupported families fail before weights are read; missing, truncated or
+    corrupt weights files raise a one-line OSError naming the model (and the file). `tp_size`: split the model over that many ranks by transformers' tensor parallelism
     (torch.distributed initialised, one process per rank; each rank then holds its share of the KV heads).
     """
     if attn_implementation not in ("sdpa", "eager"):
@@ -254,6 +267,7 @@ def load_model(
         from transformers.distributed.configuration_utils import DistributedConfig
 
         split = {"distributed_config": DistributedConfig(tp_size=tp_size)}
+    _check_weights(source)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             source, dtype=dtype, attn_implementation=attn_implementation, local_files_only=True, **split

@@ -93,10 +93,27 @@ def test_a_context_file_that_is_not_utf8_is_named(tmp_path, capsys, no_model_loa
 
 @pytest.fixture(scope="module")
 def config_only_folder(tmp_path_factory) -> Path:
-    """A supported (Llama) config with no weights next to it."""
+    """A supported (Llama) config and a tokenizer with no weights next to them."""
     folder = tmp_path_factory.mktemp("config-only")
     tiny_model().config.save_pretrained(folder)
+    load_tokenizer().save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="module")
+def truncated_folder(tmp_path_factory) -> Path:
+    """A tiny model and a tokenizer whose weights file lost its second half."""
+    folder = tmp_path_factory.mktemp("truncated")
+    tiny_model().save_pretrained(folder)
+    load_tokenizer().save_pretrained(folder)
+    weights = folder / "model.safetensors"
+    with open(weights, "r+b") as file:
+        file.truncate(weights.stat().st_size // 2)
+    return folder
+
+
+FAILED_LOADS = {"CONFIG_ONLY": "no file named model.safetensors", "/no/such/folder": "must be a local folder",
+                "TRUNCATED": "model.safetensors ("}
 
 
 @pytest.mark.parametrize("command", [
@@ -104,16 +121,20 @@ def config_only_folder(tmp_path_factory) -> Path:
     ["eval", "fidelity", "--lengths", "300", "--window", "8", "--out", "OUT"],
     ["demo"],
 ])
-@pytest.mark.parametrize("model", ["CONFIG_ONLY", "/no/such/folder"])
-def test_a_failed_model_load_is_one_line_and_leaves_no_output_folder(command, model, config_only_folder, tmp_path, capsys):
+@pytest.mark.parametrize("model", list(FAILED_LOADS))
+def test_a_failed_model_load_is_one_line_and_leaves_no_output_folder(command, model, config_only_folder,
+                                                                     truncated_folder, tmp_path, capsys):
     context = tmp_path / "context.txt"
     context.write_text("some context")
-    names = {"CONTEXT": str(context), "OUT": str(tmp_path / "out"), "CONFIG_ONLY": str(config_only_folder)}
+    names = {"CONTEXT": str(context), "OUT": str(tmp_path / "out"), "CONFIG_ONLY": str(config_only_folder),
+             "TRUNCATED": str(truncated_folder)}
     argv = [names.get(arg, arg) for arg in [*command, "--model", model]]
     code, _, err = run(argv, capsys)
     assert code == 2
     assert err.count("\n") == 1 and err.startswith(f"obcache {command[0]}: error: cannot load")
-    assert ("no file named model.safetensors" if model == "CONFIG_ONLY" else "must be a local folder") in err
+    assert FAILED_LOADS[model] in err
+    if model == "TRUNCATED":
+        assert f"{str(truncated_folder)!r}: model.safetensors (" in err and ") is truncated or corrupt" in err
     assert not (tmp_path / "out").exists()
 
 

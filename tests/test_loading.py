@@ -161,3 +161,20 @@ def test_qwen_alias_loads():
     config = model.config
     assert (config.num_hidden_layers, config.num_attention_heads, config.num_key_value_heads) == (24, 14, 2)
     assert "Paris" in _greedy_answer(model, tokenizer, "What is the capital of France?")
+
+
+@pytest.mark.parametrize("keep", [0.5, 5 / 1e9])  # half the file; 5 bytes (not even the header's length)
+def test_truncated_weights_are_one_clear_error_naming_the_folder_and_file(keep, tmp_path):
+    from tests.conftest import tiny_model
+
+    tiny_model().save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    size = max(5, int(weights.stat().st_size * keep))
+    with open(weights, "r+b") as file:
+        file.truncate(size)
+    with pytest.raises(OSError) as error:
+        load_model(str(tmp_path), device="cpu")
+    message = str(error.value)
+    assert message.startswith(f"cannot load the weights of {str(tmp_path)!r}: model.safetensors ({size} bytes) is "
+                              "truncated or corrupt (safetensors: ")
+    assert "\n" not in message
