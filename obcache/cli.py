@@ -3,22 +3,25 @@
 from __future__ import annotations
 
 import argparse
+import stat
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from safetensors import SafetensorError
 
 from obcache.bench.cli import register as register_bench
 from obcache.cli_args import EPILOG, add_model_arguments, add_policy_arguments, policy_from_args
 from obcache.evaluation.cli import register as register_evaluation
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
-def command_generate(args: argparse.Namespace) -> None:
-    import stat
 
-    from obcache.generation import generate
-    from obcache.loading import load_model
-
-    policy = policy_from_args(args)
-    path = Path(args.context_file)
+def context_path(text: str) -> Path:
+    """The --context-file path, checked to be an existing regular file."""
+    path = Path(text)
     if not path.exists():
         raise ValueError(f"context file {str(path)!r} does not exist")
     if not path.is_file():
@@ -27,15 +30,57 @@ def command_generate(args: argparse.Namespace) -> None:
                  stat.S_ISFIFO: "named pipe", stat.S_ISSOCK: "socket"}
         kind = next((name for test, name in kinds.items() if test(mode)), "special file")
         raise ValueError(f"context file {str(path)!r} is a {kind}, not a regular text file")
+    return path
+
+
+def read_context(path: Path, tokenizer: PreTrainedTokenizerBase, limit: int | None) -> str:
+    """The text of a context file, refused before it is tokenized if it is empty or cannot fit in `limit` tokens.
+
+    No token spans more characters than the tokenizer's longest vocabulary
+    entry, so a text longer than `limit` times that cannot fit; a file of more
+    than 4 bytes (UTF-8's most per character) per such character is refused
+    from its size, unread.
+    """
+    longest = max(map(len, tokenizer.get_vocab()))
+    most = None if limit is None else limit * longest
+
+    def too_long(amount: str) -> ValueError:
+        return ValueError(f"context file {str(path)!r} has {amount}: the model's limit of {limit} tokens "
+                          f"(max_position_embeddings) holds at most {most:,} characters with this tokenizer (its "
+                          f"longest token has {longest})")
+
+    size = path.stat().st_size
+    if most is not None and size > 4 * most:
+        raise too_long(f"{size:,} bytes, so at least {-(-size // 4):,} characters")
     try:
         context = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as error:
         raise ValueError(f"context file {str(path)!r} is not UTF-8 text (byte {error.start}: {error.reason})") from None
+    if not context.strip():
+        raise ValueError(f"context file {str(path)!r} is {'whitespace only' if context else 'empty'}: give a text "
+                         "file with the context to compress")
+    if most is not None and len(context) > most:
+        raise too_long(f"{len(context):,} characters")
+    return context
+
+
+def command_generate(args: argparse.Namespace) -> None:
+    from obcache.generation import build_prompt, generate
+    from obcache.loading import load_config, load_model, load_tokenizer
+
+    policy = policy_from_args(args)
+    path = context_path(args.context_file)
+    limit = getattr(load_config(args.model), "max_position_embeddings", None)
+    tokenizer = load_tokenizer(args.model)
+    context = read_context(path, tokenizer, limit)
+    prompt = {"chat_template": not args.no_chat_template, "answer_prefix": args.answer_prefix}
+    tokens = sum(map(len, build_prompt(tokenizer, context, args.question, **prompt)))
+    if limit is not None and tokens > limit:
+        raise ValueError(f"the prompt has {tokens:,} tokens (context, question and template), more than the model's "
+                         f"limit of {limit} tokens (max_position_embeddings); shorten the context")
     model, tokenizer = load_model(args.model, attn_implementation=args.attn, dtype=args.dtype, device=args.device)
-    result = generate(
-        model, tokenizer, context, args.question, policy=policy, query_aware=args.query_aware,
-        max_new_tokens=args.max_new_tokens, chat_template=not args.no_chat_template, answer_prefix=args.answer_prefix,
-    )
+    result = generate(model, tokenizer, context, args.question, policy=policy, query_aware=args.query_aware,
+                      max_new_tokens=args.max_new_tokens, **prompt)
     print(result.text)
     print(result.summary(), file=sys.stderr)
 
@@ -103,14 +148,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def failure(error: BaseException) -> str:
+    """An error as one line: bad input and failed loads as they say; out of memory and runtime errors named."""
+    text = " ".join(str(error).split())
+    if isinstance(error, (ValueError, OSError, ModuleNotFoundError)):
+        return text
+    if isinstance(error, (MemoryError, torch.OutOfMemoryError)):
+        return f"out of memory ({type(error).__name__})" + (f": {text}" if text else "")
+    return f"{type(error).__name__}: {text}"
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run the command line; bad input, a failed load or an interrupt end in one line on stderr, not a traceback."""
+    """Run the command line; bad input, a failed load, running out of memory, a runtime error or an interrupt end
+    in one line on stderr, not a traceback (exit status 2 for bad input and failed loads, 1 otherwise)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         args.run(args)
     except (ValueError, OSError, ModuleNotFoundError) as error:
-        parser.exit(2, f"obcache {args.command}: error: {error}\n")
+        parser.exit(2, f"obcache {args.command}: error: {failure(error)}\n")
+    except (MemoryError, RuntimeError, SafetensorError) as error:
+        parser.exit(1, f"obcache {args.command}: error: {failure(error)}\n")
     except KeyboardInterrupt:
         hint = getattr(args, "interrupt_hint", None)
         parser.exit(130, f"obcache {args.command}: interrupted" + (f"; {hint(args)}" if hint else "") + "\n")

@@ -20,7 +20,9 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase,
+)
 
 from obcache.models import check_supported_config, kv_heads
 
@@ -219,6 +221,16 @@ def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torc
     return DTYPES[dtype]
 
 
+def load_config(name: str | None = None) -> PretrainedConfig:
+    """The config of `name`, offline and without its weights, checked to be a supported family.
+
+    A built-in alias is converted first if it never was (once per machine).
+    """
+    config = _offline_config(_resolve(name))
+    check_supported_config(config)
+    return config
+
+
 def load_tokenizer(name: str | None = None) -> PreTrainedTokenizerBase:
     """The tokenizer of `name`, padding on the left, with pad token = eos token if it had none."""
     source = _resolve(name)
@@ -256,8 +268,7 @@ def load_model(
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
     source = _resolve(name)
-    config = _offline_config(source)
-    check_supported_config(config)
+    config = load_config(source)
     split = {}
     if tp_size is not None:
         heads = kv_heads(config)

@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors import SafetensorError
 
 import obcache.evaluation.fanout
 import obcache.loading
@@ -213,3 +215,105 @@ def test_demo_rejects_bad_input_before_loading(capsys, no_model_loading):
     assert code == 2 and "give a policy" in err
     code, _, err = run(["demo", "--decode-budget", "4"], capsys)
     assert code == 2 and "protected" in err
+
+
+# ---------------------------------------------------------------- generate: the context is bounded before any work
+
+
+@pytest.fixture(scope="module")
+def default_limit() -> tuple[int, int]:
+    """(max_position_embeddings, longest vocabulary entry) of the default model, read from its files."""
+    folder = obcache.loading.cache_dir() / "models" / obcache.loading.DEFAULT_MODEL
+    limit = json.loads((folder / "config.json").read_text())["max_position_embeddings"]
+    vocab = json.loads((folder / "tokenizer.json").read_text())["model"]["vocab"]
+    added = [token["content"] for token in json.loads((folder / "tokenizer.json").read_text())["added_tokens"]]
+    return limit, max(map(len, [*vocab, *added]))
+
+
+@pytest.fixture
+def no_tokenizing(monkeypatch):
+    """Fail loudly if the prompt is tokenized."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the prompt must not be tokenized here")
+
+    monkeypatch.setattr("obcache.generation.build_prompt", refuse)
+
+
+def test_a_giant_context_file_is_refused_from_its_size_alone(default_limit, tmp_path, capsys, no_model_loading,
+                                                             no_tokenizing):
+    limit, longest = default_limit
+    context = tmp_path / "giant.txt"
+    with open(context, "wb") as file:
+        file.truncate(50_000_000)  # 50 MB (sparse: nothing is written)
+    code, _, err = run(["generate", "--context-file", str(context), "--question", "Q?"], capsys)
+    assert code == 2
+    assert err == (f"obcache generate: error: context file {str(context)!r} has 50,000,000 bytes, so at least "
+                   f"12,500,000 characters: the model's limit of {limit} tokens (max_position_embeddings) holds at "
+                   f"most {limit * longest:,} characters with this tokenizer (its longest token has {longest})\n")
+
+
+def test_the_character_bound_is_exact_at_its_edge(default_limit, tmp_path, capsys, monkeypatch, no_model_loading):
+    """limit x longest characters may fit (they are tokenized and counted); one more cannot (refused untokenized)."""
+    limit, longest = default_limit
+    most = limit * longest
+    assert most % 6 == 0
+    context = tmp_path / "context.txt"
+    context.write_text(" hello" * (most // 6))
+    code, _, err = run(["generate", "--context-file", str(context), "--no-chat-template"], capsys)
+    tokens = len(load_tokenizer()(" hello" * (most // 6))["input_ids"])
+    assert code == 2 and f"the prompt has {tokens:,} tokens" in err
+    context.write_text(" hello" * (most // 6) + "!")
+    monkeypatch.setattr("obcache.generation.build_prompt", lambda *a, **k: pytest.fail("tokenized"))
+    code, _, err = run(["generate", "--context-file", str(context), "--no-chat-template"], capsys)
+    assert code == 2 and f"has {most + 1:,} characters: the model's limit of {limit} tokens" in err
+
+
+def test_a_prompt_longer_than_the_model_window_is_refused_before_the_weights_load(tmp_path, capsys, monkeypatch):
+    """The limit comes from the config, the count from the tokenizer: no weights are read."""
+    folder = tmp_path / "model"
+    small = tiny_model()
+    small.config.max_position_embeddings = 64
+    small.save_pretrained(folder)
+    tokenizer = load_tokenizer()
+    tokenizer.save_pretrained(folder)
+    monkeypatch.setattr("transformers.AutoModelForCausalLM.from_pretrained", lambda *a, **k: pytest.fail("loaded"))
+    context = tmp_path / "context.txt"
+    context.write_text(" hello" * 70)
+    tokens = len(tokenizer(" hello" * 70)["input_ids"])
+    assert tokens > 64
+    capsys.readouterr()  # save_pretrained's progress bar
+    code, _, err = run(["generate", "--context-file", str(context), "--no-chat-template", "--model", str(folder)], capsys)
+    assert code == 2
+    assert err == (f"obcache generate: error: the prompt has {tokens} tokens (context, question and template), more "
+                   "than the model's limit of 64 tokens (max_position_embeddings); shorten the context\n")
+
+
+@pytest.mark.parametrize("text", ["", " \n\t\n  "])
+def test_an_empty_context_file_is_refused_before_the_model_loads(text, tmp_path, capsys, no_model_loading):
+    context = tmp_path / "context.txt"
+    context.write_text(text)
+    code, _, err = run(["generate", "--context-file", str(context), "--question", "Q?"], capsys)
+    kind = "empty" if not text else "whitespace only"
+    assert code == 2
+    assert err == (f"obcache generate: error: context file {str(context)!r} is {kind}: give a text file with the "
+                   "context to compress\n")
+
+
+@pytest.mark.parametrize("error,line", [
+    (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+     "out of memory (OutOfMemoryError): CUDA out of memory. Tried to allocate 2.00 GiB"),
+    (MemoryError(), "out of memory (MemoryError)"),
+    (RuntimeError("expected a tensor\n  of shape [2, 3]"), "RuntimeError: expected a tensor of shape [2, 3]"),
+    (SafetensorError("Error while deserializing header: header too small"),
+     "SafetensorError: Error while deserializing header: header too small"),
+])
+def test_runtime_failures_are_one_line_without_a_traceback(error, line, tmp_path, capsys, monkeypatch):
+    def fail(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(obcache.loading, "load_model", fail)
+    context = tmp_path / "context.txt"
+    context.write_text("some context")
+    code, _, err = run(["generate", "--context-file", str(context), "--question", "Q?"], capsys)
+    assert code == 1 and err == f"obcache generate: error: {line}\n"
