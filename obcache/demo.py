@@ -18,7 +18,7 @@ import time
 from tqdm import tqdm
 
 from obcache.evaluation.fanout import shared_prefill
-from obcache.evaluation.tasks import make_sample, score_prediction
+from obcache.evaluation.tasks import exact_match, make_sample, score_prediction
 from obcache.generation import build_prompt, continue_greedy, eos_token_ids, generate
 from obcache.hooks import attach
 from obcache.layer_state import Selector
@@ -75,7 +75,8 @@ def run_demo(
         answer = tokenizer.decode(tokens, skip_special_tokens=True)
         rows.append({
             "policy": label, "answer": answer.strip().replace("\n", " ")[:24],
-            "correct": score_prediction(sample, answer) == 1.0, "kept": cache.kept_tokens()[0],
+            "contains": score_prediction(sample, answer) == 1.0,
+            "exact": exact_match(sample.task, sample.expected, answer) == 1.0, "kept": cache.kept_tokens()[0],
             "seen": cache.get_seq_length(), "cache_mib": cache.nbytes() / 2**20,
             "seconds": time.perf_counter() - start,
         })
@@ -98,13 +99,15 @@ def run_demo(
 
 
 def format_table(rows: list[dict]) -> str:
+    """The needle table: 'contains' is RULER's string match, 'exact' asks that the answer's first number be the needle."""
     width = max(len("policy"), *(len(row["policy"]) for row in rows))
-    header = f"| {'policy':{width}s} | {'answer':24s} | correct | kept/seen | cache MiB | decode s |"
+    header = f"| {'policy':{width}s} | {'answer':24s} | contains | exact | kept/seen | cache MiB | decode s |"
     lines = [header, "|" + "|".join("-" * len(cell) for cell in header.split("|")[1:-1]) + "|"]
     for row in rows:
         lines.append(
-            f"| {row['policy']:{width}s} | {row['answer']:24s} | {'yes' if row['correct'] else 'no':7s} | "
-            f"{row['kept']:>4.0f}/{row['seen']:<4d} | {row['cache_mib']:9.2f} | {row['seconds']:8.2f} |"
+            f"| {row['policy']:{width}s} | {row['answer']:24s} | {'yes' if row['contains'] else 'no':8s} | "
+            f"{'yes' if row['exact'] else 'no':5s} | {row['kept']:>4.0f}/{row['seen']:<4d} | {row['cache_mib']:9.2f} | "
+            f"{row['seconds']:8.2f} |"
         )
     return "\n".join(lines)
 

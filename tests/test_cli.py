@@ -210,6 +210,22 @@ def test_demo_runs_end_to_end_on_a_tiny_model(tokenizer, model, capsys, monkeypa
     assert int(float(bounded.split("|")[4])) < 32 + 4
 
 
+def test_demo_shows_the_exact_match_beside_the_string_match(tokenizer, model, capsys, monkeypatch):
+    """A repeated last digit contains the needle but is not it: 'contains' yes, 'exact' no."""
+    import obcache.demo
+    from obcache.evaluation.tasks import make_sample
+
+    needle = make_sample("niah_single_number", tokenizer, 400, seed=0, depth=0.5).expected[0]
+    answers = iter([f" {needle}.", f" {needle}8."] * 5)
+    monkeypatch.setattr(obcache.loading, "load_model", lambda *a, **k: (model, tokenizer))
+    monkeypatch.setattr(obcache.demo, "continue_greedy",
+                        lambda *a, **k: tokenizer.encode(next(answers), add_special_tokens=False))
+    code, out, _ = run(["demo", "--length", "400", "--decode-budget", "0", "--window", "8"], capsys)
+    table = [[cell.strip() for cell in line.split("|")[1:-1]] for line in out.splitlines() if line.startswith("| ")]
+    assert code == 0 and table[0][1:4] == ["answer", "contains", "exact"]
+    assert [row[1:4] for row in table[1:3]] == [[f"{needle}.", "yes", "yes"], [f"{needle}8.", "yes", "no"]]
+
+
 def test_demo_rejects_bad_input_before_loading(capsys, no_model_loading):
     code, _, err = run(["demo", "--policy", "none"], capsys)
     assert code == 2 and "give a policy" in err

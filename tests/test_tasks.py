@@ -13,6 +13,7 @@ from obcache.evaluation.tasks import (
     NOUNS,
     TASKS,
     VT_HOPS,
+    exact_match,
     make_sample,
     questions,
     score_prediction,
@@ -177,6 +178,27 @@ def test_score_prediction(tokenizer):
     assert score_prediction(sample, " 1234567.") == 0.0
     uuid_sample = make_sample("niah_single_uuid", tokenizer, 512, seed=0)
     assert score_prediction(uuid_sample, uuid_sample.expected[0].upper()) == 1.0  # case-insensitive
+
+
+@pytest.mark.parametrize("task,expected,prediction,exact", [
+    ("niah_single_number", ("5304908",), " 5304908.", 1.0),
+    ("niah_single_number", ("5304908",), " 53049088.", 0.0),  # RULER's string match counts it (contains)
+    ("niah_single_number", ("5304908",), " 530490.", 0.0),
+    ("niah_single_number", ("5304908",), " It is 5304908, not 1234567.", 1.0),
+    ("niah_single_number", ("5304908",), " 1234567, or 5304908.", 0.0),  # the first number decides
+    ("niah_single_number", ("5304908",), " five million", 0.0),
+    ("niah_multivalue", ("1111111", "2222222", "3333333"), " 3333333, 1111111 and 2222222.", 1.0),  # any order
+    ("niah_multivalue", ("1111111", "2222222", "3333333"), " 3333333, 1111111 and 22222222.", 0.0),
+    ("niah_multivalue", ("1111111", "2222222", "3333333"), " 3333333 and 1111111.", 0.0),
+    ("niah_single_word", ("curious-lantern",), " Curious-Lantern.", 1.0),
+    ("niah_single_word", ("curious-lantern",), " curious-lanterns.", 0.0),
+    ("niah_single_uuid", ("0a1b2c3d-0000-4000-8000-0123456789ab",), " 0A1B2C3D-0000-4000-8000-0123456789AB", 1.0),
+    ("niah_single_uuid", ("0a1b2c3d-0000-4000-8000-0123456789ab",), " 0a1b2c3d-0000-4000-8000-0123456789abc", 0.0),
+    ("variable_tracking", ("ABCDE", "FGHIJ"), " VAR FGHIJ, VAR ABCDE.", 1.0),
+    ("variable_tracking", ("ABCDE", "FGHIJ"), " ABCDEF, FGHIJ.", 0.0),
+])
+def test_exact_match_reads_the_first_values_of_the_answer(task, expected, prediction, exact):
+    assert exact_match(task, expected, prediction) == exact
 
 
 def test_validation(tokenizer):

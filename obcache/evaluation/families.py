@@ -8,8 +8,9 @@
 A family owns, for its tasks: the settings that change its numbers
 (`settings`, part of every row's key), the rows one sample is expected to
 produce (`expected_rows`) and how they are computed (`rows`), the row fields
-it writes (`fields`, checked when a results file is read), and what the report
-shows of it (`metrics`, `describe`, and the optional sections `heatmaps`,
+it writes (`fields`, checked when a results file is read; `optional_fields`
+where older rows lack them), and what the report shows of it (`metrics`,
+`describe`, and the optional sections `heatmaps` (of those metrics),
 `layer_plot`, `gap_table`, `position_plot`).
 """
 
@@ -19,7 +20,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from obcache.evaluation.tasks import TASKS, make_sample, questions, score_prediction
+from obcache.evaluation.tasks import TASKS, exact_match, make_sample, questions, score_prediction
 from obcache.layer_state import Selector
 from obcache.policies import policy_allocation
 
@@ -46,8 +47,10 @@ class TaskFamily:
 
     tasks: dict[str, str]  # task name -> one-line description
     fields: FieldTypes
+    optional_fields: FieldTypes = {}  # written by the harness now, absent from rows written before
     metrics: tuple[str, ...]  # report.METRICS names
-    heatmaps = layer_plot = gap_table = position_plot = False
+    heatmaps: tuple[str, ...] = ()  # metrics shown over needle depth x length
+    layer_plot = gap_table = position_plot = False
 
     def check(self, spec: EvalSpec) -> None:
         """Raise ValueError for settings this family cannot run (no model needed)."""
@@ -113,8 +116,9 @@ class NeedleFamily(TaskFamily):
 
     tasks = TASKS
     fields = {"prediction": str, "expected": [str], "correct": NUMBER}
-    metrics = ("accuracy", "prefix")
-    heatmaps = True
+    optional_fields = {"exact": NUMBER}
+    metrics = ("accuracy", "exact", "prefix")
+    heatmaps = ("accuracy", "prefix")
 
     def check(self, spec: EvalSpec) -> None:
         if spec.query_aware and spec.task == "niah_multiquestion":
@@ -171,6 +175,7 @@ class NeedleFamily(TaskFamily):
                 "prompt_tokens": len(prefill_ids), "question_tokens": len(question_ids),
                 "prediction": " | ".join(predictions), "expected": [v for q in asked for v in q.expected],
                 "correct": sum(map(score_prediction, asked, predictions)) / len(asked),
+                "exact": sum(exact_match(spec.task, q.expected, p) for q, p in zip(asked, predictions)) / len(asked),
                 "kept_tokens": kept, "cache_bytes": nbytes, "cache_bytes_full": shared.cache.nbytes(),
                 "prefill_seconds": shared.prefill_seconds, "select_seconds": shared.select_seconds[key],
                 "decode_seconds": decode_seconds,

@@ -188,7 +188,9 @@ def write_report(folder: str | Path) -> Path:
            "metric's better direction, and the exact two-sided sign test on the non-tied pairs (for 0/1 "
            f"outcomes this is McNemar's exact test). **Bold** p: p < {SIGNIFICANCE}, not corrected for the many "
            "comparisons (the summary also counts them after Holm correction).",
-           "Needle tasks: accuracy is RULER's string match of all expected values; 'answer prefix recovered' "
+           "Needle tasks: accuracy is RULER's string match of all expected values (the answer contains them); "
+           "'exact match' asks that the answer's first values be exactly the expected ones (for a number needle: "
+           "its first number; '53049088' contains 5304908 but does not match it); 'answer prefix recovered' "
            "gives partial credit (the longest prefix of each expected value found in the answer)."]
     several = Counter(key[:3] for key in groups)  # (task, mode, model) run under several settings
     for (task, mode, model, settings), group_rows in sorted(groups.items()):
@@ -205,6 +207,10 @@ def write_report(folder: str | Path) -> Path:
         out.append(group.summary(family.metrics))
         for metric in family.metrics:
             out += ["", f"**{METRICS[metric].label}** ({METRICS[metric].better} is better)", "", group.table(metric)]
+            missing = sum(METRICS[metric].value(r) is None for r in group_rows)
+            if missing:
+                out += ["", f"{missing} of {len(group_rows)} rows do not record the {METRICS[metric].label.removesuffix(' (%)')} "
+                        "(written before it was recorded): they are left out."]
         if family.gap_table:
             out += ["", "**fraction of the attention-to-oracle error gap closed**", "", group.gap_table()]
         compared = [metric for metric in family.metrics if group.comparisons(metric)]
@@ -231,7 +237,7 @@ def write_report(folder: str | Path) -> Path:
             layers_png = folder / f"{slug}_layers.png"
             _layer_errors(plt, group, layers_png, f"{task}, {model}")
             out += ["", f"![{task} per-layer errors]({layers_png.name})"]
-        for metric in family.metrics if family.heatmaps else ():
+        for metric in family.heatmaps:
             heat = folder / f"{slug}_{metric}_heatmap.png"
             budget = _heatmaps(plt, group, metric, heat, f"{task} ({mode}), {model}")
             out += ["", f"{METRICS[metric].label} by depth and length at budget {budget} (the budget whose mean "

@@ -69,7 +69,7 @@ def check_row(row) -> None:
     missing = [name for name in fields if name not in row]
     if missing:
         raise ValueError(f"a {row['task']} row lacks the field(s) {', '.join(missing)}")
-    for name, kind in {**fields, **OPTIONAL_FIELDS}.items():
+    for name, kind in {**fields, **OPTIONAL_FIELDS, **family_of(row["task"]).optional_fields}.items():
         if name in row and not _has_type(row[name], kind):
             raise ValueError(f"field {name!r} must be {_type_name(kind)}, got {json.dumps(row[name])[:60]}")
 

@@ -33,7 +33,7 @@ def prefix_match(row: dict) -> float:
 
 
 class Metric(NamedTuple):
-    value: Callable[[dict], float]  # of a row
+    value: Callable[[dict], float | None]  # of a row (None: the row does not record it)
     scale: float  # shown value = value * scale
     fmt: str
     label: str
@@ -44,6 +44,8 @@ class Metric(NamedTuple):
 
 METRICS = {
     "accuracy": Metric(lambda r: r["correct"], 100.0, "{:.0f}", "accuracy (%)", "higher", (0, 1), True),
+    # None for needle rows written before it was recorded: left out of every cell and comparison
+    "exact": Metric(lambda r: r.get("exact"), 100.0, "{:.0f}", "exact match (%)", "higher", (0, 1), True),
     "prefix": Metric(prefix_match, 100.0, "{:.0f}", "answer prefix recovered (%)", "higher", (0, 1)),
     "perplexity": Metric(lambda r: r["perplexity"], 1.0, "{:.2f}", "perplexity", "lower", (1, math.inf)),
     "kl": Metric(lambda r: r["kl"], 1.0, "{:.3f}", "KL(full || evicted), nats/token", "lower", (0, math.inf)),
@@ -100,7 +102,8 @@ class Group:
         """Sample -> value (unscaled; the mean where a sample has several rows)."""
         found: dict[tuple, list[float]] = {}
         for r in self._index.get((policy, score, None if policy == FULL else budget), []):
-            found.setdefault(sample_key(r), []).append(METRICS[metric].value(r))
+            if (value := METRICS[metric].value(r)) is not None:
+                found.setdefault(sample_key(r), []).append(value)
         return {key: mean(values) for key, values in found.items()}
 
     def values(self, metric: str, policy: str, score, budget=None) -> list[float]:

@@ -32,6 +32,7 @@ depth=None.
     # user turn: sample.context, a blank line, sample.question;
     # the assistant turn starts with sample.answer_prefix and the model continues it
     score_prediction(sample, prediction)   # 1.0 if the prediction holds the number
+    exact_match(sample.task, sample.expected, prediction)   # 1.0 if its first number is the number
 """
 
 from __future__ import annotations
@@ -39,8 +40,10 @@ from __future__ import annotations
 import bisect
 import itertools
 import random
+import re
 import string
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
@@ -296,6 +299,26 @@ def score_prediction(sample: Sample | Question, prediction: str) -> float:
     `prediction`, case-insensitive; 1.0 when all are there."""
     text = prediction.lower()
     return sum(value.lower() in text for value in sample.expected) / len(sample.expected)
+
+
+#: What a value looks like in an answer, by value type (variable_tracking's are "name"s).
+VALUE_SHAPES: dict[str, re.Pattern] = {
+    "number": re.compile(r"\d+"),
+    "word": re.compile(r"\b[a-z]+(?:-[a-z]+)+\b", re.IGNORECASE),
+    "uuid": re.compile(r"\b[0-9a-f]+(?:-[0-9a-f]+)+\b", re.IGNORECASE),
+    "name": re.compile(r"(?<![A-Z])[A-Z]{5}(?![A-Z])"),
+}
+
+
+def exact_match(task: str, expected: Sequence[str], prediction: str) -> float:
+    """1.0 if the first len(expected) values in `prediction` (runs of the task's value shape, VALUE_SHAPES: digits
+    for numbers) are exactly the expected values, in any order and case; else 0.0.
+
+    Stricter than `score_prediction`: '53049088' contains the needle 5304908, but its first number is not it.
+    """
+    shape = VALUE_SHAPES["name" if task == "variable_tracking" else _NIAH[task].value_type]
+    found = shape.findall(prediction)[: len(expected)]
+    return float(sorted(value.lower() for value in found) == sorted(value.lower() for value in expected))
 
 
 def questions(sample: Sample) -> list[Question]:
