@@ -5,7 +5,9 @@ data packages. The first load dequantises the GGUF to float32 (slow, once) and
 saves a plain transformers copy under `cache_dir()/models/<alias>/`; later
 loads read that copy. Any other name must be a local folder (or a hub id that
 is already in the local Hugging Face cache); its config is checked against the
-supported families before any weights are read.
+supported families before any weights are read. `load_config` reads the config
+alone; `model_identity` says which model a name loads (results files record
+it) without loading or converting anything.
 """
 
 from __future__ import annotations
@@ -13,9 +15,9 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
-from importlib import metadata
 import sys
 import tempfile
+from importlib import metadata
 from pathlib import Path
 from typing import Callable
 
@@ -260,8 +262,10 @@ def load_model(
     None means float32 on CPU and bfloat16 on CUDA. `device`: None means CUDA
     if available, else CPU. Bad names, devices and dtypes raise ValueError and
     unsupported families fail before weights are read; missing, truncated or
-    corrupt weights files raise a one-line OSError naming the model (and the file). `tp_size`: split the model over that many ranks by transformers' tensor parallelism
-    (torch.distributed initialised, one process per rank; each rank then holds its share of the KV heads).
+    corrupt weights files raise a one-line OSError naming the model (and the
+    file). `tp_size`: split the model over that many ranks by transformers'
+    tensor parallelism (torch.distributed initialised, one process per rank;
+    each rank then holds its share of the KV heads).
     """
     if attn_implementation not in ("sdpa", "eager"):
         raise ValueError(f"attn_implementation must be 'sdpa' or 'eager', not {attn_implementation!r}")
