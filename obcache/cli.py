@@ -45,7 +45,7 @@ def read_context(path: Path, tokenizer: PreTrainedTokenizerBase, limit: int | No
     most = None if limit is None else limit * longest
 
     def too_long(amount: str) -> ValueError:
-        return ValueError(f"context file {str(path)!r} has {amount}: the model's limit of {limit} tokens "
+        return ValueError(f"context file {str(path)!r} has {amount}: the model's limit of {limit} positions "
                           f"(max_position_embeddings) holds at most {most:,} characters with this tokenizer (its "
                           f"longest token has {longest})")
 
@@ -65,19 +65,19 @@ def read_context(path: Path, tokenizer: PreTrainedTokenizerBase, limit: int | No
 
 
 def command_generate(args: argparse.Namespace) -> None:
-    from obcache.generation import build_prompt, generate
+    """Check everything the config and tokenizer can tell (context file, prompt length) before the weights load."""
+    from obcache.generation import build_prompt, check_positions, generate
     from obcache.loading import load_config, load_model, load_tokenizer
+    from obcache.models import position_limit
 
     policy = policy_from_args(args)
     path = context_path(args.context_file)
-    limit = getattr(load_config(args.model), "max_position_embeddings", None)
+    config = load_config(args.model)
     tokenizer = load_tokenizer(args.model)
-    context = read_context(path, tokenizer, limit)
+    context = read_context(path, tokenizer, position_limit(config))
     prompt = {"chat_template": not args.no_chat_template, "answer_prefix": args.answer_prefix}
     tokens = sum(map(len, build_prompt(tokenizer, context, args.question, **prompt)))
-    if limit is not None and tokens > limit:
-        raise ValueError(f"the prompt has {tokens:,} tokens (context, question and template), more than the model's "
-                         f"limit of {limit} tokens (max_position_embeddings); shorten the context")
+    check_positions(argparse.Namespace(config=config), tokens, args.max_new_tokens)  # generate's check, weightless
     model, tokenizer = load_model(args.model, attn_implementation=args.attn, dtype=args.dtype, device=args.device)
     result = generate(model, tokenizer, context, args.question, policy=policy, query_aware=args.query_aware,
                       max_new_tokens=args.max_new_tokens, **prompt)

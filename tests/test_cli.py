@@ -265,7 +265,7 @@ def test_a_giant_context_file_is_refused_from_its_size_alone(default_limit, tmp_
     code, _, err = run(["generate", "--context-file", str(context), "--question", "Q?"], capsys)
     assert code == 2
     assert err == (f"obcache generate: error: context file {str(context)!r} has 50,000,000 bytes, so at least "
-                   f"12,500,000 characters: the model's limit of {limit} tokens (max_position_embeddings) holds at "
+                   f"12,500,000 characters: the model's limit of {limit} positions (max_position_embeddings) holds at "
                    f"most {limit * longest:,} characters with this tokenizer (its longest token has {longest})\n")
 
 
@@ -278,11 +278,11 @@ def test_the_character_bound_is_exact_at_its_edge(default_limit, tmp_path, capsy
     context.write_text(" hello" * (most // 6))
     code, _, err = run(["generate", "--context-file", str(context), "--no-chat-template"], capsys)
     tokens = len(load_tokenizer()(" hello" * (most // 6))["input_ids"])
-    assert code == 2 and f"the prompt has {tokens:,} tokens" in err
+    assert code == 2 and f"the prompt has {tokens} tokens" in err
     context.write_text(" hello" * (most // 6) + "!")
     monkeypatch.setattr("obcache.generation.build_prompt", lambda *a, **k: pytest.fail("tokenized"))
     code, _, err = run(["generate", "--context-file", str(context), "--no-chat-template"], capsys)
-    assert code == 2 and f"has {most + 1:,} characters: the model's limit of {limit} tokens" in err
+    assert code == 2 and f"has {most + 1:,} characters: the model's limit of {limit} positions" in err
 
 
 def test_a_prompt_longer_than_the_model_window_is_refused_before_the_weights_load(tmp_path, capsys, monkeypatch):
@@ -301,8 +301,14 @@ def test_a_prompt_longer_than_the_model_window_is_refused_before_the_weights_loa
     capsys.readouterr()  # save_pretrained's progress bar
     code, _, err = run(["generate", "--context-file", str(context), "--no-chat-template", "--model", str(folder)], capsys)
     assert code == 2
-    assert err == (f"obcache generate: error: the prompt has {tokens} tokens (context, question and template), more "
-                   "than the model's limit of 64 tokens (max_position_embeddings); shorten the context\n")
+    assert err == (f"obcache generate: error: the prompt has {tokens} tokens, more than the model's limit of 64 "
+                   "positions (max_position_embeddings); shorten the context\n")
+    context.write_text(" hello" * 40)  # fits, but not with the answer
+    tokens = len(tokenizer(" hello" * 40)["input_ids"])
+    code, _, err = run(["generate", "--context-file", str(context), "--no-chat-template", "--model", str(folder),
+                        "--max-new-tokens", "30"], capsys)
+    assert code == 2 and f"the prompt ({tokens} tokens) plus max_new_tokens=30 pass" in err
+    assert f"lower max_new_tokens to {64 - tokens} or shorten the context" in err
 
 
 @pytest.mark.parametrize("text", ["", " \n\t\n  "])
