@@ -9,21 +9,24 @@
 """
 
 from obcache.cache import EvictableCache
-from obcache.calibration import calibrate
+from obcache.fanout import SharedPrefill, shared_prefill
 from obcache.generation import GenerationResult, ask, generate
 from obcache.hooks import attach
+from obcache.policies.kvzip import HeadRatings, calibrate
 from obcache.loading import load_model, load_tokenizer
 from obcache.models import tensor_parallel_group
 from obcache.policies import (
-    H2O, POLICIES, TOVA, AdaKV, Decoding, GlobalKV, KVzip, Policy, PyramidKV, ScoredPolicy, SnapKV, StreamingLLM,
-    make_policy, paper_preset, recommended,
+    H2O, POLICIES, TOVA, AdaKV, Decoding, GlobalKV, KVzip, KVzipHeads, KVzipReplay, Policy, PyramidKV, ScoredPolicy,
+    Selector, SnapKV, StreamingLLM, build_policy, make_policy, paper_preset, recommended,
 )
 from obcache.scores import SCORE_KINDS, saliency
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "AdaKV", "Decoding", "EvictableCache", "GenerationResult", "GlobalKV", "H2O", "KVzip", "POLICIES", "Policy", "PyramidKV", "SCORE_KINDS",
-    "ScoredPolicy", "SnapKV", "StreamingLLM", "TOVA", "ask", "attach", "calibrate", "generate", "load_model", "load_tokenizer",
-    "make_policy", "paper_preset", "recommended", "saliency", "tensor_parallel_group",
+    "AdaKV", "Decoding", "EvictableCache", "GenerationResult", "GlobalKV", "H2O", "HeadRatings", "KVzip", "KVzipHeads",
+    "KVzipReplay", "POLICIES", "Policy", "PyramidKV", "SCORE_KINDS", "ScoredPolicy", "Selector", "SharedPrefill",
+    "SnapKV", "StreamingLLM", "TOVA", "ask", "attach", "build_policy", "calibrate", "generate", "load_model",
+    "load_tokenizer", "make_policy", "paper_preset", "recommended", "saliency", "shared_prefill",
+    "tensor_parallel_group",
 ]

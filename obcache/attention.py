@@ -2,8 +2,8 @@
 
 While a model is attached (`policy.attach(model)` / `obcache.attach(model)`)
 its attention implementation is `obcache-sdpa` or `obcache-eager`, which wrap
-the model's own one. The hooks pass the cache in as the `obcache_cache`
-keyword; the function then builds the mask from the cache's slot positions
+the model's own one. The hooks pass the forward's `ForwardRecord` in as the
+`obcache_forward` keyword; the function then builds the mask from the cache's slot positions
 (slot p is seen by query i iff it holds a real token at or before i's
 position), so eviction, padding and continuation never need a mask of the
 logical length:
@@ -13,10 +13,10 @@ logical length:
   variable-length flash kernel (`torch.nn.attention.varlen`) on CUDA when
   every segment decodes one token in half precision.
 
-Without `obcache_cache` (a forward without a cache) the wrapped kernel runs
-with the mask transformers built, as usual. A cache whose `log_normalizers`
-is a dict (KVzip's reconstruction forwards) also gets each query's log
-softmax denominator, from the CPU flash kernel behind sdpa.
+Without a record (a forward without a cache) the wrapped kernel runs with
+the mask transformers built, as usual. The function records the post-RoPE
+queries in the record and, when it asks (KVzip's reconstruction forwards),
+each query's log softmax denominator, from the CPU flash kernel behind sdpa.
 """
 
 from __future__ import annotations
@@ -44,21 +44,23 @@ def register() -> None:
 
 
 def cache_attention(
-    module, query, key, value, attention_mask, scaling=None, dropout=0.0, *, base: str, obcache_cache=None, **kwargs
+    module, query, key, value, attention_mask, scaling=None, dropout=0.0, *, base: str, obcache_forward=None,
+    **kwargs,
 ):
     """Attention of `query` [B, Hq, q, d] over the layer's slots; returns ([B, q, Hq, d], None)."""
     kernel = sdpa_attention_forward if base == "sdpa" else sys.modules[type(module).__module__].eager_attention_forward
-    if obcache_cache is None:
+    record = obcache_forward
+    if record is None:
         return kernel(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
-    obcache_cache.queries[module.layer_idx] = query  # for the hooks: no need to rebuild them
-    layer = obcache_cache.layers[module.layer_idx]
-    positions = obcache_cache.query_positions.to(query.device)
+    record.queries[module.layer_idx] = query  # for the observers: no need to rebuild them
+    layer = record.cache.layers[module.layer_idx]
+    positions = record.positions.to(query.device)
     if isinstance(layer, RaggedLayer):
         return ragged_attention(query, layer, positions, scaling), None
     mask = layer.attention_mask(positions, causal_skip=base == "sdpa")
-    if obcache_cache.log_normalizers is not None and base == "sdpa" and query.device.type == "cpu" and _cpu_flash():
+    if record.want_log_normalizers and base == "sdpa" and query.device.type == "cpu" and _cpu_flash():
         out, normalizers = _flash_with_log_normalizers(module, query, key, value, mask, scaling)
-        obcache_cache.log_normalizers[module.layer_idx] = normalizers
+        record.log_normalizers[module.layer_idx] = normalizers
         return out, None
     if mask is not None and base == "eager":
         mask = torch.zeros(mask.shape, dtype=query.dtype, device=query.device).masked_fill_(~mask, torch.finfo(query.dtype).min)

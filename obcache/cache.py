@@ -42,20 +42,16 @@ class EvictableCache(Cache):
         self.evicted_layers: set[int] = set()
         self.full_bytes = 0
         self.eviction_seconds = 0.0
-        self.attached = False  # set by the hooks around each forward they see
-        self.query_positions: torch.Tensor | None = None  # [q] positions of the current forward's tokens
-        self._new_positions: torch.Tensor | None = None  # [B, q] int32, -1 = padding
-        self._new_padded = False  # whether any of them is padding
-        self.queries: dict[int, torch.Tensor] = {}  # per layer: the post-RoPE queries of the current forward
-        # Set to {} to ask for them: per layer, log sum_p exp(z_ip) over all keys each query of the current
-        # forward sees, [B, Hq, q] (recorded by the attention function where its kernel gives them: sdpa on CPU).
-        self.log_normalizers: dict[int, torch.Tensor] | None = None
-        self._pending = False  # begin_forward ran for the forward about to update layer 0
+        # The slots the next forward appends: [B, q] int32 positions (-1 = padding) and whether any is padding;
+        # set by `begin_forward` (obcache's hooks), taken by layer 0's `update`, used by every layer.
+        self._incoming: tuple[torch.Tensor, bool] | None = None
+        self._appending: tuple[torch.Tensor, bool] | None = None
 
     # -- one forward --
 
-    def begin_forward(self, attention_mask: torch.Tensor | None, batch: int, query_length: int, device) -> None:
-        """Record the new tokens of a forward: their positions and which are padding (2-D mask over seen + new)."""
+    def begin_forward(self, attention_mask: torch.Tensor | None, batch: int, query_length: int, device) -> torch.Tensor:
+        """Record the new tokens of a forward: their positions and which are padding (2-D mask over seen + new).
+        Returns their logical positions [q]."""
         if attention_mask is not None:
             if attention_mask.shape[-1] != self.seen_tokens + query_length:
                 raise ValueError(
@@ -65,13 +61,12 @@ class EvictableCache(Cache):
             if self.seen_tokens == 0:
                 self._record_padding(attention_mask)
         positions = torch.arange(self.seen_tokens, self.seen_tokens + query_length, device=device)
-        self.query_positions = positions
         new = positions.to(torch.int32).expand(batch, -1)
-        self._new_padded = attention_mask is not None and not bool(attention_mask[:, -query_length:].all())
-        if self._new_padded:
+        padded = attention_mask is not None and not bool(attention_mask[:, -query_length:].all())
+        if padded:
             new = new.masked_fill(~attention_mask[:, -query_length:].bool().to(device), -1)
-        self._new_positions = new
-        self._pending = True
+        self._incoming = (new, padded)
+        return positions
 
     def _record_padding(self, mask: torch.Tensor) -> None:
         """Only left padding is allowed in a prompt."""
@@ -93,19 +88,20 @@ class EvictableCache(Cache):
         return positions
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
-        if self.evicted_layers and not self.attached:
-            raise RuntimeError(
-                "this EvictableCache holds evicted layers, which only obcache's attention can read: "
-                "continue under `policy.attach(model)` or `obcache.attach(model)`"
-            )
         if layer_idx == 0:
-            if not self._pending:
+            if self._incoming is None:  # a forward outside obcache's hooks
+                if self.evicted_layers:
+                    raise RuntimeError(
+                        "this EvictableCache holds evicted layers, which only obcache's attention can read: "
+                        "continue under `policy.attach(model)` or `obcache.attach(model)`"
+                    )
                 self.begin_forward(None, key_states.shape[0], key_states.shape[-2], key_states.device)
-            self._pending = False
+            self._appending, self._incoming = self._incoming, None
             self.seen_tokens += key_states.shape[-2]
         while len(self.layers) <= layer_idx:
             self.layers.append(UniformLayer())
-        return self.layers[layer_idx].update(key_states, value_states, self._new_positions, padded=self._new_padded)
+        positions, padded = self._appending
+        return self.layers[layer_idx].update(key_states, value_states, positions, padded=padded)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         """The logical length: tokens seen so far (not the slots held)."""
@@ -143,8 +139,6 @@ class EvictableCache(Cache):
         for layer in twin.layers:
             layer.extras = dict(layer.extras)
         twin.evicted_layers = set(self.evicted_layers)
-        twin.queries = {}
-        twin.log_normalizers = None
         return twin
 
     def subset(self, masks: list[torch.Tensor | None]) -> EvictableCache:

@@ -77,7 +77,7 @@ def command_generate(args: argparse.Namespace) -> None:
     context = read_context(path, tokenizer, position_limit(config))
     prompt = {"chat_template": not args.no_chat_template, "answer_prefix": args.answer_prefix}
     tokens = sum(map(len, build_prompt(tokenizer, context, args.question, **prompt)))
-    check_positions(argparse.Namespace(config=config), tokens, args.max_new_tokens)  # generate's check, weightless
+    check_positions(config, tokens, args.max_new_tokens)  # generate's own check, before the weights load
     model, tokenizer = load_model(args.model, attn_implementation=args.attn, dtype=args.dtype, device=args.device)
     result = generate(model, tokenizer, context, args.question, policy=policy, query_aware=args.query_aware,
                       max_new_tokens=args.max_new_tokens, **prompt)
@@ -98,7 +98,7 @@ def command_demo(args: argparse.Namespace) -> None:
     chosen = chosen_policies(make)  # every score, validated before the model loads
     decode = None
     if args.decode_budget:
-        decode = Decoding(make(RECOMMENDED["score"]), budget=args.decode_budget, interval=args.decode_interval)
+        decode = Decoding(make(RECOMMENDED["score"]), capacity=args.decode_budget, interval=args.decode_interval)
     run_demo(
         chosen, model_name=args.model, length=args.length, budget=args.budget, query_aware=not args.query_agnostic,
         decode_policy=decode, long_tokens=args.long_tokens, device=args.device, dtype=args.dtype,

@@ -9,13 +9,11 @@ from __future__ import annotations
 import argparse
 from typing import Callable
 
-from obcache.policies import (
-    ALLOCATIONS, POLICIES, RECOMMENDED, REGISTRY, Decoding, allocate, make_policy, policy_options,
-)
+from obcache.policies import ALLOCATIONS, POLICIES, RECOMMENDED, REGISTRY, Decoding, build_policy, policy_options
 from obcache.scores import GQA_REDUCTIONS, SCORE_KINDS
 
 #: Policy fields with their own flags (--budget, --score) or none at all.
-NOT_OPTIONS = {"budget", "score", "head_scores", "rated_on", "group"}
+NOT_OPTIONS = {"budget", "score", "ratings", "group", "allocation", "alpha"}
 #: Options that an evaluation grid may sweep (comma lists there).
 GRID_AXES = ("selection", "chunk")
 
@@ -95,7 +93,8 @@ def add_policy_options(parser: argparse.ArgumentParser, *, grid: bool = False) -
                                help=f"{text} (default {field.default})")
     allocation = comma_list(str, ALLOCATIONS, "allocation") if grid else str
     group.add_argument("--allocation", type=allocation, default=None, choices=None if grid else list(ALLOCATIONS),
-                       help="how the budget spreads over heads and layers (comma list in a grid; default uniform)")
+                       help="how the budget spreads over heads and layers (comma list in a grid; default the "
+                       "policy's own: uniform, for KVzip global)")
     group.add_argument("--alpha", type=float, default=0.2, help="adakv: share of the budget every head keeps (default 0.2)")
     group.add_argument("--beta", type=float, default=20.0, help="pyramid: first/last layer budget parameter (default 20)")
 
@@ -127,23 +126,6 @@ def given_options(args: argparse.Namespace) -> dict:
     return {name: getattr(args, name) for name in _all_options() if getattr(args, name, None) is not None}
 
 
-def build_policy(name: str, *, budget, score: str | None, options: dict, allocation: str = "uniform",
-                 alpha: float = 0.2, beta: float = 20.0, strict: bool = True):
-    """A policy (wrapped for its allocation) from command-line values; validates everything.
-
-    `options` that the policy lacks raise with `strict`, and are skipped otherwise.
-    """
-    fields = policy_options(POLICIES[name]) if name in POLICIES else {}
-    unknown = sorted(set(options) - set(fields))
-    if unknown and strict:
-        raise ValueError(f"{name} has no option {', '.join('--' + u.replace('_', '-') for u in unknown)}")
-    chosen = {key: value for key, value in options.items() if key in fields}
-    if name in POLICIES and POLICIES[name].takes_score:
-        chosen["score"] = score
-    policy = make_policy(name, budget=budget, **chosen)
-    return allocate(policy, allocation, alpha=alpha, beta=beta)
-
-
 def policy_from_args(args: argparse.Namespace):
     """Build (and so validate) the policy of `generate`/`demo` before any model is loaded; None = full cache."""
     if args.policy == "none":
@@ -155,7 +137,7 @@ def policy_from_args(args: argparse.Namespace):
         name, options = RECOMMENDED["policy"], {**RECOMMENDED["options"], **options}
         allocation = allocation or RECOMMENDED["allocation"]
     policy = build_policy(name, budget=args.budget, score=args.score, options=options,
-                          allocation=allocation or "uniform", alpha=args.alpha, beta=args.beta)
+                          allocation=allocation, alpha=args.alpha, beta=args.beta)
     if args.decode_budget is not None:
-        policy = Decoding(policy, budget=args.decode_budget, interval=args.decode_interval)
+        policy = Decoding(policy, capacity=args.decode_budget, interval=args.decode_interval)
     return policy

@@ -17,11 +17,11 @@ import time
 
 from tqdm import tqdm
 
-from obcache.evaluation.fanout import shared_prefill
+from obcache.fanout import shared_prefill
 from obcache.evaluation.tasks import exact_match, make_sample, score_prediction
 from obcache.generation import build_prompt, continue_greedy, eos_token_ids, generate
 from obcache.hooks import attach
-from obcache.layer_state import Selector
+from obcache.policies import Selector
 from obcache.loading import load_model
 from obcache.policies import Decoding, SnapKV, StreamingLLM, policy_label
 from obcache.scores import SCORE_KINDS
@@ -83,7 +83,7 @@ def run_demo(
     print(format_table(rows))
     if decode_policy is not None:
         print(f"\n2. a long answer ({long_tokens} new tokens) about the same context, full cache vs eviction "
-              f"during decoding: {policy_label(decode_policy)}, decode budget {decode_policy.budget} tokens per KV head")
+              f"during decoding: {policy_label(decode_policy)}, decode capacity {decode_policy.capacity} tokens per KV head")
         lines, width = [], max(len("full cache"), len(policy_label(decode_policy)))
         for label, policy in (("full cache", None), (policy_label(decode_policy), decode_policy)):
             result = generate(model, tokenizer, sample.context, LONG_QUESTION, policy=policy, query_aware=True,

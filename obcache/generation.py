@@ -19,16 +19,17 @@ it), not seeing the other questions:
 from __future__ import annotations
 
 import time
-from contextlib import nullcontext
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from obcache.cache import EvictableCache
-from obcache.calibration import calibrate
 from obcache.hooks import attach
-from obcache.layer_state import Selector
 from obcache.models import position_limit
+
+if TYPE_CHECKING:
+    from obcache.policies.selector import Selector
 
 
 @dataclass
@@ -46,8 +47,8 @@ class GenerationResult:
     after it) let `ask` put other questions to the same compressed context;
     later turns carry them on. `selector`: the policy, which keeps evicting
     during decoding in later turns and questions if it does (`obcache.Decoding`).
-    `calibration_seconds`: the one-off rating of the heads this call did first
-    (`obcache.calibrate`, head-level KVzip), not part of the prefill.
+    `calibration_seconds`: the time this call spent preparing the policy for the
+    model first (head-level KVzip rates the heads once per model), not part of the prefill.
     """
 
     text: str
@@ -86,7 +87,8 @@ class GenerationResult:
             f"{self.policy}: {what}, cache {self.cache_bytes_full / 2**20:.1f} -> {self.cache_bytes_kept / 2**20:.1f} MiB "
             f"({ratio}); prefill {self.prefill_seconds:.2f}s (eviction {self.eviction_seconds:.3f}s), "
             f"decode {len(self.token_ids)} tokens in {self.decode_seconds:.2f}s"
-            + (f"; heads rated once for this model in {self.calibration_seconds:.1f}s" if self.calibration_seconds else "")
+            + (f"; heads rated once for this model in {self.calibration_seconds:.1f}s"
+               if self.calibration_seconds >= 0.05 else "")
         )
 
 
@@ -132,8 +134,9 @@ def generate(
     Query-agnostic (default): the question comes after compression, so the kept
     tokens cannot depend on it (the cache could serve any question).
     With `history` (the result of an earlier turn), `context` (plus `question`)
-    is the next user message, fed on that turn's evicted cache; `policy` then
-    only matters if it evicts during decoding (`obcache.Decoding`).
+    is the next user message, fed on a fork of that turn's evicted cache (the
+    history stays as it was); `policy` then only matters if it evicts during
+    decoding (`obcache.Decoding`), and defaults to the history's.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -142,57 +145,34 @@ def generate(
                           max_new_tokens=max_new_tokens, answer_prefix=answer_prefix)
     context_ids, question_ids = build_prompt(tokenizer, context, question, chat_template=chat_template, answer_prefix=answer_prefix)
     prefill_ids = context_ids + question_ids if query_aware else context_ids
-    rest_ids = [] if query_aware else question_ids
     if not prefill_ids:
         raise ValueError("the prompt is empty: give a context (or a question with query_aware=True)")
-    check_positions(model, len(context_ids) + len(question_ids), max_new_tokens)
+    check_positions(model.config, len(context_ids) + len(question_ids), max_new_tokens)
     calibration = 0.0
     if policy is not None:
-        calibration = calibrate(model, tokenizer, policy, chat_template=chat_template)  # head-level KVzip, once
+        start = time.perf_counter()
+        policy = policy.prepare(model, tokenizer, chat_template=chat_template)  # head-level KVzip: rated once
+        calibration = time.perf_counter() - start
         policy.check_prompt([len(prefill_ids)])
-    cache = EvictableCache(config=model.config)
-    with attach(model, policy, tokenizer=tokenizer, chat_template=chat_template):
-        start = time.perf_counter()
-        logits = forward_tokens(model, cache, prefill_ids)
-        prefill_seconds = time.perf_counter() - start
-        kept_per_layer = cache.kept_tokens()
-        bytes_kept = cache.nbytes()
-        bytes_full = cache.full_bytes or bytes_kept
-        compressed = None if query_aware else cache.fork()
-        start = time.perf_counter()
-        generated, pending = continue_greedy(
-            model, cache, logits, rest_ids, eos=eos_token_ids(model, tokenizer), max_new_tokens=max_new_tokens,
-            return_pending=True,
-        )
-        decode_seconds = time.perf_counter() - start
-    text = tokenizer.decode(generated, skip_special_tokens=True)
     separator = "\n\n" if question else ""
-    messages = [{"role": "user", "content": context + separator + (question or "")},
-                {"role": "assistant", "content": answer_prefix + text}]
-    return GenerationResult(
-        text=text,
-        token_ids=generated,
-        context_tokens=len(context_ids),
-        question_tokens=len(question_ids),
-        kept_per_layer=kept_per_layer,
-        cache_bytes_full=bytes_full,
-        cache_bytes_kept=bytes_kept,
-        prefill_seconds=prefill_seconds,
-        eviction_seconds=cache.eviction_seconds,
-        decode_seconds=decode_seconds,
-        policy=repr(policy) if policy is not None else "full cache", selector=policy,
-        cache=cache, messages=messages, pending=pending, chat_template=chat_template, context=context,
-        compressed=compressed, calibration_seconds=calibration,
+    return _turn(
+        model, tokenizer, EvictableCache(config=model.config), prefill_ids, [] if query_aware else question_ids,
+        policy=policy, chat_template=chat_template, max_new_tokens=max_new_tokens, answer_prefix=answer_prefix,
+        messages=[{"role": "user", "content": context + separator + (question or "")}], compress=not query_aware,
+        context=context, context_tokens=len(context_ids), question_tokens=len(question_ids),
+        calibration_seconds=calibration,
     )
 
 
 @torch.no_grad()
 def ask(model, tokenizer, compressed: GenerationResult, question: str, *, max_new_tokens: int = 64,
         answer_prefix: str = "") -> GenerationResult:
-    """Answer `question` on the context that `compressed` (a query-agnostic `generate` result) compressed.
+    """Answer `question` on the context that `compressed` (a query-agnostic `generate` result, or a later turn of
+    its conversation) compressed.
 
     The question sees the compressed context only, not the other questions or answers: its cache is a
     fork of the compressed one (`EvictableCache.fork`), so any number of questions share one compression.
+    A policy that evicts during decoding keeps doing so.
     """
     if compressed.compressed is None:
         raise ValueError("this result compressed its question with the context (query_aware=True); "
@@ -202,18 +182,14 @@ def ask(model, tokenizer, compressed: GenerationResult, question: str, *, max_ne
     _, question_ids = build_prompt(tokenizer, compressed.context, question, chat_template=compressed.chat_template,
                                    answer_prefix=answer_prefix)
     cache = compressed.compressed.fork()
-    check_positions(model, cache.seen_tokens + len(question_ids), max_new_tokens)
-    start = time.perf_counter()
-    with attach(model, compressed.selector, tokenizer=tokenizer, chat_template=compressed.chat_template):
-        logits = forward_tokens(model, cache, question_ids)
-        generated, pending = continue_greedy(model, cache, logits, [], eos=eos_token_ids(model, tokenizer),
-                                             max_new_tokens=max_new_tokens, return_pending=True)
-    text = tokenizer.decode(generated, skip_special_tokens=True)
-    messages = [{"role": "user", "content": compressed.context + "\n\n" + question},
-                {"role": "assistant", "content": answer_prefix + text}]
-    return replace(compressed, text=text, token_ids=generated, question_tokens=len(question_ids), prefill_seconds=0.0,
-                   decode_seconds=time.perf_counter() - start, cache=cache, messages=messages, pending=pending,
-                   calibration_seconds=0.0)
+    check_positions(model.config, cache.seen_tokens + len(question_ids), max_new_tokens)
+    return _turn(
+        model, tokenizer, cache, question_ids, [], policy=compressed.selector, chat_template=compressed.chat_template,
+        max_new_tokens=max_new_tokens, answer_prefix=answer_prefix,
+        messages=[{"role": "user", "content": compressed.context + "\n\n" + question}], compress=False,
+        context=compressed.context, context_tokens=compressed.context_tokens, question_tokens=len(question_ids),
+        compressed=compressed.compressed,
+    )
 
 
 def _next_turn(model, tokenizer, history: GenerationResult, message: str, question: str | None, *, policy,
@@ -224,35 +200,50 @@ def _next_turn(model, tokenizer, history: GenerationResult, message: str, questi
     content = message + ("\n\n" + question if question else "")
     if not content:
         raise ValueError("the next turn's message is empty")
-    messages = history.messages + [{"role": "user", "content": content}]
     ids = history.pending + turn_ids(tokenizer, history.messages, content, chat_template=history.chat_template,
                                      answer_prefix=answer_prefix)
     cache = history.cache.fork()  # the history stays as it was: a retry or a second branch starts from it too
-    check_positions(model, cache.seen_tokens + len(ids), max_new_tokens)
-    policy = history.selector if policy is None else policy
-    with attach(model, policy, tokenizer=tokenizer, chat_template=history.chat_template):
-        start = time.perf_counter()
-        logits = forward_tokens(model, cache, ids)
-        generated, pending = continue_greedy(
-            model, cache, logits, [], eos=eos_token_ids(model, tokenizer), max_new_tokens=max_new_tokens,
-            return_pending=True,
-        )
-        seconds = time.perf_counter() - start
-    text = tokenizer.decode(generated, skip_special_tokens=True)
-    return GenerationResult(
-        text=text, token_ids=generated, context_tokens=len(ids), question_tokens=0,
-        kept_per_layer=cache.kept_tokens(), cache_bytes_full=cache.full_bytes or cache.nbytes(),
-        cache_bytes_kept=cache.nbytes(), prefill_seconds=0.0, eviction_seconds=cache.eviction_seconds,
-        decode_seconds=seconds, policy=history.policy if policy is None else repr(policy), selector=policy,
-        cache=cache, messages=messages + [{"role": "assistant", "content": answer_prefix + text}], pending=pending,
-        chat_template=history.chat_template, context=history.context, compressed=history.compressed,
+    check_positions(model.config, cache.seen_tokens + len(ids), max_new_tokens)
+    return _turn(
+        model, tokenizer, cache, ids, [], policy=history.selector if policy is None else policy,
+        chat_template=history.chat_template, max_new_tokens=max_new_tokens, answer_prefix=answer_prefix,
+        messages=history.messages + [{"role": "user", "content": content}], compress=False,
+        context=history.context, context_tokens=len(ids), question_tokens=0, compressed=history.compressed,
     )
 
 
-def check_positions(model, prompt_tokens: int, max_new_tokens: int) -> None:
-    """Raise, before any work, if the prompt and the answer would pass the model's position limit
+def _turn(model, tokenizer, cache: EvictableCache, ids: list[int], rest_ids: list[int], *, policy: Selector | None,
+          chat_template: bool, max_new_tokens: int, answer_prefix: str, messages: list[dict], compress: bool,
+          **fields) -> GenerationResult:
+    """Feed `ids` on `cache` under `policy` (timed as the prefill on a fresh cache), then `rest_ids`, then decode
+    greedily; the one place a `GenerationResult` is assembled (`fields`: the rest of its fields)."""
+    engine = attach(model, policy, tokenizer=tokenizer, chat_template=chat_template)
+    fresh = cache.seen_tokens == 0
+    with engine:
+        start = time.perf_counter()
+        logits = forward_tokens(model, cache, ids)
+        prefill_seconds = time.perf_counter() - start if fresh else 0.0
+        kept_per_layer, bytes_kept = cache.kept_tokens(), cache.nbytes()
+        if compress:
+            fields["compressed"] = cache.fork()
+        generated, pending = continue_greedy(model, cache, logits, rest_ids, eos=eos_token_ids(model, tokenizer),
+                                             max_new_tokens=max_new_tokens, return_pending=True)
+        decode_seconds = time.perf_counter() - start - prefill_seconds
+    text = tokenizer.decode(generated, skip_special_tokens=True)
+    selector = engine.policy
+    return GenerationResult(
+        text=text, token_ids=generated, kept_per_layer=kept_per_layer, cache_bytes_full=cache.full_bytes or bytes_kept,
+        cache_bytes_kept=bytes_kept, prefill_seconds=prefill_seconds, eviction_seconds=cache.eviction_seconds,
+        decode_seconds=decode_seconds, policy=repr(selector) if selector is not None else "full cache",
+        selector=selector, cache=cache, messages=messages + [{"role": "assistant", "content": answer_prefix + text}],
+        pending=pending, chat_template=chat_template, **fields,
+    )
+
+
+def check_positions(config, prompt_tokens: int, max_new_tokens: int) -> None:
+    """Raise, before any work, if the prompt and the answer would pass the position limit of a model's `config`
     (`max_position_embeddings`): positions beyond it give garbage, silently."""
-    limit = position_limit(model.config)
+    limit = position_limit(config)
     if limit is None:
         return
     if prompt_tokens > limit:

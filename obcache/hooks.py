@@ -1,21 +1,22 @@
-"""Attach obcache to a transformers model with forward hooks.
+"""Attach obcache to a transformers model: forward hooks that feed the layer observers.
 
-`EvictionHooks` (what `policy.attach(model)` and `obcache.attach(model)`
-return) adds, while entered:
+`Attachment` (what `attach(model, policy)` and `policy.attach(model)` return)
+adds, while entered:
 
 1. the model's attention implementation switched to `obcache-sdpa` /
-   `obcache-eager` (attention.py), restored on exit;
+   `obcache-eager` (attention.py), restored on exit, and a `model.generate`
+   that refuses, before any work, modes an evicting cache cannot serve;
 2. a pre-hook on the decoder: give it an `EvictableCache` (replacing an empty
-   `DynamicCache`), check the prompt (left padding only, long enough for the
-   policy) before any work, record the new tokens' positions in the cache,
-   fill in true RoPE positions if none were given, and pass the cache to the
-   attention function;
-3. after each attention module's first forward on a layer (the prefill):
-   let the policy choose the kept tokens and shrink that layer at once, so the
-   full caches of all layers never coexist with scoring temporaries;
-4. for selectors that need every layer first (KVzip's context reconstruction,
-   `GlobalKV`): after the decoder's prefill forward, choose for all layers
-   (reconstruction.py) and shrink them.
+   `DynamicCache`), check the prompt (left padding only; each observer's
+   `before_prefill`) before any work, record the new tokens' positions in the
+   cache, fill in true RoPE positions if none were given, and make the
+   forward's `ForwardRecord`, which the attention function receives;
+3. after each attention module's forward: the layer's `LayerState` to every
+   observer that wants it (`capture.py`); after the decoder's forward, each
+   observer's `forward_done`.
+
+Eviction is one observer (`obcache.eviction.Evictor`); `attach(model)` with
+no policy evicts nothing but runs the model on caches evicted elsewhere.
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ from __future__ import annotations
 import copy
 import functools
 import inspect
-import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -33,85 +36,87 @@ from transformers.generation.configuration_utils import GenerationMode
 
 from obcache.attention import IMPLEMENTATIONS, register
 from obcache.cache import EvictableCache
-from obcache.capture import LayerHooks
-from obcache.layer_state import LayerState, Selector
-from obcache.models import tensor_parallel_ranks
-from obcache.reconstruction import select_after_prefill
+from obcache.capture import Observer, layer_state
+from obcache.eviction import Evictor
+from obcache.forward import ForwardRecord
+from obcache.models import (
+    attention_layers, check_attention_implementation, check_supported_config, tensor_parallel_ranks,
+)
+
+if TYPE_CHECKING:
+    from obcache.policies.selector import Selector
+
+#: Generation modes that run on an obcache cache: one sequence per row, fed token by token.
+SUPPORTED_MODES = (GenerationMode.GREEDY_SEARCH, GenerationMode.SAMPLE)
 
 
-class EvictionHooks(LayerHooks):
-    """Context manager returned by `policy.attach(model)`: evicts each layer right after its prefill.
+class Attachment:
+    """Context manager: while entered, `model` runs on obcache caches and its layers' states go to `observers`.
 
-    With `policy=None` (`obcache.attach(model)`) it evicts nothing, but lets
-    the model run on caches evicted elsewhere. Not re-entrant: entering while
-    the model is attached raises.
+    Not re-entrant: entering while the model is attached raises. `policy`: the (prepared) selector that evicts,
+    if any. `tokenizer` and `chat_template` are for selectors that write prompts of their own (KVzip).
     """
 
-    def __init__(self, model: nn.Module, policy: Selector | None = None, *, tokenizer=None, chat_template: bool = True):
-        super().__init__(model)
-        self.policy = policy
-        if policy is not None and getattr(policy, "needs_reconstruction", False) and tokenizer is None:
-            raise ValueError(
-                f"{policy.name} makes the model repeat the context and needs the tokenizer to write that prompt: "
-                "policy.attach(model, tokenizer=tokenizer)"
-            )
-        if policy is not None:
-            policy.check_ready()
-            _check_tensor_parallel(model, policy)
+    def __init__(self, model: nn.Module, observers: Sequence[Observer] = (), *, policy: Selector | None = None,
+                 tokenizer=None, chat_template: bool = True):
+        self.adapter = check_supported_config(model.config)
+        check_attention_implementation(model)
+        self.model, self.policy = model, policy
+        self.decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
+        self.attentions = attention_layers(self.decoder)
+        self.observers = list(observers)
         self.tokenizer, self.chat_template = tokenizer, chat_template
         self._signature = inspect.signature(self.decoder.forward)
+        self._handles: list = []
+        self._records: list[ForwardRecord] = []  # the forwards running now, innermost last
         self._implementation: str | None = None
-        self._caches: list[EvictableCache] = []
-        # Selectors that choose after all layers: the prefill's cache and ids, and each layer's prefill scores.
-        self._after_prefill: tuple[EvictableCache, list[int]] | None = None
-        self._prefill_scores: list[torch.Tensor] = []
 
-    @property
-    def _all_layers(self) -> bool:
-        return self.policy is not None and getattr(self.policy, "selects_after_all_layers", False)
-
-    def __enter__(self) -> "EvictionHooks":
+    def __enter__(self) -> Attachment:
         implementation = self.model.config._attn_implementation
-        if implementation in IMPLEMENTATIONS.values():
-            raise RuntimeError(
-                "obcache is already attached to this model (nested `attach`); "
-                "use one `with policy.attach(model):` block at a time"
-            )
+        check_attention_implementation(self.model)
         register()
         self.model.set_attn_implementation(IMPLEMENTATIONS[implementation])
         self._implementation = implementation
         self._handles.append(self.decoder.register_forward_pre_hook(self._before_forward, with_kwargs=True))
-        self._handles.append(self.decoder.register_forward_hook(self._after_forward))
+        self._handles.append(self.decoder.register_forward_hook(self._after_forward, with_kwargs=True))
+        for attention in self.attentions:
+            self._handles.append(attention.register_forward_hook(self._after_attention, with_kwargs=True))
+            projection = getattr(attention, self.adapter.output_projection or "", None)
+            if projection is not None:
+                self._handles.append(projection.register_forward_pre_hook(self._capture(attention.layer_idx)))
         if hasattr(self.model, "generate"):
             self.model.generate = _checked_generate(self.model)  # an instance attribute, removed on exit
-        return super().__enter__()
+        return self
 
     def __exit__(self, *exc) -> None:
-        super().__exit__(*exc)
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._records.clear()
         if self._implementation is not None:
             self.model.set_attn_implementation(self._implementation)
             self._implementation = None
         self.model.__dict__.pop("generate", None)
-        for cache in self._caches:
-            cache.attached = False
-        self._caches.clear()
 
-    def wants_state(self, prefill: bool) -> bool:
-        if type(self).layer_done is not EvictionHooks.layer_done:
-            return True  # a subclass that records states sees every forward
-        # decode_select is optional: only selectors that evict during decoding (obcache.Decoding) have it
-        return self.policy is not None and (prefill or hasattr(self.policy, "decode_select"))
+    @contextmanager
+    def observing(self, observer: Observer) -> Iterator[None]:
+        """While inside, `observer` sees every layer too, before the others (extra forwards that score)."""
+        self.observers.insert(0, observer)
+        try:
+            yield
+        finally:
+            self.observers.remove(observer)
 
-    def layer_done(self, layer_idx: int, state: LayerState, cache: EvictableCache, prefill: bool) -> None:
-        start = time.perf_counter()
-        if prefill and self._all_layers:  # chosen after the last layer (_after_forward)
-            if not self.policy.needs_reconstruction:
-                self._prefill_scores.append(self.policy.token_scores(state))
-            cache.eviction_seconds += time.perf_counter() - start
-            return
-        mask = self.policy.select(state) if prefill else self.policy.decode_select(state)
-        cache.keep(layer_idx, mask)  # None: keeps all (after the prefill, the layer is already recorded)
-        cache.eviction_seconds += time.perf_counter() - start
+    # -- the hooks --
+
+    def _capture(self, layer_idx: int):
+        records = self._records
+
+        def hook(module, args):
+            if records:
+                records[-1].outputs[layer_idx] = args[0]
+
+        return hook
 
     def _before_forward(self, module, args, kwargs):
         if args:  # positional arguments: name them (transformers itself passes keywords only)
@@ -138,42 +143,43 @@ class EvictionHooks(LayerHooks):
         mask = kwargs.get("attention_mask")
         if mask is not None and mask.ndim != 2:
             raise ValueError("obcache needs a 2-D attention mask (batch, tokens), not a prepared 4-D mask")
-        if cache.seen_tokens == 0 and self.policy is not None:
+        record = ForwardRecord(cache, positions=torch.empty(0), prefill=cache.seen_tokens == 0,
+                               input_ids=kwargs.get("input_ids"),
+                               want_log_normalizers=any(o.wants_log_normalizers for o in self.observers))
+        if record.prefill:
             lengths = mask.sum(-1).tolist() if mask is not None else [query_length] * batch
-            self.policy.check_prompt(lengths)
-            if self._all_layers:
-                if self.policy.needs_reconstruction and kwargs.get("input_ids") is None:
-                    raise ValueError(f"{self.policy.name} repeats the context from its token ids: pass input_ids")
-                ids = kwargs["input_ids"][0].tolist() if kwargs.get("input_ids") is not None else []
-                self._after_prefill, self._prefill_scores = (cache, ids), []
-        cache.begin_forward(mask, batch, query_length, inputs.device)
+            for observer in self.observers:
+                observer.before_prefill(lengths, record)
+        record.positions = cache.begin_forward(mask, batch, query_length, inputs.device)
         if kwargs.get("position_ids") is None:
             kwargs["position_ids"] = cache.positions_for(query_length, inputs.device)
         kwargs["attention_mask"] = None  # the attention function masks from the cache's slot positions
-        kwargs["obcache_cache"] = cache
-        cache.attached = True
-        self._caches.append(cache)
+        kwargs["obcache_forward"] = record
+        self._records.append(record)
         return (), kwargs
 
-    def _after_forward(self, module, args, output) -> None:
-        if self._after_prefill is not None:
-            (cache, ids), self._after_prefill = self._after_prefill, None
-            start = time.perf_counter()
-            masks = select_after_prefill(
-                self.model, cache, ids, {0: self.policy}, {0: self._prefill_scores}, tokenizer=self.tokenizer,
-                chat_template=self.chat_template,
-            )[0][0]
-            self._prefill_scores = []
-            for layer_idx, mask in enumerate(masks):
-                cache.keep(layer_idx, mask)
-            cache.eviction_seconds += time.perf_counter() - start
-        for cache in self._caches:
-            cache.attached = False
-        self._caches.clear()
+    def _after_attention(self, module, args, kwargs, output) -> None:
+        record = kwargs.get("obcache_forward")
+        if record is None:
+            return
+        observers = [observer for observer in self.observers if observer.wants(record)]
+        if observers:
+            state = layer_state(self.adapter, module, args, kwargs, record, num_layers=len(self.attentions),
+                                rotary_emb=getattr(self.decoder, "rotary_emb", None))
+            with torch.no_grad():
+                for observer in observers:
+                    observer.layer_done(state, record)
+        for captured in (record.queries, record.outputs, record.log_normalizers):
+            captured.pop(module.layer_idx, None)
 
-
-#: Generation modes that run on an obcache cache: one sequence per row, fed token by token.
-SUPPORTED_MODES = (GenerationMode.GREEDY_SEARCH, GenerationMode.SAMPLE)
+    def _after_forward(self, module, args, kwargs, output) -> None:
+        record = kwargs.get("obcache_forward")
+        if record is None:
+            return
+        self._records.remove(record)
+        with torch.no_grad():
+            for observer in list(self.observers):
+                observer.forward_done(record, self)
 
 
 def _checked_generate(model: nn.Module):
@@ -203,9 +209,9 @@ def _checked_generate(model: nn.Module):
 def _check_tensor_parallel(model: nn.Module, policy: Selector) -> None:
     """A model split by transformers' tensor parallelism holds some KV heads per rank: a policy that chooses
     across heads needs the ranks' process group, and a group needs a model split over exactly its ranks."""
-    ranks, group = tensor_parallel_ranks(model), getattr(policy, "group", None)
+    ranks, group = tensor_parallel_ranks(model), policy.group
     if group is None:
-        if ranks > 1 and getattr(policy, "chooses_across_heads", False):
+        if ranks > 1 and policy.chooses_across_heads:
             raise ValueError(
                 f"the model is split over {ranks} ranks (tensor parallelism) and {policy.name} chooses over all "
                 "KV heads of a layer: give the policy the ranks' process group, e.g. "
@@ -219,8 +225,17 @@ def _check_tensor_parallel(model: nn.Module, policy: Selector) -> None:
         )
 
 
-def attach(model: nn.Module, policy: Selector | None = None, *, tokenizer=None, chat_template: bool = True) -> EvictionHooks:
+def attach(model: nn.Module, policy: Selector | None = None, *, tokenizer=None, chat_template: bool = True,
+           observers: Sequence[Observer] = ()) -> Attachment:
     """Context manager: run `model` on obcache caches, evicting with `policy` (None: evict nothing).
 
-    `tokenizer` and `chat_template` are for policies that make the model repeat the context (`obcache.KVzip`)."""
-    return EvictionHooks(model, policy, tokenizer=tokenizer, chat_template=chat_template)
+    The policy is prepared for the model first (`Selector.prepare`: KVzip's head ratings, fitted once per model;
+    that needs the `tokenizer`). `observers` see every layer's state too (after the eviction's)."""
+    check_supported_config(model.config)
+    check_attention_implementation(model)
+    evicting: list[Observer] = []
+    if policy is not None:
+        policy = policy.prepare(model, tokenizer, chat_template=chat_template)
+        _check_tensor_parallel(model, policy)
+        evicting.append(Evictor(policy))
+    return Attachment(model, [*evicting, *observers], policy=policy, tokenizer=tokenizer, chat_template=chat_template)

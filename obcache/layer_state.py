@@ -1,14 +1,12 @@
-"""What the hooks hand to a policy, and what they need back: a leaf module (torch only).
+"""What the engine hands to a policy: one attention layer right after a forward (a leaf module, torch only).
 
-`LayerState` is one attention layer right after a forward, as the model
-computed it; `Selector` is the small protocol the hooks call. Policies, the
-head/layer budget wrappers and the evaluation's recorders all meet here.
+Policies, the head/layer budget wrappers and the layer observers all meet here.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Protocol, runtime_checkable
+from typing import Callable
 
 import torch
 
@@ -23,7 +21,8 @@ class LayerState:
     key_mask: [B, L] bool, False for padding slots; None if no padding. A
         per-head [B, Hkv, L] mask only for shape-only views of ragged layers.
     queries: queries(start, end) -> [B, Hq, end - start, d], post-RoPE queries of
-        cache slots start..end-1 (tokens of this forward), recomputed on demand.
+        cache slots start..end-1 (tokens of this forward): those the attention
+        function received, or rebuilt from the module's input if it did not run.
     outputs: outputs(start, end) -> [B, Hq, end - start, dv], the attention
         outputs o_i the model computed for those slots (captured during the
         forward), or None: the scores then recompute them.
@@ -36,7 +35,7 @@ class LayerState:
         `offset` positions later with the model's RoPE; None if unknown.
     new_log_normalizers: [B, Hq, q] log sum_p exp(z_ip) of this forward's
         queries over every key they saw, where the attention kernel gave them
-        (asked for with `EvictableCache.log_normalizers`); else None.
+        (asked for by an observer's `wants_log_normalizers`); else None.
     """
 
     keys: torch.Tensor
@@ -95,35 +94,3 @@ class LayerState:
             return torch.zeros(self.keys.shape[0], 1, dtype=torch.long, device=self.keys.device)
         starts = (~self.key_mask).sum(-1)
         return starts.unsqueeze(-1) if starts.dim() == 1 else starts
-
-
-@runtime_checkable
-class Selector(Protocol):
-    """What the eviction hooks need from a policy (or a budget wrapper around one)."""
-
-    name: str
-    needs_reconstruction: bool  # scored by the queries of the model repeating the context (KVzip)
-    selects_after_all_layers: bool  # chooses with select_layers once every layer is filled
-
-    def check_ready(self) -> None:
-        """Raise a clear ValueError if the policy must first be prepared (`obcache.calibrate`)."""
-
-    # optional (absent: None, False): the torch.distributed process group of the ranks that hold the KV heads
-    # (tensor parallelism), and whether one head's kept tokens depend on the other heads' scores
-    group: object | None
-    chooses_across_heads: bool
-
-    def check_prompt(self, prompt_lengths: list[int]) -> None:
-        """Raise a clear ValueError, before any model work, if prompts of these real lengths cannot be evicted."""
-
-    def select(self, layer: LayerState) -> torch.Tensor | None:
-        """After the prefill: keep mask [B, Hkv, L] (bool) of the layer's slots, or None to keep them all."""
-
-    def select_layers(self, layers: list[LayerState], scores: list[torch.Tensor]) -> list[torch.Tensor | None]:
-        """After the whole prefill (selectors that select after all layers): every layer's keep mask."""
-
-    def decode_select(self, layer: LayerState) -> torch.Tensor | None:
-        """After any later forward: keep mask of the layer's slots ([B, Hkv, n] uniform, [T] ragged), or None.
-
-        Optional: only selectors that evict during decoding (`obcache.Decoding`) define it; the hooks
-        skip the others after the prefill."""

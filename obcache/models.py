@@ -1,7 +1,8 @@
-"""Model-family adapters: how to rebuild an attention layer's queries.
+"""Model-family adapters and model facts: queries, RoPE moves, heads, positions, tensor parallelism.
 
-Eviction needs the post-RoPE queries of a window of prompt positions. They are
-not kept by the model, so they are recomputed from the attention module's input
+Eviction needs the post-RoPE queries of a window of prompt positions. obcache's
+attention function captures the ones the model computes; where it did not run
+(a forward outside it), they are rebuilt from the attention module's input
 hidden states, exactly as the module's own forward does it. Each supported
 family registers one small adapter here; nothing else in the library knows
 about model classes.
@@ -9,12 +10,14 @@ about model classes.
 
 from __future__ import annotations
 
+import hashlib
 import sys
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 
 class UnsupportedModelError(ValueError):
@@ -103,12 +106,10 @@ def attention_layers(model: nn.Module) -> list[nn.Module]:
     return sorted(layers, key=lambda m: m.layer_idx)
 
 
-def check_attention_implementation(model: nn.Module, *, attached: bool = False) -> None:
-    """Only attention implementations that take the standard 4-D/2-D masks are supported; obcache's own only
-    where the caller runs inside an attached model (`attached`)."""
+def check_attention_implementation(model: nn.Module) -> None:
+    """Only attention implementations that take the standard 4-D/2-D masks are supported, and one attach at a
+    time."""
     implementation = model.config._attn_implementation
-    if implementation.startswith("obcache-") and attached:
-        return
     if implementation.startswith("obcache-"):
         raise RuntimeError(
             "obcache is already attached to this model (nested `attach`); "
@@ -129,6 +130,25 @@ def position_limit(config) -> int | None:
 def kv_heads(config) -> int:
     """The model's KV heads (all of them, over every tensor-parallel rank)."""
     return getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+
+
+def layers_and_kv_heads(model: nn.Module) -> tuple[int, int]:
+    """(layers, KV heads) of `model`: this rank's heads when it is split by tensor parallelism."""
+    config = model.config.get_text_config()
+    return config.num_hidden_layers, kv_heads(config) // tensor_parallel_ranks(model)
+
+
+def fingerprint(model: nn.Module) -> str:
+    """A short hash that tells models apart: their architecture and a strided sample of every parameter (this
+    rank's shard under tensor parallelism). Two models of the same shape but other weights differ."""
+    digest = hashlib.sha256(type(model).__name__.encode())
+    for name, parameter in model.named_parameters():
+        local = parameter.to_local() if isinstance(parameter, DTensor) else parameter
+        flat = local.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // 64)][:64].float().cpu()
+        digest.update(f"{name}:{tuple(local.shape)}".encode())
+        digest.update(sample.numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def tensor_parallel_ranks(model: nn.Module) -> int:

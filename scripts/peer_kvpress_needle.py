@@ -44,19 +44,13 @@ def kvpress_configs(removed: float, agnostic: bool) -> dict:
     }
 
 
-_HEAD_RATINGS: list = []  # head-level KVzip rates the heads once per model; every budget reuses the rating
-
-
 def obcache_configs(removed: float, agnostic: bool) -> dict:
     import obcache
 
     kept = round(1 - removed, 6)
     if agnostic:
-        def heads():
-            return obcache.GlobalKV(obcache.KVzip(source="heads", score="attention", budget=kept,
-                                                  head_scores=_HEAD_RATINGS[0] if _HEAD_RATINGS else None))
-        return {
-            "obcache global(kvzip[heads])": heads,
+        return {  # head-level KVzip rates the heads once per model (and process); every budget reuses the rating
+            "obcache kvzip-heads": lambda: obcache.KVzipHeads(score="attention", budget=kept),
             "obcache recommended (obc-key)": lambda: obcache.recommended(budget=kept, score="obc-key"),
         }
     return {
@@ -93,8 +87,6 @@ def answer_obcache(model, tokenizer, ids: list[int], rest: list[int], policy, eo
     import obcache
     from obcache.generation import continue_greedy, forward_tokens
 
-    if policy is not None and obcache.calibrate(model, tokenizer, policy):
-        _HEAD_RATINGS.append(obcache.policies.allocation.innermost(policy).head_scores)
     cache = obcache.EvictableCache(config=model.config)
     with obcache.attach(model, policy, tokenizer=tokenizer), torch.no_grad():
         logits = forward_tokens(model, cache, ids)

@@ -26,16 +26,15 @@ def policies(budget: float, group) -> dict:
         "recommended (adakv)": (obcache.recommended(budget=budget, score="obc-key", group=group), True),
         "snapkv shared, spans": (obcache.SnapKV(budget=budget, score="obc-joint", selection="shared", chunk=8,
                                                 group=group), True),
-        "global(kvzip[heads])": (obcache.GlobalKV(obcache.KVzip(source="heads", score="attention", budget=budget,
-                                                                group=group)), False),
+        "kvzip-heads": (obcache.KVzipHeads(score="attention", budget=budget, group=group), False),
         "decoding(adakv(h2o))": (obcache.Decoding(obcache.AdaKV(obcache.H2O(budget=budget, score="obc-value", sinks=4,
-                                                                            group=group)), budget=256, interval=16),
+                                                                            group=group)), capacity=256, interval=16),
                                  True),
     }
 
 
 def run(model, tokenizer, sample, selector, query_aware: bool, new_tokens: int):
-    obcache.calibrate(model, tokenizer, selector)
+    selector = obcache.calibrate(model, tokenizer, selector)
     result = obcache.generate(model, tokenizer, sample.context, sample.question, policy=selector,
                               query_aware=query_aware, max_new_tokens=new_tokens, answer_prefix=sample.answer_prefix)
     kept = [result.cache.kept_positions(layer) for layer in range(len(result.cache.layers))]

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import obcache
-from obcache import H2O, TOVA, AdaKV, Decoding, GlobalKV, KVzip, PyramidKV, SnapKV, StreamingLLM
+from obcache import H2O, TOVA, AdaKV, Decoding, GlobalKV, KVzipHeads, PyramidKV, SnapKV, StreamingLLM
 from tests.conftest import tiny_model
 
 STEPS = 10
@@ -35,14 +35,14 @@ MODES = {
     "adakv": lambda budget: AdaKV(SnapKV(budget=budget, window=3, kernel=5, score="obc-key", chunk=CHUNK), alpha=0.3),
     "adakv+pyramid": lambda budget: AdaKV(PyramidKV(H2O(budget=budget, window=3, score="attention"), beta=3)),
     "global": lambda budget: GlobalKV(SnapKV(budget=budget, window=3, kernel=3, score="obc-joint"), alpha=0.2),
-    "kvzip-heads": lambda budget: GlobalKV(KVzip(source="heads", budget=budget, sinks=2, score="attention",
-                                                 head_scores=torch.tensor([[1.0, 3.0], [2.0, 0.5]]))),
+    "kvzip-heads": lambda budget: KVzipHeads(budget=budget, sinks=2, score="attention",
+                                             ratings=torch.tensor([[1.0, 3.0], [2.0, 0.5]])),
     "recommended": lambda budget: obcache.recommended(budget=budget, window=4, kernel=3, chunk=CHUNK),
-    "decoding-h2o": lambda budget: Decoding(H2O(budget=budget, window=3, score="obc-joint"), budget=14, interval=3),
+    "decoding-h2o": lambda budget: Decoding(H2O(budget=budget, window=3, score="obc-joint"), capacity=14, interval=3),
     "decoding-adakv": lambda budget: Decoding(AdaKV(SnapKV(budget=budget, window=3, kernel=3, score="obc-key",
-                                                           chunk=2)), budget=14, interval=2),
+                                                           chunk=2)), capacity=14, interval=2),
     "decoding-tova-shared": lambda budget: Decoding(TOVA(budget=budget, score="obc-value", selection="shared"),
-                                                    budget=12, interval=3),
+                                                    capacity=12, interval=3),
 }
 
 _MODELS: dict[str, torch.nn.Module] = {}

@@ -77,12 +77,12 @@ def test_decode_plan_wraps_the_uniform_policy_in_decoding_at_every_interval():
     plan = decode_plan_from_args(parse("--decode"))
     snapkv = SnapKV(budget=512, score="obc-joint", window=16)
     assert plan.policy == snapkv and plan.label == "snapkv/obc-joint" and plan.interval == 16
-    assert plan.evicting == {k: Decoding(snapkv, budget=512, interval=k) for k in (1, 16, 64)}
+    assert plan.evicting == {k: Decoding(snapkv, capacity=512, interval=k) for k in (1, 16, 64)}
     assert (plan.context, plan.new_tokens, plan.timed, plan.rounds, plan.full_length) == (2048, 2048, 512, 3, 3584)
     plan = decode_plan_from_args(parse("--decode", "--decode-policy", "h2o", "--decode-budget", "256",
                                        "--decode-interval", "8", "--decode-intervals", "32", "--window", "4",
                                        "--selection", "shared"))  # a grid axis: dropped, as for the uniform policy
-    assert plan.evicting == {k: Decoding(H2O(budget=256, score="obc-joint", window=4), budget=256, interval=k)
+    assert plan.evicting == {k: Decoding(H2O(budget=256, score="obc-joint", window=4), capacity=256, interval=k)
                              for k in (8, 32)}
 
 
@@ -325,8 +325,8 @@ def test_report_with_both_suites_prints_both_target_blocks():
 
 def synthetic_reconstruction(full: float = 4.0, cheap: float = 2.6, plain: float = 2.0) -> dict:
     """A `bench --reconstruction` report: seconds per configuration at two lengths (targets judge the longest)."""
-    entry = {"policies": {"full": "global(kvzip)", "cheap": "global(kvzip[source=heads])",
-                          "replay": "global(kvzip[source=prefill,stride=4])"}, "rounds": 3,
+    entry = {"policies": {"full": "kvzip", "cheap": "kvzip-heads",
+                          "replay": "kvzip-replay[stride=4]"}, "rounds": 3,
              "lengths": [{"length": 1024, "seconds": {"plain": 1.0, "full": 9.0, "cheap": 9.0, "replay": 9.0}},
                          {"length": 2048, "seconds": {"plain": plain, "full": full, "cheap": cheap, "replay": 5.0}}],
              "calibration_seconds": {"cheap": 12.5}}
@@ -351,8 +351,8 @@ def test_report_prints_the_reconstruction_ratios_per_length():
     assert "| tokens | plain | full | cheap | replay |" in text
     assert "| 1024 | 1.00 s (1.00x) | 9.00 s (9.00x) | 9.00 s (9.00x) | 9.00 s (9.00x) |" in text
     assert "| 2048 | 2.00 s (1.00x) | 5.00 s (2.50x) | 2.60 s (1.30x) | 5.00 s (2.50x) |" in text
-    assert "[MISS] global(kvzip): compressing prefill / plain prefill: 2.500x (target <= 2.000x)" in text
-    assert "[PASS] global(kvzip[source=heads])" in text
+    assert "[MISS] kvzip: compressing prefill / plain prefill: 2.500x (target <= 2.000x)" in text
+    assert "[PASS] kvzip-heads" in text
     assert "replay" not in {t["key"].split("_")[-1] for t in synthetic_reconstruction()["targets"]}  # no target
     assert "cheap: rating the heads took 12.50 s, once per model (not in the ratios)" in text
 

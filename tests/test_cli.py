@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors import SafetensorError
 
-import obcache.evaluation.fanout
+import obcache.fanout
 import obcache.loading
 from obcache import cli
 from obcache.cli_args import parse_budget
@@ -172,7 +172,7 @@ def test_an_interrupted_eval_says_how_to_resume_and_the_same_command_finishes(tm
     out = tmp_path / "out"
     argv = ["eval", "niah_single_number", "--out", str(out), "--lengths", "300", "--samples", "3", "--policies", "snapkv",
             "--scores", "attention", "--budgets", "0.5", "--window", "8", "--max-new-tokens", "2", "--no-progress"]
-    prefill, calls = obcache.evaluation.fanout.shared_prefill, []
+    prefill, calls = obcache.fanout.shared_prefill, []
 
     def interrupted_on_the_second_sample(*args, **kwargs):
         calls.append(1)
@@ -180,14 +180,14 @@ def test_an_interrupted_eval_says_how_to_resume_and_the_same_command_finishes(tm
             raise KeyboardInterrupt
         return prefill(*args, **kwargs)
 
-    monkeypatch.setattr(obcache.evaluation.fanout, "shared_prefill", interrupted_on_the_second_sample)
+    monkeypatch.setattr(obcache.fanout, "shared_prefill", interrupted_on_the_second_sample)
     code, _, err = run(argv, capsys)
     assert code == 130
     assert err == (f"obcache eval: interrupted; the rows already in {out / 'results.jsonl'} are kept; run the same "
                    "command again to resume (only the missing rows are computed)\n")
     first = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert [r["sample"] for r in first] == [0, 0]  # full cache and snapkv of the sample that ended
-    monkeypatch.setattr(obcache.evaluation.fanout, "shared_prefill", prefill)
+    monkeypatch.setattr(obcache.fanout, "shared_prefill", prefill)
     code, printed, _ = run(argv, capsys)
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert code == 0 and printed.strip() == str(out / "results.jsonl")

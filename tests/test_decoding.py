@@ -7,7 +7,7 @@ import torch
 
 import obcache
 from obcache import H2O, TOVA, AdaKV, Decoding, EvictableCache, SnapKV, StreamingLLM
-from obcache.hooks import EvictionHooks
+from obcache.capture import Observer
 from tests.conftest import tiny_model
 from tests.reference import generate_with_logits, masked_reference
 from tests.test_eviction import left_padded_pair, prompt
@@ -56,13 +56,13 @@ def dropped_as_recorded(kept):
 
 
 POLICIES = {
-    "h2o": lambda: Decoding(H2O(budget=16, window=3, score="obc-joint"), budget=12, interval=3),
-    "tova": lambda: Decoding(TOVA(budget=14, score="obc-key"), budget=10, interval=2),
-    "snapkv": lambda: Decoding(SnapKV(budget=16, window=4, kernel=3, score="obc-value"), budget=12, interval=4),
-    "streaming": lambda: Decoding(StreamingLLM(budget=12, sinks=2), budget=9, interval=1),
-    "adakv-h2o": lambda: Decoding(AdaKV(H2O(budget=14, window=2, score="attention")), budget=11, interval=3),
-    "adakv-snapkv": lambda: Decoding(AdaKV(SnapKV(budget=14, window=3, score="obc-joint"), alpha=0.3), budget=10, interval=2),
-    "shared-tova": lambda: Decoding(TOVA(budget=12, score="obc-joint", selection="shared", chunk=2), budget=10, interval=3),
+    "h2o": lambda: Decoding(H2O(budget=16, window=3, score="obc-joint"), capacity=12, interval=3),
+    "tova": lambda: Decoding(TOVA(budget=14, score="obc-key"), capacity=10, interval=2),
+    "snapkv": lambda: Decoding(SnapKV(budget=16, window=4, kernel=3, score="obc-value"), capacity=12, interval=4),
+    "streaming": lambda: Decoding(StreamingLLM(budget=12, sinks=2), capacity=9, interval=1),
+    "adakv-h2o": lambda: Decoding(AdaKV(H2O(budget=14, window=2, score="attention")), capacity=11, interval=3),
+    "adakv-snapkv": lambda: Decoding(AdaKV(SnapKV(budget=14, window=3, score="obc-joint"), alpha=0.3), capacity=10, interval=2),
+    "shared-tova": lambda: Decoding(TOVA(budget=12, score="obc-joint", selection="shared", chunk=2), capacity=10, interval=3),
 }
 
 
@@ -77,29 +77,28 @@ def test_decode_time_eviction_matches_the_masked_reference(family, name):
     torch.testing.assert_close(logits, reference_logits, rtol=1e-4, atol=1e-4)
     policy = POLICIES[name]()
     for layer in range(len(cache.layers)):  # bounded: at most budget + interval - 1 slots per head on average
-        assert cache.head_lengths(layer).float().mean() < policy.budget + policy.interval
-        assert cache.kept_tokens()[layer] <= policy.budget + policy.interval
+        assert cache.head_lengths(layer).float().mean() < policy.capacity + policy.interval
+        assert cache.kept_tokens()[layer] <= policy.capacity + policy.interval
 
 
 def test_decode_budget_larger_than_everything_is_plain_generation(family):
     model = tiny_model(family)
     ids = prompt()
     plain = generate_with_logits(model, ids, 10)
-    with Decoding(SnapKV(budget=1.0, window=4, score="obc-joint"), budget=200, interval=1).attach(model):
+    with Decoding(SnapKV(budget=1.0, window=4, score="obc-joint"), capacity=200, interval=1).attach(model):
         hooked = generate_with_logits(model, ids, 10)
     assert torch.equal(plain[0], hooked[0])
     torch.testing.assert_close(plain[1], hooked[1], rtol=1e-5, atol=1e-5)
 
 
-class _AllQueries(EvictionHooks):
-    """Post-RoPE queries of every token of a forward, for one layer (obcache's own reconstruction)."""
+class _AllQueries(Observer):
+    """Post-RoPE queries of every token of a forward, for one layer (obcache's own capture)."""
 
-    def __init__(self, model, layer_idx):
-        super().__init__(model)
+    def __init__(self, layer_idx):
         self.layer_idx, self.queries = layer_idx, None
 
-    def layer_done(self, layer_idx, state, cache, prefill):
-        if layer_idx == self.layer_idx:
+    def layer_done(self, state, record):
+        if state.layer_idx == self.layer_idx:
             self.queries = state.new_queries()
 
 
@@ -107,7 +106,7 @@ def test_h2o_running_scores_equal_a_float64_recomputation():
     """The accumulated decode scores = prefill window scores + each generated query's score, in float64."""
     model = tiny_model().double()
     ids = prompt()
-    policy = Decoding(H2O(budget=1.0, window=4, score="obc-joint"), budget=500, interval=1)  # never evicts
+    policy = Decoding(H2O(budget=1.0, window=4, score="obc-joint"), capacity=500, interval=1)  # never evicts
     cache = EvictableCache()
     with policy.attach(model), torch.no_grad():
         out = model(input_ids=ids, past_key_values=cache)
@@ -116,8 +115,8 @@ def test_h2o_running_scores_equal_a_float64_recomputation():
             sequence.append(out.logits[:, -1:].argmax(-1))
             out = model(input_ids=sequence[-1], past_key_values=cache)
     everything = torch.cat(sequence, 1)
-    recorder = _AllQueries(model, layer_idx=1)
-    with recorder, torch.no_grad():
+    recorder = _AllQueries(layer_idx=1)
+    with obcache.attach(model, observers=[recorder]), torch.no_grad():
         model(input_ids=everything, past_key_values=EvictableCache())
     layer = cache.layers[1]
     keys, values, length = layer.keys, layer.values, everything.shape[1]
@@ -143,7 +142,7 @@ CONTINUATION = {
     "full cache": lambda: None,
     "prefill eviction": lambda: SnapKV(budget=12, window=4, score="obc-joint"),
     "ragged prefill eviction": lambda: AdaKV(SnapKV(budget=12, window=4, score="obc-joint")),
-    "decode-time eviction": lambda: Decoding(H2O(budget=14, window=3, score="obc-key"), budget=12, interval=2),
+    "decode-time eviction": lambda: Decoding(H2O(budget=14, window=3, score="obc-key"), capacity=12, interval=2),
 }
 
 
@@ -201,13 +200,13 @@ def test_nested_attach_raises_before_any_work():
 
 
 @pytest.mark.parametrize("bad,message", [
-    (dict(budget=3), "smaller than the 4 protected"),
+    (dict(capacity=3), "smaller than the 4 protected"),
     (dict(interval=0), "interval must be an int >= 1"),
-    (dict(budget=0), "budget must be an int >= 1"),
+    (dict(capacity=0), "capacity must be an int >= 1"),
 ])
 def test_bad_decoding_settings_are_rejected_at_construction(bad, message):
     with pytest.raises(ValueError, match=message):
-        Decoding(SnapKV(window=4), **{"budget": 64, "interval": 8, **bad})
+        Decoding(SnapKV(window=4), **{"capacity": 64, "interval": 8, **bad})
 
 
 def test_a_selector_that_cannot_score_is_rejected():
@@ -215,10 +214,10 @@ def test_a_selector_that_cannot_score_is_rejected():
         name = "custom"
 
     with pytest.raises(TypeError, match="wraps a policy"):
-        Decoding(Custom(), budget=64)
+        Decoding(Custom(), capacity=64)
 
 
 def test_decoding_inside_decoding_is_refused():
-    """The inner budget would be silently ignored."""
+    """The inner capacity would be silently ignored."""
     with pytest.raises(ValueError, match="not another Decoding"):
-        Decoding(Decoding(H2O(budget=16, window=2), budget=12, interval=2), budget=10, interval=2)
+        Decoding(Decoding(H2O(budget=16, window=2), capacity=12, interval=2), capacity=10, interval=2)

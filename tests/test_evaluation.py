@@ -14,7 +14,7 @@ import obcache
 from obcache import H2O, TOVA, EvictableCache, SnapKV, StreamingLLM, generate
 from obcache.evaluation import fidelity, oracle
 from obcache.evaluation.cli import register
-from obcache.evaluation.fanout import shared_prefill
+from obcache.fanout import shared_prefill
 from obcache.evaluation.runner import EvalSpec, read_rows, row_key, run_eval
 from obcache.evaluation.store import KEY_FIELDS
 from obcache.evaluation.tasks import make_sample
@@ -357,7 +357,7 @@ def test_rows_written_twice_by_concurrent_runs_are_read_once(model, tokenizer, t
 def test_fidelity_of_a_ragged_cache_equals_a_masked_full_cache(model):
     """AdaKV leaves heads of unequal length: teacher forcing on it equals the full cache hiding what each head dropped."""
     from obcache import AdaKV
-    from obcache.evaluation.fanout import shared_prefill
+    from obcache.fanout import shared_prefill
     from tests.reference import masked_teacher_forcing
 
     ids = torch.randint(5, 500, (160,), generator=torch.Generator().manual_seed(3)).tolist()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import pytest
 import torch
 from transformers import DynamicCache
@@ -9,6 +11,7 @@ from transformers import DynamicCache
 import obcache
 from obcache import H2O, TOVA, AdaKV, EvictableCache, GlobalKV, PyramidKV, SnapKV, StreamingLLM
 from obcache.layer_state import LayerState
+from obcache.policies import Wrapper
 from tests.conftest import kept_indices, tiny_model
 from tests.reference import generate_with_logits, keep_masks_dropped, masked_reference
 
@@ -20,49 +23,32 @@ def prompt(batch: int = 1, length: int = PROMPT_LENGTH, seed: int = 1) -> torch.
     return torch.randint(1, 512, (batch, length), generator=generator)
 
 
-class Recording:
+@dataclass
+class Recording(Wrapper):
     """Wraps any policy; remembers the states it saw and the keep masks it chose, per layer."""
 
-    def __init__(self, policy):
-        self.policy, self.states, self.chosen = policy, [], []
-        self.name = policy.name
+    states: list = field(default_factory=list, repr=False)
+    chosen: list = field(default_factory=list, repr=False)
+
+    @property
+    def name(self) -> str:
+        return self.policy.name
 
     @classmethod
     def wrap(cls, policy) -> "Recording":
         return cls(policy)
 
-    def check_ready(self):
-        self.policy.check_ready()
-
-    def check_prompt(self, lengths):
-        self.policy.check_prompt(lengths)
-
-    def select(self, layer: LayerState):
-        mask = self.policy.select(layer)
+    def select(self, layer: LayerState, scores=None):
+        mask = self.policy.select(layer, scores)
         self.states.append(layer)
         self.chosen.append(mask)
         return mask
-
-    # selectors that choose after all layers (GlobalKV, KVzip)
-    @property
-    def selects_after_all_layers(self) -> bool:
-        return self.policy.selects_after_all_layers
-
-    @property
-    def needs_reconstruction(self) -> bool:
-        return self.policy.needs_reconstruction
-
-    def token_scores(self, layer: LayerState):
-        return self.policy.token_scores(layer)
 
     def select_layers(self, layers, scores):
         masks = self.policy.select_layers(layers, scores)
         self.states.extend(layers)
         self.chosen.extend(masks)
         return masks
-
-    def attach(self, model):
-        return obcache.attach(model, self)
 
 
 # ---------------------------------------------------------------- the cache shrinks

@@ -45,7 +45,7 @@ def test_a_later_turn_continues_exactly_as_one_forward_over_the_whole_conversati
 
 
 @pytest.mark.parametrize("policy", [SnapKV(budget=0.3, window=8, score="obc-joint"),
-                                    Decoding(H2O(budget=0.3, window=4, score="obc-key"), budget=40, interval=4)])
+                                    Decoding(H2O(budget=0.3, window=4, score="obc-key"), capacity=40, interval=4)])
 def test_turns_on_an_evicted_cache_equal_generate_calls_on_the_same_cache(model, tokenizer, policy):
     first = generate(model, tokenizer, CONTEXT, "What jumps?", policy=policy, query_aware=True, max_new_tokens=5)
     assert first.kept_per_layer[0] < first.tokens_seen
@@ -87,7 +87,7 @@ def test_summary_reports_the_mean_kept_tokens_over_layers():
 
 
 @pytest.mark.parametrize("policy", [None, SnapKV(budget=0.3, window=8, score="obc-key"),
-                                    Decoding(H2O(budget=0.3, window=4, score="obc-key"), budget=30, interval=4)])
+                                    Decoding(H2O(budget=0.3, window=4, score="obc-key"), capacity=30, interval=4)])
 def test_a_history_used_twice_gives_the_same_turn_and_stays_unchanged(model, tokenizer, policy):
     """A retry (or a second branch) continues from the history as it was, not on top of the first follow-up."""
     first = generate(model, tokenizer, CONTEXT, "What jumps?", policy=policy, query_aware=True, max_new_tokens=5)
@@ -100,7 +100,7 @@ def test_a_history_used_twice_gives_the_same_turn_and_stays_unchanged(model, tok
 
 
 def test_ask_keeps_evicting_during_decoding_under_a_bounded_compression(model, tokenizer):
-    bounded = Decoding(H2O(budget=24, window=4, score="obc-key"), budget=24, interval=4)
+    bounded = Decoding(H2O(budget=24, window=4, score="obc-key"), capacity=24, interval=4)
     doc = generate(model, tokenizer, CONTEXT * 3, "What jumps?", policy=bounded, max_new_tokens=30)
     other = obcache.ask(model, tokenizer, doc, "Who sleeps?", max_new_tokens=30)
     assert len(other.token_ids) == 30  # enough new tokens to pass the bound several times

@@ -16,12 +16,13 @@ import torch
 from transformers import DynamicCache
 
 import obcache
-from obcache import AdaKV, Decoding, GlobalKV, KVzip, SnapKV
+from obcache import AdaKV, Decoding, GlobalKV, KVzip, KVzipHeads, KVzipReplay, SnapKV
+from obcache.after_prefill import replay_scores
 from obcache.cache import EvictableCache
-from obcache.evaluation.fanout import shared_prefill
+from obcache.fanout import shared_prefill
 from obcache.generation import forward_tokens
+from obcache.policies.kvzip.prompts import FIRST_PROMPT, NEXT_PROMPT, OVERLAP, answer_header, reconstruction_inputs
 from obcache.text import document_ids
-from obcache.reconstruction import FIRST_PROMPT, NEXT_PROMPT, OVERLAP, answer_header, reconstruct, reconstruction_inputs
 from tests.conftest import tiny_model
 from tests.reference import generate_with_logits, keep_masks_dropped, masked_reference
 from tests.test_scores import brute_force
@@ -43,14 +44,15 @@ def context_ids(length: int = CONTEXT, seed: int = 5) -> list[int]:
 
 
 class Capture:
-    """A stand-in policy for `reconstruct`: records each layer's reconstruction state, scores nothing."""
-
-    score, gqa, aggregate = "attention", "sum", "max"
+    """A stand-in replay for `replay_scores`: records each layer's reconstruction state, scores nothing."""
 
     def __init__(self):
         self.seen: list[tuple[int, torch.Tensor, torch.Tensor]] = []
 
-    def reconstruction_scores(self, layer, context_length):
+    def replay_scoring(self):
+        return "capture"
+
+    def replay_scores(self, layer, context_length):
         self.seen.append((layer.layer_idx, layer.new_queries().clone(), layer.new_outputs().clone(),
                           layer.new_log_normalizers))
         return torch.zeros(1, layer.kv_heads, context_length)
@@ -98,9 +100,9 @@ def test_reconstruction_queries_outputs_and_normalizers_equal_float64_recomputat
     assert len(inputs) == 3
     cache = EvictableCache(config=model.config)
     capture = Capture()
-    with obcache.attach(model), torch.no_grad():
+    with obcache.attach(model) as engine, torch.no_grad():
         forward_tokens(model, cache, context)
-        reconstruct(model, cache, inputs, {"capture": capture})
+        replay_scores(engine, cache, inputs, {"capture": capture})
     assert cache.seen_tokens == CONTEXT and cache.layers[0].keys.shape[-2] == CONTEXT  # nothing of it kept
     for chunk, ids in enumerate(inputs):
         reference = reference_states(model, context, ids)
@@ -148,7 +150,7 @@ def test_kept_set_equals_brute_force_top_k_of_the_documented_score(tokenizer, sc
     context = context_ids()
     inputs = reconstruction_inputs(tokenizer, context, chunk=CHUNK)
     budget = 15
-    policy = KVzip(score=score, aggregate=aggregate, budget=budget, reconstruct_chunk=CHUNK)
+    policy = KVzip(score=score, aggregate=aggregate, budget=budget, reconstruct_chunk=CHUNK, allocation="uniform")
     shared = shared_prefill(model, context, {"kvzip": policy}, tokenizer=tokenizer)
     expected = brute_force_reconstruction_scores(model, context, inputs, score, aggregate)
     for layer in range(2):
@@ -183,8 +185,8 @@ def masks_of(cache: EvictableCache, length: int) -> list[torch.Tensor]:
 @pytest.mark.parametrize("make", [
     lambda: KVzip(score="obc-joint", budget=14, reconstruct_chunk=CHUNK),
     lambda: GlobalKV(KVzip(score="attention", budget=0.3, chunk=2)),
-    lambda: AdaKV(KVzip(score="obc-key", budget=12, source="prefill")),
-    lambda: GlobalKV(KVzip(source="heads", budget=0.5, head_scores=torch.tensor([[1.0, 3.0], [2.0, 0.5]]))),
+    lambda: AdaKV(KVzipReplay(score="obc-key", budget=12)),
+    lambda: KVzipHeads(budget=0.5, ratings=torch.tensor([[1.0, 3.0], [2.0, 0.5]])),
 ])
 def test_generation_after_kvzip_matches_the_masked_reference(tokenizer, family, make):
     """Under plain model.generate: tokens and logits equal the full cache hiding exactly what each head dropped."""
@@ -204,7 +206,7 @@ def test_questions_on_one_compressed_cache_equal_each_on_its_own(tokenizer):
     model = tiny_model(vocab_size=len(tokenizer))
     context = " ".join(f"Item {i} is stored in box {i * 7 % 13}." for i in range(12))
     questions = ["Where is item 3?", "Where is item 8?", "Which box holds item 11?"]
-    policy = KVzip(score="obc-key", budget=0.4, reconstruct_chunk=64)
+    policy = KVzip(score="obc-key", budget=0.4, reconstruct_chunk=64, allocation="uniform")
     first = obcache.generate(model, tokenizer, context, questions[0], policy=policy, max_new_tokens=6)
     shared = [first] + [obcache.ask(model, tokenizer, first, q, max_new_tokens=6) for q in questions[1:]]
     alone = [obcache.generate(model, tokenizer, context, q, policy=policy, max_new_tokens=6) for q in questions]
@@ -218,14 +220,14 @@ def test_bad_input_is_rejected_before_any_work(tokenizer):
         KVzip(reconstruct_chunk=0)
     with pytest.raises(ValueError, match="unknown aggregation over queries 'mean'; allowed: sum, max"):
         KVzip(aggregate="mean")
-    with pytest.raises(ValueError, match="unknown source"):
-        KVzip(source="future")
+    with pytest.raises(ValueError, match="unknown allocation 'adakv'; allowed: global, uniform"):
+        KVzip(allocation="adakv")
     with pytest.raises(ValueError, match="too short to reconstruct; it needs at least 5"):
         KVzip(budget=2).check_prompt([3])
     with pytest.raises(ValueError, match="one context at a time"):
         KVzip().check_prompt([100, 100])
     with pytest.raises(ValueError, match="cannot score during decoding"):
-        Decoding(KVzip(budget=0.5), budget=64)
+        Decoding(KVzip(budget=0.5), capacity=64)
     with pytest.raises(ValueError, match="wrap the policy directly"):
         GlobalKV(AdaKV(SnapKV()))
     model = tiny_model(vocab_size=len(tokenizer))
@@ -237,20 +239,35 @@ def test_bad_input_is_rejected_before_any_work(tokenizer):
 
 @pytest.mark.parametrize("score", ["attention", "obc-joint"])
 def test_head_ratings_are_mean_reconstruction_scores_of_the_calibration_text(tokenizer, score):
-    """source="heads": a KV head's rating is the mean, after the sinks, of its float64 brute-force
+    """KVzipHeads: a KV head's rating is the mean, after the sinks, of its float64 brute-force
     reconstruction scores (max over the chunks' queries) of the shipped calibration text."""
     model = tiny_model(vocab_size=len(tokenizer))
-    policy = KVzip(source="heads", score=score, budget=0.5, calibration=CONTEXT, reconstruct_chunk=CHUNK)
-    assert obcache.calibrate(model, tokenizer, AdaKV(policy)) > 0
+    policy = KVzipHeads(score=score, budget=0.5, calibration=CONTEXT, reconstruct_chunk=CHUNK)
+    rated = obcache.calibrate(model, tokenizer, AdaKV(policy))
+    ratings = rated.base.ratings
+    assert policy.ratings is None and ratings.seconds > 0  # the policy is left as it was; the prepared one is rated
     text = document_ids(tokenizer, CONTEXT)
     inputs = reconstruction_inputs(tokenizer, text, chunk=CHUNK)
     expected = torch.stack([scores[0, :, 4:].mean(-1) for scores in
                             brute_force_reconstruction_scores(model, text, inputs, score, "max")])
-    torch.testing.assert_close(policy.head_scores.double(), expected, rtol=1e-4, atol=1e-7)
-    assert obcache.calibrate(model, tokenizer, AdaKV(policy)) == 0.0  # once per model
+    torch.testing.assert_close(ratings.scores.double(), expected, rtol=1e-4, atol=1e-7)
+    assert obcache.calibrate(model, tokenizer, AdaKV(policy)).base.ratings is ratings  # once per model
     other = tiny_model(vocab_size=len(tokenizer), seed=3)
-    assert obcache.calibrate(other, tokenizer, AdaKV(policy)) > 0  # another model is rated again
-    assert not torch.allclose(policy.head_scores.double(), expected)
+    again = obcache.calibrate(other, tokenizer, rated)  # another model is rated again
+    assert again.base.ratings.model != ratings.model
+    assert not torch.allclose(again.base.ratings.scores.double(), expected)
+
+
+def test_ratings_fitted_on_one_model_are_refitted_or_refused_on_another_of_the_same_shape(tokenizer):
+    """Issue 17 (10) / 18: head ratings are tied to the model they were fitted on (its fingerprint)."""
+    first, second = (tiny_model(vocab_size=len(tokenizer), seed=seed) for seed in (0, 3))
+    rated = obcache.calibrate(first, tokenizer, KVzipHeads(budget=0.5, calibration=CONTEXT, reconstruct_chunk=CHUNK))
+    with pytest.raises(ValueError, match="fitted on another model"):
+        rated.attach(second)  # no tokenizer to refit with: refused before any work
+    with rated.attach(second, tokenizer=tokenizer) as engine:
+        refitted = engine.policy.ratings
+    assert refitted.model != rated.ratings.model and not torch.equal(refitted.scores, rated.ratings.scores)
+    assert refitted.model == obcache.calibrate(second, tokenizer, rated).ratings.model
 
 
 def test_head_level_keeps_whole_heads_in_rating_order(tokenizer):
@@ -258,7 +275,7 @@ def test_head_level_keeps_whole_heads_in_rating_order(tokenizer):
     tokens, with the layer's total conserved (budget x heads)."""
     model = tiny_model(vocab_size=len(tokenizer))
     ratings = torch.tensor([[1.0, 3.0], [2.0, 0.5]])
-    policy = AdaKV(KVzip(source="heads", budget=24, head_scores=ratings), alpha=0.25)
+    policy = AdaKV(KVzipHeads(budget=24, ratings=ratings), alpha=0.25)
     shared = shared_prefill(model, context_ids(), {"h": policy}, tokenizer=tokenizer)
     for layer, mask in enumerate(shared.masks["h"]):
         best, other = int(ratings[layer].argmax()), int(ratings[layer].argmin())
@@ -273,25 +290,28 @@ def test_global_head_level_ranks_the_heads_of_all_layers_together(tokenizer):
     (96 slots: 2 x 40; of the 16 left, the sinks of the worst head, and the rest to the next-worst, most recent
     first). Per layer (AdaKV, or GlobalKV's normalisation) the worse layer would keep a whole head."""
     model = tiny_model(vocab_size=len(tokenizer))
-    policy = GlobalKV(KVzip(source="heads", budget=24, head_scores=torch.tensor([[1.0, 3.0], [0.2, 0.1]])), alpha=0.0)
+    policy = KVzipHeads(budget=24, ratings=torch.tensor([[1.0, 3.0], [0.2, 0.1]]), alpha=0.0)
     masks = shared_prefill(model, context_ids(), {"g": policy}, tokenizer=tokenizer).masks["g"]
     assert [mask[0].sum(-1).tolist() for mask in masks] == [[CONTEXT, CONTEXT], [12, 4]]
     recent = [head.nonzero().flatten().tolist() for head in masks[1][0]]
     assert recent == [[0, 1, 2, 3] + list(range(CONTEXT - 8, CONTEXT)), [0, 1, 2, 3]]
 
 
-def test_head_level_needs_calibration_and_an_allocation_between_heads(tokenizer):
+def test_head_level_needs_ratings_and_an_allocation_between_heads_before_any_work(tokenizer):
     model = tiny_model(vocab_size=len(tokenizer))
-    with pytest.raises(ValueError, match="not calibrated: call obcache.calibrate"):
-        GlobalKV(KVzip(source="heads")).attach(model)
-    with pytest.raises(ValueError, match="needs an allocation that moves budget between heads"):
-        obcache.calibrate(model, tokenizer, KVzip(source="heads"))
+    forwards = []
+    model.model.register_forward_pre_hook(lambda *args: forwards.append(1))
+    with pytest.raises(ValueError, match="must rate this model's heads first .* needs the tokenizer"):
+        KVzipHeads().attach(model)
+    with pytest.raises(ValueError, match="rates whole heads: it needs the budget moved between heads"):
+        KVzipHeads(allocation="uniform")  # the allocation error first (issue 17, 16)
     with pytest.raises(ValueError, match="calibration must be an int >= 5"):
-        KVzip(source="heads", calibration=2)
-    wrong = GlobalKV(KVzip(source="heads", budget=0.5, head_scores=torch.ones(3, 2)))
-    with pytest.raises(ValueError, match="head_scores has shape \\(3, 2\\), but the model has 2 layers of 2 KV heads"):
-        obcache.calibrate(model, tokenizer, wrong)
-    assert KVzip(source="heads").check_prompt([50, 40]) is None  # no replay: batches are fine
+        KVzipHeads(calibration=2)
+    wrong = KVzipHeads(budget=0.5, ratings=torch.ones(3, 2))
+    with pytest.raises(ValueError, match="ratings have shape \\(3, 2\\), but the model has 2 layers of 2 KV heads"):
+        wrong.attach(model)  # refused at attach, not after layer 0's forward (issue 17, 13)
+    assert not forwards
+    assert KVzipHeads().check_prompt([50, 40]) is None  # no replay: batches are fine
 
 
 @pytest.mark.parametrize("layout", ["earlier-then-causal", "padded"])

@@ -66,7 +66,7 @@ def test_needle_query_agnostic_kvzip_at_50_percent(model_and_tokenizer, depth):
     assert "73914" in answer(model_and_tokenizer, depth, policy, query_aware=False)
 
 
-HEAD_LEVEL = obcache.GlobalKV(obcache.KVzip(budget=0.5, source="heads", score="attention"))  # rated once, shared
+HEAD_LEVEL = obcache.KVzipHeads(budget=0.5, score="attention")  # the paper's global pool; rated once per model
 
 
 @pytest.mark.parametrize("depth", [0.1, 0.5, 0.9])
@@ -75,7 +75,8 @@ def test_needle_query_agnostic_head_level_kvzip_at_50_percent(model_and_tokenize
     in the copy heads of the whole model."""
     model, _ = model_and_tokenizer
     assert "73914" in answer(model_and_tokenizer, depth, HEAD_LEVEL, query_aware=False)
-    assert HEAD_LEVEL.policy.head_scores.shape == (len(model.model.layers), model.config.num_key_value_heads)
+    rated = HEAD_LEVEL.prepare(model)  # fitted once already: no tokenizer needed again
+    assert rated.ratings.scores.shape == (len(model.model.layers), model.config.num_key_value_heads)
 
 
 def test_attach_with_full_budget_matches_plain_generate(model_and_tokenizer):

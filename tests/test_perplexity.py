@@ -40,7 +40,7 @@ def test_streaming_llm_stream_equals_the_sink_and_window_mask():
     """Once a chunk fills the cache to budget + interval, it is cut to the 4 sinks and the latest budget - 4."""
     model = tiny_model()
     ids, budget, sinks = document(), 40, 4
-    policy = Decoding(StreamingLLM(budget=budget, sinks=sinks), budget=budget, interval=CHUNK)
+    policy = Decoding(StreamingLLM(budget=budget, sinks=sinks), capacity=budget, interval=CHUNK)
     streamed = stream(model, ids, policy, chunk=CHUNK)
     visible = torch.zeros(LENGTH, LENGTH, dtype=torch.bool)
     held: list[int] = []
@@ -60,7 +60,7 @@ def test_a_bounded_cache_changes_the_perplexity_and_stays_bounded():
     model = tiny_model()
     ids = document()
     full = stream(model, ids, None, chunk=CHUNK)
-    bounded = stream(model, ids, Decoding(H2O(budget=24, window=4, sinks=4, score="obc-joint"), budget=24, interval=CHUNK),
+    bounded = stream(model, ids, Decoding(H2O(budget=24, window=4, sinks=4, score="obc-joint"), capacity=24, interval=CHUNK),
                      chunk=CHUNK)
     assert bounded.kept_tokens <= 24 + CHUNK and bounded.cache_bytes < full.cache_bytes / 2
     assert bounded.perplexity != pytest.approx(full.perplexity, rel=1e-4)

@@ -12,7 +12,7 @@ import torch.multiprocessing as mp
 
 import obcache
 
-from obcache import H2O, TOVA, AdaKV, Decoding, GlobalKV, KVzip, SnapKV
+from obcache import H2O, TOVA, AdaKV, Decoding, GlobalKV, KVzip, KVzipHeads, SnapKV
 from obcache.layer_state import LayerState
 from obcache.selection import adaptive_mask, combine_heads
 from tests.conftest import FAMILIES, tiny_model
@@ -102,10 +102,9 @@ def _configs(group=None) -> dict:
         "shared spans": lambda: SnapKV(budget=12, window=4, selection="shared", chunk=4, score="obc-value", group=group),
         "per-head": lambda: TOVA(budget=12, score="exact-removal"),
         "decoding": lambda: Decoding(AdaKV(H2O(budget=16, sinks=2, window=4, score="obc-key", group=group), alpha=0.1),
-                                     budget=16, interval=2),
+                                     capacity=16, interval=2),
         "kvzip": lambda: GlobalKV(KVzip(score="attention", budget=0.3, group=group)),
-        "kvzip heads": lambda: GlobalKV(KVzip(source="heads", score="obc-key", budget=0.3, calibration=256,
-                                              group=group)),
+        "kvzip heads": lambda: KVzipHeads(score="obc-key", budget=0.3, calibration=256, group=group),
     }
 
 

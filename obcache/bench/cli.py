@@ -24,10 +24,12 @@ from obcache.bench.memory import run_memory_worker
 from obcache.bench.reconstruction import measure_reconstruction, reconstruction_policies
 from obcache.bench.report import budget_key, check_targets, format_report
 from obcache.bench.shapes import RANDOM_SHAPES, load_benchmark_model, prompt
-from obcache.cli_args import GRID_AXES, add_model_arguments, add_policy_arguments, build_policy, given_options
-from obcache.layer_state import Selector
+from obcache.cli_args import GRID_AXES, add_model_arguments, add_policy_arguments, given_options
+from obcache.policies import build_policy
+from obcache.policies import Selector
 from obcache.loading import load_tokenizer
-from obcache.policies import H2O, POLICIES, REGISTRY, Decoding, KVzip, policy_label, policy_options
+from obcache.policies import H2O, POLICIES, REGISTRY, Decoding, policy_label, policy_options
+from obcache.policies.kvzip.policy import KVzipBase
 from obcache.scores import SCORE_KINDS
 
 DEFAULT_LENGTHS = (2048, 4096, 8192)
@@ -133,7 +135,7 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
     specs = {"uniform": {**mode, "options": uniform_options, "allocation": "uniform"}, "mode": mode}
     policies: dict[str, Selector] = {}
     for cls in REGISTRY:
-        if cls is KVzip:  # its cost is a second forward, measured by `bench --reconstruction`
+        if issubclass(cls, KVzipBase):  # the family's cost is measured by `bench --reconstruction`
             continue
         for score in SCORE_KINDS if cls.takes_score else [None]:
             policies[f"{cls.name}/{score or '-'}"] = build_policy(
@@ -164,7 +166,7 @@ def decode_plan_from_args(args: argparse.Namespace) -> DecodePlan:
     budget = DECODE_BUDGET if args.decode_budget is None else args.decode_budget
     options = {key: value for key, value in given_options(args).items() if key not in GRID_AXES}
     policy = build_policy(name, budget=budget, score=args.score, options=options)
-    evicting = {interval: Decoding(policy, budget=budget, interval=interval)
+    evicting = {interval: Decoding(policy, capacity=budget, interval=interval)
                 for interval in {*args.decode_intervals, args.decode_interval}}
     plan = DecodePlan(policy, evicting, f"{policy_label(policy)}/{policy.score if policy.takes_score else '-'}",
                       budget, args.decode_interval, args.decode_context, args.decode_tokens, args.decode_timed,

@@ -1,7 +1,7 @@
 """Decode-time eviction (`obcache bench --decode`): a long greedy generation under `obcache.Decoding`, timed per step.
 
 One **generation**: the prompt (`context` tokens) is prefilled under
-`Decoding(policy, budget, interval)`, whose wrapped policy evicts it to the
+`Decoding(policy, capacity, interval)`, whose wrapped policy evicts it to the
 same `budget` tokens per KV head; then `new_tokens` greedy steps by hand, one
 token per forward, each timed. Recorded: K/V bytes after the last step (vs
 `budget` tokens' worth), slots per KV head before every step and after the
@@ -41,7 +41,7 @@ from obcache.bench.measure import sync
 from obcache.bench.shapes import forward, prompt
 from obcache.cache import EvictableCache
 from obcache.hooks import attach
-from obcache.layer_state import Selector
+from obcache.policies import Selector
 from obcache.policies import Decoding
 
 
@@ -50,7 +50,7 @@ class DecodePlan:
     """What `measure_decoding` runs (built and checked by `cli.decode_plan_from_args` before any model load).
 
     policy: the wrapped policy at `budget` tokens (evicts the prompt; alone, the static cache).
-    evicting: interval -> Decoding(policy, budget, interval), for the main `interval` and every sweep interval.
+    evicting: interval -> Decoding(policy, capacity, interval), for the main `interval` and every sweep interval.
     label: "policy/score", as the report names it.
     """
 

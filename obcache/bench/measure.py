@@ -1,10 +1,10 @@
 """The timed measurements: eviction through the library's own hooks, scoring, decode, H2O full history.
 
-One prefill under a `Recorder` (an `EvictionHooks` subclass that evicts
+One prefill under the fan-out's `MaskRecorder` (an observer that evicts
 nothing) serves every policy: at each layer it times each policy's
-`select(state)` on the state the hooks hand over, and keeps the masks; after
-the prefill, `cache.subset(masks)` (the library's `EvictableCache.keep` on
-every layer) builds and times each policy's evicted cache.
+scoring and `select` on the state the hooks hand over, and keeps the masks;
+after the prefill, `cache.subset(masks)` (the library's `EvictableCache.keep`
+on every layer) builds and times each policy's evicted cache.
 """
 
 from __future__ import annotations
@@ -26,9 +26,12 @@ from transformers import DynamicCache
 
 from obcache.bench.shapes import forward
 from obcache.cache import EvictableCache
-from obcache.hooks import EvictionHooks, attach
-from obcache.layer_state import LayerState, Selector
-from obcache.policies import H2O
+from obcache.capture import Observer
+from obcache.fanout import MaskRecorder
+from obcache.forward import ForwardRecord
+from obcache.hooks import attach
+from obcache.layer_state import LayerState
+from obcache.policies import H2O, Selector
 from obcache.scores import SCORE_KINDS, saliency
 
 T = TypeVar("T")
@@ -80,47 +83,51 @@ class Window(NamedTuple):
     scaling: float
 
 
-class Recorder(EvictionHooks):
-    """Hooks that evict nothing: per layer at prefill, every policy's timed `select` and keep mask.
+class Windows(Observer):
+    """At the prefill: each layer's last `window` queries and outputs (`windows`), and the whole state of layer
+    `full_layer` (`full_state`, for H2O full history)."""
 
-    Also keeps each layer's last `window` queries and outputs (`windows`) and
-    the whole state of layer `full_layer` (`full_state`, for H2O full history).
-    """
-
-    def __init__(self, model: nn.Module, policies: Mapping[str, Selector], window: int, full_layer: int):
-        super().__init__(model)
-        self.policies, self.window, self.full_layer = dict(policies), window, full_layer
-        self.masks: dict[str, list[torch.Tensor | None]] = {key: [None] * len(self.attentions) for key in policies}
-        self.select_seconds = dict.fromkeys(policies, 0.0)
+    def __init__(self, window: int, full_layer: int):
+        self.window, self.full_layer = window, full_layer
         self.windows: dict[int, Window] = {}
         self.full_state: LayerState | None = None
 
-    def layer_done(self, layer_idx: int, state: LayerState, cache: EvictableCache, prefill: bool) -> None:
-        if not prefill:
-            return
-        for key, policy in self.policies.items():
-            self.masks[key][layer_idx], seconds = timed(partial(policy.select, state), state.keys.device)
-            self.select_seconds[key] += seconds
+    def wants(self, record: ForwardRecord) -> bool:
+        return record.prefill
+
+    def layer_done(self, state: LayerState, record: ForwardRecord) -> None:
         queries, outputs = state.window(state.length - self.window, state.length)
-        self.windows[layer_idx] = Window(queries, outputs, state.keys, state.values, state.scaling)
-        if layer_idx == self.full_layer:
+        self.windows[state.layer_idx] = Window(queries, outputs, state.keys, state.values, state.scaling)
+        if state.layer_idx == self.full_layer:
             self.full_state = state
+
+
+class Recorded(NamedTuple):
+    """What one recorded prefill gives the benchmark: the masks and select seconds per policy, the windows."""
+
+    masks: dict[str, list[torch.Tensor | None]]
+    select_seconds: dict[str, float]
+    windows: dict[int, Window]
+    full_state: LayerState | None
 
 
 @torch.no_grad()
 def recorded_prefill(
     model: nn.Module, ids: torch.Tensor, policies: Mapping[str, Selector], window: int
-) -> tuple[Recorder, EvictableCache]:
-    """One prefill of `ids` on a full `EvictableCache` under a `Recorder` (full-history layer: the middle one)."""
-    recorder = Recorder(model, policies, window, full_layer=len(model.get_decoder().layers) // 2)
+) -> tuple[Recorded, EvictableCache]:
+    """One prefill of `ids` on a full `EvictableCache`, every policy's choice recorded (full-history layer: the
+    middle one)."""
+    engine = attach(model)
+    masks = MaskRecorder({key: policy.prepare(model) for key, policy in policies.items()}, len(engine.attentions))
+    windows = Windows(window, full_layer=len(engine.attentions) // 2)
     cache = EvictableCache()
-    with recorder:
+    with engine, engine.observing(windows), engine.observing(masks):
         forward(model, cache, ids)
-    return recorder, cache
+    return Recorded(masks.masks, masks.seconds, windows.windows, windows.full_state), cache
 
 
 def measure_eviction(
-    recorder: Recorder, cache: EvictableCache, device: torch.device, keys: list[str]
+    recorder: Recorded, cache: EvictableCache, device: torch.device, keys: list[str]
 ) -> dict[str, dict[str, float]]:
     """Per policy key, seconds over all layers of `select` (in the hooks) and of `keep` (`cache.subset`)."""
     seconds = {}

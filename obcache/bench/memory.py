@@ -8,7 +8,7 @@ CUDA: `max_memory_allocated` after `reset_peak_memory_stats`.
 
 CONFIG_JSON: length, model, random_weights, attn, dtype, device, threads, and
 `policy`: None (plain prefill) or the keyword arguments of
-`obcache.cli_args.build_policy`.
+`obcache.policies.build_policy`.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import torch
 from obcache.bench.measure import timed
 from obcache.bench.shapes import forward, load_benchmark_model, prompt
 from obcache.cache import EvictableCache
-from obcache.cli_args import build_policy
+from obcache.policies import build_policy
 
 
 def _read_status(field: str) -> int:

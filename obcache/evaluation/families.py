@@ -21,7 +21,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from obcache.evaluation.tasks import TASKS, exact_match, make_sample, questions, score_prediction
-from obcache.layer_state import Selector
+from obcache.policies import Selector
 from obcache.policies import policy_allocation
 
 if TYPE_CHECKING:
@@ -146,7 +146,7 @@ class NeedleFamily(TaskFamily):
 
     def rows(self, spec: EvalSpec, model, tokenizer, unit: dict, missing: dict, grid: dict,
              advance: Callable[[int], object]) -> list[dict]:
-        from obcache.evaluation.fanout import shared_prefill
+        from obcache.fanout import shared_prefill
         from obcache.generation import build_prompt, continue_greedy, eos_token_ids
         from obcache.hooks import attach
 
@@ -305,7 +305,7 @@ class PerplexityFamily(TaskFamily):
         ids = document_ids(tokenizer, unit["length"], seed=spec.seed + unit["sample"])
         rows = []
         for key, policy in missing.items():
-            bounded = None if policy is None else Decoding(policy, budget=policy.budget, interval=spec.stream_chunk)
+            bounded = None if policy is None else Decoding(policy, capacity=policy.budget, interval=spec.stream_chunk)
             result = stream(model, ids, bounded, chunk=spec.stream_chunk)
             rows.append({
                 **policy_fields(key, policy), "perplexity": result.perplexity,

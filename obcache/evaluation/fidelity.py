@@ -25,10 +25,14 @@ import torch
 from torch import nn
 
 from obcache.cache import EvictableCache
-from obcache.evaluation.fanout import shared_prefill
+from obcache.fanout import shared_prefill
 from obcache.generation import forward_tokens
-from obcache.hooks import EvictionHooks
-from obcache.layer_state import LayerState, Selector
+from obcache.capture import Observer
+from obcache.forward import ForwardRecord
+from obcache.hooks import attach
+from obcache.layer_state import LayerState
+from obcache.models import attention_layers
+from obcache.policies import Selector
 
 
 @dataclass
@@ -52,23 +56,22 @@ class _Pass:
     outputs: list[torch.Tensor]
 
 
-class _Outputs(EvictionHooks):
-    """Runs the model on obcache caches and keeps every layer's attention outputs of the forward's tokens."""
+class _Outputs(Observer):
+    """Keeps every layer's attention outputs of the forward's tokens."""
 
-    def __init__(self, model: nn.Module):
-        super().__init__(model)
-        self.outputs: list[torch.Tensor | None] = [None] * len(self.attentions)
+    def __init__(self, layers: int):
+        self.outputs: list[torch.Tensor | None] = [None] * layers
 
-    def layer_done(self, layer_idx: int, state: LayerState, cache: EvictableCache, prefill: bool) -> None:
+    def layer_done(self, state: LayerState, record: ForwardRecord) -> None:
         outputs = state.new_outputs()[0]  # [Hq, M, d], whatever the layer's layout (uniform or ragged)
-        self.outputs[layer_idx] = outputs.transpose(0, 1).reshape(outputs.shape[1], -1).float()
+        self.outputs[state.layer_idx] = outputs.transpose(0, 1).reshape(outputs.shape[1], -1).float()
 
 
 @torch.no_grad()
 def teacher_forced(model: nn.Module, cache: EvictableCache, ids: list[int]) -> _Pass:
     """Feed `ids` on `cache` in one forward; capture every layer's attention outputs (the `o_proj` input)."""
-    recorder = _Outputs(model)
-    with recorder:
+    recorder = _Outputs(len(attention_layers(model)))
+    with attach(model, observers=[recorder]):
         logits = forward_tokens(model, cache, ids, every_position=True)
     return _Pass(torch.log_softmax(logits.float(), dim=-1), recorder.outputs)
 

@@ -32,10 +32,13 @@ import torch
 from torch import nn
 
 from obcache.cache import EvictableCache
-from obcache.evaluation.fanout import shared_prefill
+from obcache.fanout import shared_prefill
 from obcache.generation import forward_tokens
-from obcache.hooks import EvictionHooks
-from obcache.layer_state import LayerState, Selector
+from obcache.capture import Observer
+from obcache.forward import ForwardRecord
+from obcache.hooks import attach
+from obcache.layer_state import LayerState
+from obcache.policies import Selector
 from obcache.models import attention_layers
 
 
@@ -108,25 +111,24 @@ class OracleResult:
         return sum(self.layer_errors) / len(self.layer_errors)
 
 
-class _Queries(EvictionHooks):
-    """Runs the model on obcache caches and keeps the post-RoPE queries [Hkv, G*M, d] of chosen layers."""
+class _Queries(Observer):
+    """Keeps the post-RoPE queries [Hkv, G*M, d] of chosen layers."""
 
-    def __init__(self, model: nn.Module, layers: list[int]):
-        super().__init__(model)
+    def __init__(self, layers: list[int]):
         self.layers = set(layers)
         self.queries: dict[int, torch.Tensor] = {}
 
-    def layer_done(self, layer_idx: int, state: LayerState, cache: EvictableCache, prefill: bool) -> None:
-        if layer_idx in self.layers:
+    def layer_done(self, state: LayerState, record: ForwardRecord) -> None:
+        if state.layer_idx in self.layers:
             q = state.new_queries()[0]  # [Hq, M, d]
-            self.queries[layer_idx] = q.reshape(state.kv_heads, -1, q.shape[-1])  # head h -> KV head h // G
+            self.queries[state.layer_idx] = q.reshape(state.kv_heads, -1, q.shape[-1])  # head h -> KV head h // G
 
 
 @torch.no_grad()
 def future_queries(model: nn.Module, cache: EvictableCache, ids: list[int], layers: list[int]) -> dict[int, torch.Tensor]:
     """Post-RoPE queries [Hkv, G*M, d] of `ids` fed on `cache` (grown), per layer in `layers`."""
-    recorder = _Queries(model, layers)
-    with recorder:
+    recorder = _Queries(layers)
+    with attach(model, observers=[recorder]):
         forward_tokens(model, cache, ids)
     return recorder.queries
 

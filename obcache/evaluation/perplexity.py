@@ -2,7 +2,7 @@
 
 The paper's decoding setting (PG19-style, 4 sink tokens): the text is fed
 `chunk` tokens at a time on one cache, under `obcache.Decoding(policy,
-budget=N, interval=chunk)`, so after every chunk each KV head is evicted back
+capacity=N, interval=chunk)`, so after every chunk each KV head is evicted back
 to N tokens; the next-token log-likelihood of every token (after the first) is
 recorded. With NLL_t = -log p(x_t | what the cache holds before x_t's chunk,
 and x_<t of its chunk):
@@ -23,7 +23,7 @@ import torch
 from obcache.cache import EvictableCache
 from obcache.generation import forward_tokens
 from obcache.hooks import attach
-from obcache.layer_state import Selector
+from obcache.policies import Selector
 
 
 @dataclass

@@ -11,9 +11,9 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from obcache.cli_args import build_policy
+from obcache.policies import build_policy
 from obcache.evaluation.families import family_of
-from obcache.layer_state import Selector
+from obcache.policies import Selector
 from obcache.policies import POLICIES, policy_label, policy_options
 from obcache.scores import check_score_kind
 

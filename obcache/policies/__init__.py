@@ -9,17 +9,18 @@ from __future__ import annotations
 
 import dataclasses
 
+from obcache.policies.kvzip.policy import KVzip, KVzipHeads, KVzipReplay
 from obcache.layer_state import LayerState
-from obcache.policies.allocation import AdaKV, BudgetWrapper, GlobalKV, PyramidKV
+from obcache.policies.allocation import AdaKV, GlobalKV, PyramidKV, Wrapper
 from obcache.policies.base import Policy, ScoredPolicy
 from obcache.policies.decoding import Decoding
 from obcache.policies.h2o import H2O
-from obcache.policies.kvzip import KVzip
+from obcache.policies.selector import Selector
 from obcache.policies.snapkv import SnapKV
 from obcache.policies.streaming import StreamingLLM
 from obcache.policies.tova import TOVA
 
-REGISTRY: tuple[type[Policy], ...] = (H2O, TOVA, SnapKV, StreamingLLM, KVzip)
+REGISTRY: tuple[type[Policy], ...] = (H2O, TOVA, SnapKV, StreamingLLM, KVzip, KVzipReplay, KVzipHeads)
 POLICIES: dict[str, type[Policy]] = {cls.name: cls for cls in REGISTRY}
 
 ALLOCATIONS: dict[str, str] = {
@@ -49,13 +50,18 @@ def make_policy(name: str, **options) -> Policy:
     return cls(**options)
 
 
-def allocate(policy: Policy, allocation: str = "uniform", *, alpha: float = 0.2, beta: float = 20.0) -> Policy | BudgetWrapper:
-    """Wrap `policy` for an allocation name: "uniform" (as is), "adakv", "pyramid", "adakv+pyramid" or "global".
+def allocate(policy: Policy, allocation: str | None = None, *, alpha: float = 0.2, beta: float = 20.0) -> Selector:
+    """Wrap `policy` for an allocation name: "uniform", "adakv", "pyramid", "adakv+pyramid" or "global"; None
+    leaves the policy's own (uniform; the KVzip family: global, which "uniform" or "global" then sets).
 
     A composed name lists the wrappers outermost first, as `policy_allocation` reports them.
     """
-    if allocation not in ALLOCATIONS:
+    if allocation is not None and allocation not in ALLOCATIONS:
         raise ValueError(f"unknown allocation {allocation!r}; allowed: {', '.join(ALLOCATIONS)}")
+    if allocation is None:
+        return policy
+    if "allocation" in policy_options(type(policy)) and allocation in ("uniform", "global"):
+        return dataclasses.replace(policy, allocation=allocation, alpha=alpha)  # the KVzip family's own field
     for name in reversed(allocation.split("+")):  # innermost first
         if name == "pyramid":
             policy = PyramidKV(policy, beta=beta)
@@ -66,32 +72,34 @@ def allocate(policy: Policy, allocation: str = "uniform", *, alpha: float = 0.2,
     return policy
 
 
-def policy_allocation(selector: Policy | BudgetWrapper) -> str:
+def build_policy(name: str, *, budget, score: str | None, options: dict, allocation: str | None = None,
+                 alpha: float = 0.2, beta: float = 20.0, strict: bool = True) -> Selector:
+    """A policy (wrapped for its allocation) from plain values, e.g. the command line's; validates everything.
+
+    `options` that the policy lacks raise with `strict`, and are skipped otherwise.
+    """
+    fields = policy_options(POLICIES[name]) if name in POLICIES else {}
+    unknown = sorted(set(options) - set(fields))
+    if unknown and strict:
+        raise ValueError(f"{name} has no option {', '.join('--' + u.replace('_', '-') for u in unknown)}")
+    chosen = {key: value for key, value in options.items() if key in fields}
+    if name in POLICIES and POLICIES[name].takes_score:
+        chosen["score"] = score
+    policy = make_policy(name, budget=budget, **chosen)
+    return allocate(policy, allocation, alpha=alpha, beta=beta)
+
+
+def policy_allocation(selector: Selector) -> str:
     """The allocation name of a (possibly wrapped) policy: "uniform", or the wrappers', outermost first."""
-    names = []
-    while isinstance(selector, BudgetWrapper):
-        names.append(selector.name)
-        selector = selector.policy
-    return "+".join(names) or "uniform"
+    return selector.allocation_label()
 
 
-def policy_label(selector: Policy | BudgetWrapper) -> str:
+def policy_label(selector: Selector) -> str:
     """A short name of a policy's method: "snapkv", "snapkv[kernel=15]+shared+chunk8", "adakv(snapkv)", ...
 
     Options that differ from the class defaults (budget and score aside) are shown in brackets.
     """
-    if isinstance(selector, BudgetWrapper):
-        return f"{selector.name}({policy_label(selector.policy)})"
-    changed = [
-        f"{name}={getattr(selector, name)}" for name, field in policy_options(type(selector)).items()
-        if name not in ("budget", "score", "selection", "chunk") and getattr(selector, name) != field.default
-    ]
-    parts = [selector.name + (f"[{','.join(changed)}]" if changed else "")]
-    if selector.selection == "shared":
-        parts.append("shared")
-    if selector.chunk > 1:
-        parts.append(f"chunk{selector.chunk}")
-    return "+".join(parts)
+    return selector.label()
 
 
 #: The configuration the evaluation found best (RESULTS.md): SnapKV with a pooling kernel wide enough for
@@ -102,7 +110,7 @@ RECOMMENDED = {"policy": "snapkv", "options": {"sinks": 4, "kernel": 15, "chunk"
                "score": "obc-key"}
 
 
-def recommended(budget: float | int = 0.1, score: str = RECOMMENDED["score"], **options) -> Policy | BudgetWrapper:
+def recommended(budget: float | int = 0.1, score: str = RECOMMENDED["score"], **options) -> Selector:
     """The recommended policy (`RECOMMENDED`) at a budget and score; `options` override its policy options."""
     policy = make_policy(RECOMMENDED["policy"], budget=budget, score=score, **{**RECOMMENDED["options"], **options})
     return allocate(policy, RECOMMENDED["allocation"])
@@ -136,7 +144,8 @@ def paper_preset(setting: str, policy: str, *, budget: float | int, score: str |
 
 
 __all__ = [
-    "ALLOCATIONS", "AdaKV", "BudgetWrapper", "Decoding", "GlobalKV", "H2O", "KVzip", "LayerState", "POLICIES", "PRESETS", "Policy", "PyramidKV",
-    "REGISTRY", "ScoredPolicy", "SnapKV", "StreamingLLM", "TOVA", "allocate", "make_policy", "paper_preset",
-    "policy_allocation", "policy_label", "policy_options", "RECOMMENDED", "recommended",
+    "ALLOCATIONS", "AdaKV", "Decoding", "GlobalKV", "H2O", "KVzip", "KVzipHeads", "KVzipReplay", "LayerState",
+    "POLICIES", "PRESETS", "Policy", "PyramidKV", "REGISTRY", "ScoredPolicy", "Selector", "SnapKV", "StreamingLLM",
+    "TOVA", "Wrapper", "allocate", "build_policy", "make_policy", "paper_preset", "policy_allocation", "policy_label",
+    "policy_options", "RECOMMENDED", "recommended",
 ]

@@ -13,36 +13,84 @@ length live in the cache's ragged layout, which frees what they drop.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Hashable
+from dataclasses import dataclass, replace
 from typing import ClassVar
 
 import torch
 import torch.distributed as dist
 
 from obcache.layer_state import LayerState
-from obcache.policies.base import Policy
+from obcache.policies.base import Policy, check_choices
+from obcache.policies.selector import Replay, Selector
 from obcache.selection import adaptive_mask, pyramid_budgets
 
 
 @dataclass
-class BudgetWrapper:
-    """Wraps a policy; delegates every step of the selection pipeline it does not replace."""
+class Wrapper(Selector):
+    """Wraps a policy (or another wrapper); forwards, by name, every step of the pipeline it does not replace."""
 
     name: ClassVar[str] = "wrapper"
-    policy: Policy | BudgetWrapper
+    policy: Selector
 
     def __post_init__(self) -> None:
-        if not isinstance(self.policy, (Policy, BudgetWrapper)):
+        if not isinstance(self.policy, Selector):
             raise TypeError(f"{type(self).__name__} wraps a policy (H2O, TOVA, SnapKV, ...), got {self.policy!r}")
+        if self.policy.evicts_while_decoding:
+            raise ValueError(f"{type(self).__name__} must wrap the policy inside Decoding, not Decoding itself: "
+                             "Decoding(AdaKV(policy), ...), not AdaKV(Decoding(policy, ...))")
+        check_choices(self)
 
-    def __getattr__(self, attribute: str):
-        # budget, score, window, sinks, selection, ... of the wrapped policy (dataclass fields are found first)
-        if attribute == "policy":
-            raise AttributeError(attribute)
-        return getattr(self.policy, attribute)
+    # -- the wrapped policy's named fields --
+
+    @property
+    def base(self) -> Policy:
+        return self.policy.base
+
+    @property
+    def budget(self) -> float | int:
+        """The prompt budget of the wrapped policy."""
+        return self.policy.budget
+
+    @property
+    def group(self):
+        return self.policy.group
+
+    @property
+    def chooses_across_heads(self) -> bool:
+        return self.policy.chooses_across_heads
+
+    @property
+    def selects_after_all_layers(self) -> bool:
+        return self.policy.selects_after_all_layers
+
+    def replay(self) -> Replay | None:
+        return self.policy.replay()
+
+    def prepare(self, model, tokenizer=None, *, chat_template: bool = True) -> Wrapper:
+        prepared = self.policy.prepare(model, tokenizer, chat_template=chat_template)
+        return self if prepared is self.policy else replace(self, policy=prepared)
+
+    def label(self) -> str:
+        return f"{self.name}({self.policy.label()})"
+
+    def allocation_label(self) -> str:
+        inner = self.policy.allocation_label()
+        return self.name if inner == "uniform" else f"{self.name}+{inner}"
+
+    # -- the pipeline, forwarded --
+
+    def check_prompt(self, prompt_lengths: list[int]) -> None:
+        self.policy.check_prompt(prompt_lengths)
 
     def kept_tokens(self, prompt_length: int) -> int:
         return self.policy.kept_tokens(prompt_length)
+
+    def scoring(self) -> Hashable:
+        return self.policy.scoring()
+
+    def token_scores(self, layer: LayerState) -> torch.Tensor:
+        return self.policy.token_scores(layer)
 
     def layer_budget(self, layer: LayerState) -> torch.Tensor:
         return self.policy.layer_budget(layer)
@@ -53,26 +101,11 @@ class BudgetWrapper:
     def allocate(self, scores: torch.Tensor, kept: torch.Tensor, layer: LayerState) -> torch.Tensor:
         return self.policy.allocate(scores, kept, layer)
 
-    def check_prompt(self, prompt_lengths: list[int]) -> None:
-        self.policy.check_prompt(prompt_lengths)
-
-    select = Policy.select
-    select_layers = Policy.select_layers
-    attach = Policy.attach
-
-
-def innermost(selector: Policy | BudgetWrapper) -> Policy:
-    """The policy under every budget wrapper."""
-    while isinstance(selector, BudgetWrapper):
-        selector = selector.policy
-    return selector
-
 
 @dataclass
-class PooledBudget(BudgetWrapper):
+class PooledBudget(Wrapper):
     """A wrapper whose heads draw on one pool of slots, each keeping at least alpha x budget tokens."""
 
-    chooses_across_heads: ClassVar[bool] = True
     alpha: float = 0.2
 
     def __post_init__(self) -> None:
@@ -81,6 +114,10 @@ class PooledBudget(BudgetWrapper):
             raise ValueError(
                 f"alpha must be a number in [0, 1] (the share of the budget every head keeps), got {self.alpha!r}"
             )
+
+    @property
+    def chooses_across_heads(self) -> bool:
+        return True
 
 
 @dataclass
@@ -96,11 +133,16 @@ class AdaKV(PooledBudget):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.policy.selection == "shared":
+        _per_layer(self)
+        if self.base.selection == "shared":
             raise ValueError("AdaKV gives heads different budgets; it needs selection='per-head', not 'shared'")
 
+    @property
+    def selects_after_all_layers(self) -> bool:  # per layer, unless the scores come from a replay
+        return self.replay() is not None
+
     def allocate(self, scores: torch.Tensor, kept: torch.Tensor, layer: LayerState) -> torch.Tensor:
-        return adaptive_mask(scores, kept, _floor(self.alpha, kept), self.group)
+        return adaptive_mask(scores, kept, head_floor(self.alpha, kept), self.group)
 
 
 @dataclass
@@ -122,7 +164,7 @@ class GlobalKV(PooledBudget):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if isinstance(self.policy, BudgetWrapper):
+        if isinstance(self.policy, Wrapper):
             raise ValueError(
                 f"global allocation sets every head's and layer's budget itself; wrap the policy directly, "
                 f"not {type(self.policy).__name__}"
@@ -136,17 +178,24 @@ class GlobalKV(PooledBudget):
         raise TypeError("global allocation chooses over all layers at once: use select_layers")
 
     def select_layers(self, layers: list[LayerState], scores: list[torch.Tensor]) -> list[torch.Tensor | None]:
-        kept = self.layer_budget(layers[0])
-        heads = layers[0].kv_heads
-        if bool((kept >= layers[0].real_lengths()).all()):
-            return [None] * len(layers)
-        prepared = [self.prepared_scores(layer, layer_scores) for layer, layer_scores in zip(layers, scores)]
-        shared = prepared[0].shape[1]  # Hkv, or 1 with shared selection
-        if not self.policy.comparable_across_layers:
-            prepared = [_relative(layer_scores, self.group) for layer_scores in prepared]
-        pooled = torch.cat(prepared, dim=1)  # [B, layers x heads, L]
-        mask = adaptive_mask(pooled, kept, _floor(self.alpha, kept), self.group)
-        return [part.expand(-1, heads, -1) for part in mask.split(shared, dim=1)]
+        return pooled_select(self, layers, scores, self.alpha)
+
+
+def pooled_select(selector: Selector, layers: list[LayerState], scores: list[torch.Tensor],
+                  alpha: float) -> list[torch.Tensor | None]:
+    """GlobalKV's choice for `selector`'s prepared scores: budget x Hkv x layers slots per row over every head of
+    every layer, each head keeping at least alpha x budget (see `GlobalKV`)."""
+    kept = selector.layer_budget(layers[0])
+    heads = layers[0].kv_heads
+    if bool((kept >= layers[0].real_lengths()).all()):
+        return [None] * len(layers)
+    prepared = [selector.prepared_scores(layer, layer_scores) for layer, layer_scores in zip(layers, scores)]
+    shared = prepared[0].shape[1]  # Hkv, or 1 with shared selection
+    if not selector.base.comparable_across_layers:
+        prepared = [_relative(layer_scores, selector.group) for layer_scores in prepared]
+    pooled = torch.cat(prepared, dim=1)  # [B, layers x heads, L]
+    mask = adaptive_mask(pooled, kept, head_floor(alpha, kept), selector.group)
+    return [part.expand(-1, heads, -1) for part in mask.split(shared, dim=1)]
 
 
 def _relative(scores: torch.Tensor, group=None) -> torch.Tensor:
@@ -160,14 +209,14 @@ def _relative(scores: torch.Tensor, group=None) -> torch.Tensor:
     return scores / mean.clamp_min(torch.finfo(scores.dtype).tiny)
 
 
-def _floor(alpha: float, kept: torch.Tensor) -> torch.Tensor:
+def head_floor(alpha: float, kept: torch.Tensor) -> torch.Tensor:
     """[B] tokens every head keeps at least: alpha x budget, rounded up, at least one (at most the budget)."""
     floors = torch.tensor([max(1, math.ceil(alpha * k)) for k in kept.tolist()], device=kept.device)
     return torch.minimum(kept, floors)
 
 
 @dataclass
-class PyramidKV(BudgetWrapper):
+class PyramidKV(Wrapper):
     """Layer budgets that fall linearly with depth (PyramidKV, arXiv 2406.02069).
 
     Of each layer's budget, the protected tokens stay; the scored remainder s
@@ -182,6 +231,14 @@ class PyramidKV(BudgetWrapper):
         super().__post_init__()
         if isinstance(self.beta, bool) or not isinstance(self.beta, (int, float)) or not self.beta >= 1:
             raise ValueError(f"beta must be a number >= 1 (first/last layer budget ratio parameter), got {self.beta!r}")
+        _per_layer(self)
+        if self.base.needs_pooled_heads:
+            raise ValueError(f"{self.base.name} rates whole heads: it needs budget moved between heads, which "
+                             "PyramidKV does not do; use its default allocation, or AdaKV/GlobalKV")
+
+    @property
+    def selects_after_all_layers(self) -> bool:  # per layer, unless the scores come from a replay
+        return self.replay() is not None
 
     def layer_budget(self, layer: LayerState) -> torch.Tensor:
         lengths = layer.real_lengths().tolist()
@@ -191,6 +248,13 @@ class PyramidKV(BudgetWrapper):
     def layer_budgets(self, prompt_length: int, num_layers: int) -> list[int]:
         """Tokens kept per KV head in each layer for a prompt of `prompt_length` real tokens."""
         kept = self.policy.kept_tokens(prompt_length)
-        protected = min(kept, self.policy.window_protected + self.policy.sinks)
+        protected = min(kept, self.base.window_protected + self.base.sinks)
         scored = pyramid_budgets(kept - protected, num_layers, self.beta, prompt_length - protected)
         return [protected + budget for budget in scored]
+
+
+def _per_layer(wrapper: Wrapper) -> None:
+    """A wrapper that chooses one layer at a time cannot wrap one that pools every layer."""
+    if isinstance(wrapper.policy, GlobalKV):
+        raise ValueError(f"{type(wrapper).__name__} chooses per layer; GlobalKV pools every layer and goes "
+                         "outermost (GlobalKV(policy), or Decoding cannot use it)")

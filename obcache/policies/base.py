@@ -33,8 +33,9 @@ from typing import ClassVar
 import torch
 
 from obcache.layer_state import LayerState
-from obcache.scores import GQA_REDUCTIONS, SCORE_KINDS, check_gqa, check_score_kind, saliency
-from obcache.selection import HEAD_COMBINES, check_combine, chunk_scores, combine_heads, top_k_mask
+from obcache.policies.selector import Selector
+from obcache.scores import GQA_REDUCTIONS, SCORE_KINDS, saliency
+from obcache.selection import HEAD_COMBINES, chunk_scores, combine_heads, top_k_mask
 
 SELECTIONS: dict[str, str] = {
     "per-head": "every KV head keeps its own best tokens",
@@ -42,13 +43,26 @@ SELECTIONS: dict[str, str] = {
 }
 
 
-def option(default, help: str, choices: dict | None = None):
-    """A policy hyper-parameter: a dataclass field whose help (and choices) the CLI reads."""
-    return field(default=default, metadata={"help": help, "choices": list(choices) if choices else None})
+def option(default, help: str, choices: dict | None = None, *, noun: str | None = None):
+    """A policy hyper-parameter: a dataclass field whose help (and choices) the CLI reads, and whose choices
+    `check_choices` enforces (`noun`: what the error calls a value, default the field's name)."""
+    return field(default=default, metadata={"help": help, "choices": list(choices) if choices else None,
+                                            "noun": noun})
+
+
+def check_choices(selector) -> None:
+    """Raise a clear ValueError for any field whose value is not among its `option(choices=...)`: the one place
+    where every named choice of a policy or wrapper is validated."""
+    for item in fields(selector):
+        choices = item.metadata.get("choices")
+        value = getattr(selector, item.name)
+        if choices and (not isinstance(value, str) or value not in choices):
+            noun = item.metadata.get("noun") or item.name.replace("_", " ")
+            raise ValueError(f"unknown {noun} {value!r}; allowed: {', '.join(choices)}")
 
 
 @dataclass
-class Policy:
+class Policy(Selector):
     """Base class of eviction policies. Fields are the policy's hyper-parameters.
 
     Subclasses set `name` and `summary`, implement `token_scores`, and declare
@@ -56,21 +70,21 @@ class Policy:
     `sinks` (the first real tokens). `takes_score` says whether a `score`
     field chooses the token score (see `ScoredPolicy`); `decode_accumulates`
     whether, during decoding (`obcache.Decoding`), scores are summed over
-    every query as it passes instead of recomputed from the latest queries;
-    `needs_reconstruction` whether the scores come from the queries of the
-    model repeating its context (`obcache.KVzip`), after the whole prefill.
+    every query as it passes instead of recomputed from the latest queries.
     """
 
     name: ClassVar[str] = "policy"
     summary: ClassVar[str] = ""
     takes_score: ClassVar[bool] = False
     decode_accumulates: ClassVar[bool] = False  # during decoding: running sum of every query's score (H2O)
-    needs_reconstruction: ClassVar[bool] = False  # scored by the context-reconstruction queries (KVzip)
+    needs_pooled_heads: ClassVar[bool] = False  # rates whole heads: its budget must move between heads
+    allocation: ClassVar[str] = "uniform"  # how its budget spreads over heads and layers (KVzip: a field, "global")
 
     budget: float | int = option(0.1, "kept per KV head: fraction of the prompt (0.1) or tokens (256)")
     sinks: int = option(0, "first real tokens always kept")
     selection: str = option("per-head", "per-head: each KV head its own tokens; shared: one set per layer", SELECTIONS)
-    combine: str = option("normalized-mean", "shared selection: how head scores combine", HEAD_COMBINES)
+    combine: str = option("normalized-mean", "shared selection: how head scores combine", HEAD_COMBINES,
+                          noun="head combine")
     chunk: int = option(1, "keep or drop whole spans of this many consecutive tokens (1 = single tokens)")
     #: Under tensor parallelism, the torch.distributed process group whose ranks hold the KV heads in rank
     #: order: head-shared scores and AdaKV/GlobalKV budgets are then agreed over every rank's heads.
@@ -80,11 +94,13 @@ class Policy:
         check_budget(self.budget)
         check_count("sinks", self.sinks, minimum=0)
         check_count("chunk", self.chunk, minimum=1)
-        if self.selection not in SELECTIONS:
-            raise ValueError(f"unknown selection {self.selection!r}; allowed: {', '.join(SELECTIONS)}")
-        check_combine(self.combine)
+        check_choices(self)
         if isinstance(self.budget, int) and self.chunk > self.budget:
             raise ValueError(f"chunk {self.chunk} is larger than the budget of {self.budget} tokens")
+
+    @property
+    def base(self) -> Policy:
+        return self
 
     # -- what subclasses define --
 
@@ -136,13 +152,6 @@ class Policy:
         """Keep mask [B, Hkv, L]: the `kept` [B] best tokens of every head (or of the shared row)."""
         return top_k_mask(scores, kept).expand(-1, layer.kv_heads, -1)
 
-    def select(self, layer: LayerState, scores: torch.Tensor | None = None) -> torch.Tensor | None:
-        """Keep mask [B, Hkv, L] of the layer's slots (from `scores`, or `token_scores`); None = keep all."""
-        kept = self.layer_budget(layer)
-        if bool((kept >= layer.real_lengths()).all()):
-            return None
-        return self.allocate(self.prepared_scores(layer, scores), kept, layer)
-
     def scoring(self) -> tuple:
         """What `token_scores` depends on: the class and every option except those that only choose among the
         scored tokens (budget, sinks, selection, combine, chunk). Equal for policies that can share scores."""
@@ -152,8 +161,8 @@ class Policy:
 
     @property
     def chooses_across_heads(self) -> bool:
-        """Whether one KV head's kept tokens depend on the other heads' scores (head-shared selection; AdaKV
-        and GlobalKV say so too): under tensor parallelism the ranks must then agree (`group`)."""
+        """Head-shared selection chooses across heads (AdaKV and GlobalKV do too): under tensor parallelism the
+        ranks must then agree (`group`)."""
         return self.selection == "shared"
 
     @property
@@ -164,17 +173,26 @@ class Policy:
 
     @property
     def selects_after_all_layers(self) -> bool:
-        """Whether the choice needs every layer first (`select_layers`), instead of one layer at a time."""
-        return self.needs_reconstruction
+        """Scores that only a replay after the prefill gives wait for every layer."""
+        return self.replay() is not None
 
-    def select_layers(self, layers: list[LayerState], scores: list[torch.Tensor]) -> list[torch.Tensor | None]:
-        """Keep masks of every layer at once, from each layer's token scores."""
-        return [self.select(layer, layer_scores) for layer, layer_scores in zip(layers, scores)]
+    def label(self) -> str:
+        changed = [
+            f"{item.name}={getattr(self, item.name)}" for item in fields(self)
+            if item.name not in ("budget", "score", "selection", "chunk") and item.repr
+            and getattr(self, item.name) != item.default
+        ]
+        parts = [self.name + (f"[{','.join(changed)}]" if changed else "")]
+        if self.selection == "shared":
+            parts.append("shared")
+        if self.chunk > 1:
+            parts.append(f"chunk{self.chunk}")
+        return "+".join(parts)
+
+    def allocation_label(self) -> str:
+        return self.allocation
 
     # -- checks and protection --
-
-    def check_ready(self) -> None:
-        """Raise a clear error if the policy must first be prepared (`obcache.calibrate`); by default it need not."""
 
     def check_prompt(self, prompt_lengths: list[int]) -> None:
         """Raise a clear error if the policy cannot run on prompts of these real lengths."""
@@ -214,15 +232,6 @@ class Policy:
             protected = protected | (real & (real.cumsum(-1) <= self.sinks))
         return protected
 
-    def attach(self, model, *, tokenizer=None, chat_template: bool = True):
-        """Context manager: under it, `model(...)` and `model.generate(...)` evict after prefill.
-
-        `tokenizer` (and whether the prompt uses the chat template) only matter to policies that
-        reconstruct the context (`obcache.KVzip`), which need it to write their prompt."""
-        from obcache.hooks import EvictionHooks
-
-        return EvictionHooks(model, self, tokenizer=tokenizer, chat_template=chat_template)
-
 
 @dataclass
 class ScoredPolicy(Policy):
@@ -230,24 +239,26 @@ class ScoredPolicy(Policy):
 
     takes_score: ClassVar[bool] = True
 
-    score: str = option("attention", "token score (higher = keep)", SCORE_KINDS)
-    gqa: str = option("sum", "how the query heads of a KV head combine in the score", GQA_REDUCTIONS)
+    score: str = option("attention", "token score (higher = keep)", SCORE_KINDS, noun="score kind")
+    gqa: str = option("sum", "how the query heads of a KV head combine in the score", GQA_REDUCTIONS,
+                      noun="gqa reduction")
 
     def __post_init__(self) -> None:
-        super().__post_init__()
         if self.score is None:
             raise ValueError(f"{self.name} needs a score; allowed: {', '.join(SCORE_KINDS)}")
-        check_score_kind(self.score)
-        check_gqa(self.gqa)
+        super().__post_init__()
+
+    def saliency(self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling: float, *,
+                 reduce: str = "sum", **options) -> torch.Tensor:
+        """`obcache.saliency` with this policy's score and GQA reduction (the one place that builds the call)."""
+        return saliency(queries, keys, values, self.score, scaling=scaling, gqa=self.gqa, reduce=reduce, **options)
 
     def window_scores(self, layer: LayerState, start: int, end: int) -> torch.Tensor:
         """The policy's score from the queries of slots start..end-1 over the keys they see, [B, Hkv, end]."""
         queries, outputs = layer.window(start, end)
         mask = layer.key_mask[:, :end] if layer.key_mask is not None else None
-        return saliency(
-            queries, layer.keys[:, :, :end], layer.values[:, :, :end], self.score,
-            scaling=layer.scaling, key_mask=mask, outputs=outputs, gqa=self.gqa,
-        )
+        return self.saliency(queries, layer.keys[:, :, :end], layer.values[:, :, :end], layer.scaling,
+                             key_mask=mask, outputs=outputs)
 
 
 @dataclass

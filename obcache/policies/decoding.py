@@ -1,11 +1,12 @@
 """Eviction during generation: a fixed cache budget however long the output.
 
-    with Decoding(H2O(score="obc-joint", budget=0.2), budget=512, interval=16).attach(model):
+    with Decoding(H2O(score="obc-joint", budget=0.2), capacity=512, interval=16).attach(model):
         model.generate(...)
 
-The prompt is evicted by the wrapped policy as usual. After every later
-forward, once the KV heads of a layer hold `budget + interval` slots on
-average, the layer is evicted back to `budget` per head, with the wrapped
+The prompt is evicted by the wrapped policy as usual (its `budget`). After
+every later forward, once the KV heads of a batch row hold `capacity +
+interval` slots on average in a layer, that row is evicted back to `capacity`
+per head, with the wrapped
 policy's selection (shared, chunks, AdaKV, protected sinks and recent window)
 and its own score, as each policy defines it during decoding:
 
@@ -30,48 +31,46 @@ import torch.distributed as dist
 
 from obcache.layer_state import LayerState
 from obcache.layouts import RaggedLayer
-from obcache.policies.allocation import BudgetWrapper, innermost
+from obcache.policies.allocation import Wrapper
 from obcache.policies.base import Policy, check_count
-from obcache.scores import saliency
 
 
 @dataclass
-class Decoding(BudgetWrapper):
-    """Evict during generation too: back to `budget` tokens per KV head every `interval` new tokens."""
+class Decoding(Wrapper):
+    """Evict during generation too: back to `capacity` tokens per KV head every `interval` new tokens."""
 
     name: ClassVar[str] = "decoding"
-    budget: int = 512
+    capacity: int = 512
     interval: int = 16
 
     def __post_init__(self) -> None:
-        super().__post_init__()
-        check_count("budget", self.budget, minimum=1)
-        check_count("interval", self.interval, minimum=1)
         if isinstance(self.policy, Decoding):
-            raise ValueError("Decoding wraps a policy that evicts after the prompt, not another Decoding: its budget "
-                             "would be ignored; use one Decoding(policy, budget=..., interval=...)")
+            raise ValueError("Decoding wraps a policy that evicts after the prompt, not another Decoding: its "
+                             "capacity would be ignored; use one Decoding(policy, capacity=..., interval=...)")
+        super().__post_init__()
+        check_count("capacity", self.capacity, minimum=1)
+        check_count("interval", self.interval, minimum=1)
         base = self.base
         if not isinstance(base, Policy):
             raise TypeError(f"Decoding needs a policy that scores tokens (H2O, TOVA, SnapKV, ...), got {base!r}")
-        if base.needs_reconstruction or self.policy.selects_after_all_layers:
+        if self.policy.selects_after_all_layers:
             raise ValueError(
                 f"Decoding evicts one layer at a time as tokens are generated; {self.policy.name} chooses after "
                 "all layers (KVzip's context reconstruction, or global allocation) and cannot score during "
                 "decoding; use H2O, TOVA, SnapKV or StreamingLLM"
             )
         protected = base.window_protected + base.sinks
-        if self.budget < protected:
+        if self.capacity < protected:
             raise ValueError(
-                f"decode budget {self.budget} is smaller than the {protected} protected tokens "
-                f"(sinks {base.sinks} + window {base.window_protected}); raise the budget or shrink the window/sinks"
+                f"decode capacity {self.capacity} is smaller than the {protected} protected tokens "
+                f"(sinks {base.sinks} + window {base.window_protected}); raise it or shrink the window/sinks"
             )
-        if self.budget < base.chunk:
-            raise ValueError(f"decode budget {self.budget} is smaller than the chunk {base.chunk}")
+        if self.capacity < base.chunk:
+            raise ValueError(f"decode capacity {self.capacity} is smaller than the chunk {base.chunk}")
 
     @property
-    def base(self) -> Policy:
-        """The innermost policy (under every wrapper)."""
-        return innermost(self.policy)
+    def evicts_while_decoding(self) -> bool:
+        return True
 
     @property
     def query_window(self) -> int:
@@ -79,12 +78,12 @@ class Decoding(BudgetWrapper):
         base = self.base
         if base.decode_accumulates or not base.takes_score:
             return 0
-        return getattr(base, "window", 1)
+        return base.window_protected or 1  # SnapKV's observation window; TOVA: the newest query
 
     # -- prefill: the wrapped policy, plus what decoding will need --
 
-    def select(self, layer: LayerState) -> torch.Tensor | None:
-        scores = self.base.token_scores(layer)
+    def select(self, layer: LayerState, scores: torch.Tensor | None = None) -> torch.Tensor | None:
+        scores = self.base.token_scores(layer) if scores is None else scores
         if self.base.decode_accumulates:
             layer.layer.scores = scores.to(torch.promote_types(scores.dtype, torch.float32))  # follows `keep`
         if self.query_window:
@@ -105,7 +104,7 @@ class Decoding(BudgetWrapper):
             if "queries" in cache_layer.extras:
                 recent = torch.cat([cache_layer.extras["queries"], recent], dim=-2)
             cache_layer.extras["queries"] = recent[:, :, -self.query_window :]
-        due = _mean_slots(cache_layer, self.group) >= self.budget + self.interval  # [B]: each row on its own
+        due = _mean_slots(cache_layer, self.group) >= self.capacity + self.interval  # [B]: each row on its own
         if not bool(due.any()):
             return None
         # Under tensor parallelism every rank chooses in the grid one device would: as wide as the longest head.
@@ -128,10 +127,10 @@ class Decoding(BudgetWrapper):
         return self._allocate(_grid_view(view, valid), wide, due)[..., pad:]
 
     def _allocate(self, view: LayerState, raw: torch.Tensor, due: torch.Tensor) -> torch.Tensor:
-        """Keep mask of the view's slots: `budget` per head in the rows that are `due` [B], every real slot in
+        """Keep mask of the view's slots: `capacity` per head in the rows that are `due` [B], every real slot in
         the others."""
-        # A due row holds more than `budget` slots in some head; one count for all rows and ranks keeps them agreed.
-        budget = torch.full((raw.shape[0],), min(self.budget, view.length), device=raw.device)
+        # A due row holds more than `capacity` slots in some head; one count for all rows and ranks keeps them agreed.
+        budget = torch.full((raw.shape[0],), min(self.capacity, view.length), device=raw.device)
         chosen = self.policy.allocate(self.policy.prepared_scores(view, raw), budget, view)
         real = view.key_mask if view.key_mask is not None else torch.ones_like(chosen)
         real = real.unsqueeze(1) if real.dim() == 2 else real
@@ -169,8 +168,8 @@ class Decoding(BudgetWrapper):
 
         def score(q, o, keys, values, key_mask):
             length = keys.shape[-2]
-            return saliency(q, keys, values, base.score, scaling=layer.scaling, key_mask=key_mask, outputs=o,
-                            gqa=base.gqa, query_positions=range(length - tokens, length))
+            return base.saliency(q, keys, values, layer.scaling, key_mask=key_mask, outputs=o,
+                                 query_positions=range(length - tokens, length))
 
         if cache_layer.scores is None:  # a cache not prefilled under this policy: sums start now
             size = cache_layer.keys.shape[0] if isinstance(cache_layer, RaggedLayer) else layer.keys.shape[:3]
