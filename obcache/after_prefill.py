@@ -17,18 +17,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Hashable, Mapping
-from typing import TYPE_CHECKING
-
 import torch
 
 from obcache.cache import EvictableCache
-from obcache.capture import Observer
+from obcache.capture import Engine, Observer
 from obcache.forward import ForwardRecord
 from obcache.layer_state import LayerState
-
-if TYPE_CHECKING:
-    from obcache.hooks import Attachment
-    from obcache.policies.selector import Replay, Selector
+from obcache.selector import Replay, Selector
 
 
 class _ReplayScorer(Observer):
@@ -54,7 +49,7 @@ class _ReplayScorer(Observer):
 
 
 @torch.no_grad()
-def replay_scores(engine: Attachment, cache: EvictableCache, inputs: list[list[int]],
+def replay_scores(engine: Engine, cache: EvictableCache, inputs: list[list[int]],
                   replays: Mapping[Hashable, Replay]) -> tuple[dict[Hashable, list[torch.Tensor]], dict[Hashable, float]]:
     """Per replay, per layer, the [1, Hkv, L] scores of the L context tokens of `cache` over the extra forwards of
     `inputs` (merged over them); and per replay the seconds it would have taken alone (the forwards plus its own
@@ -73,7 +68,7 @@ def replay_scores(engine: Attachment, cache: EvictableCache, inputs: list[list[i
 
 
 def select_after_prefill(
-    engine: Attachment, cache: EvictableCache, context_ids: list[int], selectors: Mapping[Hashable, Selector],
+    engine: Engine, cache: EvictableCache, context_ids: list[int], selectors: Mapping[Hashable, Selector],
     prefill_scores: Mapping[Hashable, list[torch.Tensor]],
 ) -> tuple[dict[Hashable, list[torch.Tensor | None]], dict[Hashable, float]]:
     """Per selector, the keep masks of every layer of the full `cache` of `context_ids` (batch 1), and the

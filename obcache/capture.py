@@ -13,7 +13,8 @@ rebuilt from the module's input), and the attention outputs it computed.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from contextlib import AbstractContextManager
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -22,8 +23,16 @@ from obcache.forward import ForwardRecord
 from obcache.layer_state import LayerState
 from obcache.models import FamilyAdapter
 
-if TYPE_CHECKING:
-    from obcache.hooks import Attachment
+class Engine(Protocol):
+    """What an observer may use of the attachment it runs in (`obcache.hooks.Attachment`): the model, the prompt
+    settings, and more observers for extra forwards (KVzip's replay)."""
+
+    model: nn.Module
+    tokenizer: object
+    chat_template: bool
+
+    def observing(self, observer: Observer) -> AbstractContextManager[None]:
+        """While inside, `observer` sees every layer too, first."""
 
 
 class Observer:
@@ -42,7 +51,7 @@ class Observer:
     def layer_done(self, state: LayerState, record: ForwardRecord) -> None:
         """A layer's state right after its attention forward."""
 
-    def forward_done(self, record: ForwardRecord, engine: Attachment) -> None:
+    def forward_done(self, record: ForwardRecord, engine: Engine) -> None:
         """After the decoder's forward (every layer done)."""
 
 

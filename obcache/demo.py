@@ -17,13 +17,12 @@ import time
 
 from tqdm import tqdm
 
-from obcache.fanout import shared_prefill
 from obcache.evaluation.tasks import exact_match, make_sample, score_prediction
+from obcache.fanout import shared_prefill
 from obcache.generation import build_prompt, continue_greedy, eos_token_ids, generate
 from obcache.hooks import attach
-from obcache.policies import Selector
 from obcache.loading import load_model
-from obcache.policies import Decoding, SnapKV, StreamingLLM, policy_label
+from obcache.policies import Decoding, Selector, SnapKV, StreamingLLM, policy_label
 from obcache.scores import SCORE_KINDS
 
 OBCACHE_SCORES = ("attention", "obc-value", "obc-key", "obc-joint")

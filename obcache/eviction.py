@@ -13,18 +13,13 @@
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
-
 import torch
 
 from obcache.after_prefill import select_after_prefill
-from obcache.capture import Observer
+from obcache.capture import Engine, Observer
 from obcache.forward import ForwardRecord
 from obcache.layer_state import LayerState
-
-if TYPE_CHECKING:
-    from obcache.hooks import Attachment
-    from obcache.policies.selector import Selector
+from obcache.selector import Selector
 
 
 class Evictor(Observer):
@@ -53,7 +48,7 @@ class Evictor(Observer):
             record.cache.keep(state.layer_idx, mask)  # None: keeps all (the layer is recorded as visited)
         record.cache.eviction_seconds += time.perf_counter() - start
 
-    def forward_done(self, record: ForwardRecord, engine: Attachment) -> None:
+    def forward_done(self, record: ForwardRecord, engine: Engine) -> None:
         if not (record.prefill and self.selector.selects_after_all_layers):
             return
         start = time.perf_counter()

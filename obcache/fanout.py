@@ -20,22 +20,17 @@ from __future__ import annotations
 import time
 from collections.abc import Hashable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
 import torch
 from torch import nn
 
 from obcache.after_prefill import select_after_prefill
 from obcache.cache import EvictableCache
-from obcache.capture import Observer
+from obcache.capture import Engine, Observer
 from obcache.forward import ForwardRecord
 from obcache.generation import forward_tokens
 from obcache.hooks import attach
 from obcache.layer_state import LayerState
-
-if TYPE_CHECKING:
-    from obcache.hooks import Attachment
-    from obcache.policies.selector import Selector
+from obcache.selector import Selector
 
 
 @dataclass
@@ -102,7 +97,7 @@ class MaskRecorder(Observer):
             self.seconds[key] += _now(device) - start + (0.0 if fresh else shared)
         self.own_seconds += _now(device) - begin
 
-    def forward_done(self, record: ForwardRecord, engine: Attachment) -> None:
+    def forward_done(self, record: ForwardRecord, engine: Engine) -> None:
         if not record.prefill or not self.prefill_scores:
             return
         begin = time.perf_counter()

@@ -20,16 +20,13 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import torch
 
 from obcache.cache import EvictableCache
 from obcache.hooks import attach
 from obcache.models import position_limit
-
-if TYPE_CHECKING:
-    from obcache.policies.selector import Selector
+from obcache.selector import Selector
 
 
 @dataclass

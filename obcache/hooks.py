@@ -26,8 +26,6 @@ import functools
 import inspect
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
-
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -42,9 +40,7 @@ from obcache.forward import ForwardRecord
 from obcache.models import (
     attention_layers, check_attention_implementation, check_supported_config, tensor_parallel_ranks,
 )
-
-if TYPE_CHECKING:
-    from obcache.policies.selector import Selector
+from obcache.selector import Selector
 
 #: Generation modes that run on an obcache cache: one sequence per row, fed token by token.
 SUPPORTED_MODES = (GenerationMode.GREEDY_SEARCH, GenerationMode.SAMPLE)

@@ -25,10 +25,8 @@ from obcache.bench.reconstruction import measure_reconstruction, reconstruction_
 from obcache.bench.report import budget_key, check_targets, format_report
 from obcache.bench.shapes import RANDOM_SHAPES, load_benchmark_model, prompt
 from obcache.cli_args import GRID_AXES, add_model_arguments, add_policy_arguments, given_options
-from obcache.policies import build_policy
-from obcache.policies import Selector
 from obcache.loading import load_tokenizer
-from obcache.policies import H2O, POLICIES, REGISTRY, Decoding, policy_label, policy_options
+from obcache.policies import Decoding, H2O, POLICIES, REGISTRY, Selector, build_policy, policy_label, policy_options
 from obcache.policies.kvzip.policy import KVzipBase
 from obcache.scores import SCORE_KINDS
 

@@ -41,8 +41,7 @@ from obcache.bench.measure import sync
 from obcache.bench.shapes import forward, prompt
 from obcache.cache import EvictableCache
 from obcache.hooks import attach
-from obcache.policies import Selector
-from obcache.policies import Decoding
+from obcache.policies import Decoding, Selector
 
 
 @dataclass

@@ -21,8 +21,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from obcache.evaluation.tasks import TASKS, exact_match, make_sample, questions, score_prediction
-from obcache.policies import Selector
-from obcache.policies import policy_allocation
+from obcache.policies import Selector, policy_allocation
 
 if TYPE_CHECKING:
     from obcache.evaluation.spec import EvalSpec

@@ -11,10 +11,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from obcache.policies import build_policy
 from obcache.evaluation.families import family_of
-from obcache.policies import Selector
-from obcache.policies import POLICIES, policy_label, policy_options
+from obcache.policies import POLICIES, Selector, build_policy, policy_label, policy_options
 from obcache.scores import check_score_kind
 
 FULL = "full"  # policy name of the full-cache row

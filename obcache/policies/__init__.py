@@ -15,7 +15,7 @@ from obcache.policies.allocation import AdaKV, GlobalKV, PyramidKV, Wrapper
 from obcache.policies.base import Policy, ScoredPolicy
 from obcache.policies.decoding import Decoding
 from obcache.policies.h2o import H2O
-from obcache.policies.selector import Selector
+from obcache.selector import Selector
 from obcache.policies.snapkv import SnapKV
 from obcache.policies.streaming import StreamingLLM
 from obcache.policies.tova import TOVA

@@ -21,13 +21,13 @@ import torch
 import torch.distributed as dist
 
 from obcache.layer_state import LayerState
-from obcache.policies.base import Policy, check_choices
-from obcache.policies.selector import Replay, Selector
+from obcache.policies.base import Attachable, Policy, check_choices
+from obcache.selector import Replay, Selector
 from obcache.selection import adaptive_mask, pyramid_budgets
 
 
 @dataclass
-class Wrapper(Selector):
+class Wrapper(Attachable, Selector):
     """Wraps a policy (or another wrapper); forwards, by name, every step of the pipeline it does not replace."""
 
     name: ClassVar[str] = "wrapper"

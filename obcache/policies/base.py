@@ -33,7 +33,7 @@ from typing import ClassVar
 import torch
 
 from obcache.layer_state import LayerState
-from obcache.policies.selector import Selector
+from obcache.selector import Selector
 from obcache.scores import GQA_REDUCTIONS, SCORE_KINDS, saliency
 from obcache.selection import HEAD_COMBINES, chunk_scores, combine_heads, top_k_mask
 
@@ -61,8 +61,21 @@ def check_choices(selector) -> None:
             raise ValueError(f"unknown {noun} {value!r}; allowed: {', '.join(choices)}")
 
 
+class Attachable:
+    """`attach`, for policies and wrappers alike."""
+
+    def attach(self, model, *, tokenizer=None, chat_template: bool = True):
+        """Context manager: under it, `model(...)` and `model.generate(...)` evict with this selector.
+
+        `tokenizer` (and whether prompts use the chat template) matter only to selectors that write prompts of
+        their own (KVzip's reconstruction and head ratings)."""
+        from obcache.hooks import attach  # the engine, which itself knows policies only as Selectors
+
+        return attach(model, self, tokenizer=tokenizer, chat_template=chat_template)
+
+
 @dataclass
-class Policy(Selector):
+class Policy(Attachable, Selector):
     """Base class of eviction policies. Fields are the policy's hyper-parameters.
 
     Subclasses set `name` and `summary`, implement `token_scores`, and declare

@@ -17,19 +17,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
 import torch
 from torch import nn
 
 from obcache.after_prefill import replay_scores
 from obcache.cache import EvictableCache
 from obcache.hooks import attach
+from obcache.selector import Replay, Selector
 from obcache.text import document_ids
-
-if TYPE_CHECKING:
-    from obcache.policies.kvzip.policy import KVzip
-    from obcache.policies.selector import Selector
 
 
 @dataclass(frozen=True)
@@ -46,12 +41,12 @@ _FITTED: dict[tuple, HeadRatings] = {}
 
 
 @torch.no_grad()
-def fit_head_ratings(model: nn.Module, tokenizer, probe: KVzip, calibration: int, identity: str, *,
+def fit_head_ratings(model: nn.Module, tokenizer, probe: Replay, *, calibration: int, sinks: int, identity: str,
                      chat_template: bool = True) -> HeadRatings:
-    """Ratings of `model`'s heads by `probe`'s reconstruction score over `calibration` tokens of the shipped text
-    (module docstring); `identity` is the model's fingerprint. Reuses an earlier fit of the same model and setting."""
-    key = (identity, probe.replay_scoring(), probe.sinks, probe.reconstruct_chunk, calibration, chat_template,
-           tokenizer.name_or_path)
+    """Ratings of `model`'s heads by `probe`'s reconstruction scores over `calibration` tokens of the shipped text,
+    the first `sinks` left out (module docstring); `identity` is the model's fingerprint. Reuses an earlier fit of
+    the same model and setting."""
+    key = (identity, repr(probe), calibration, sinks, chat_template, tokenizer.name_or_path)
     if key not in _FITTED:
         start = time.perf_counter()
         ids = document_ids(tokenizer, calibration)
@@ -61,7 +56,7 @@ def fit_head_ratings(model: nn.Module, tokenizer, probe: KVzip, calibration: int
                   logits_to_keep=1)
             inputs = probe.replay_inputs(tokenizer, ids, chat_template=chat_template)
             layers = replay_scores(engine, cache, inputs, {0: probe})[0][0]
-        scores = torch.stack([layer[0, :, probe.sinks:].float().mean(-1) for layer in layers]).cpu()
+        scores = torch.stack([layer[0, :, sinks:].float().mean(-1) for layer in layers]).cpu()
         _FITTED[key] = HeadRatings(scores, identity, time.perf_counter() - start)
     return _FITTED[key]
 

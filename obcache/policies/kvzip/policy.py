@@ -45,7 +45,7 @@ from obcache.layer_state import LayerState
 from obcache.models import fingerprint, layers_and_kv_heads
 from obcache.policies.allocation import pooled_select
 from obcache.policies.base import ScoredPolicy, check_count, option
-from obcache.policies.selector import Replay
+from obcache.selector import Replay
 from obcache.scores import QUERY_REDUCTIONS
 
 QUERY_BLOCK = 256  # queries scored at once: bounds the [Hq, block, L] temporaries
@@ -265,7 +265,8 @@ class KVzipHeads(KVzipBase):
                              "text, which needs the tokenizer: attach(model, policy, tokenizer=tokenizer)")
         probe = KVzip(budget=self.budget, score=self.score, gqa=self.gqa, aggregate=self.aggregate, sinks=self.sinks,
                       reconstruct_chunk=self.reconstruct_chunk)
-        ratings = fit_head_ratings(model, tokenizer, probe, self.calibration, identity, chat_template=chat_template)
+        ratings = fit_head_ratings(model, tokenizer, probe, calibration=self.calibration, sinks=self.sinks,
+                                   identity=identity, chat_template=chat_template)
         return replace(self, ratings=ratings)
 
     def token_scores(self, layer: LayerState) -> torch.Tensor:

@@ -1,9 +1,10 @@
-"""The contract between the engine and the policies: one abstract base, `Selector`.
+"""The contract between the engine and the policies: one abstract base, `Selector` (torch only).
 
 The engine (`obcache.hooks`) knows policies only through this class; it never
-asks whether an attribute exists. `Policy` (a scored eviction method) and the
-wrappers (`AdaKV`, `PyramidKV`, `GlobalKV`, `Decoding`) derive from it, and the
-defaults here say what a selector that does not override them does:
+asks whether an attribute exists, and imports no policy. `Policy` (a scored
+eviction method) and the wrappers (`AdaKV`, `PyramidKV`, `GlobalKV`,
+`Decoding`) derive from it, and the defaults here say what a selector that
+does not override them does:
 
 - `prepare(model, tokenizer)`: a selector ready to evict on `model` (KVzip's
   head ratings are fitted here); by default the selector itself;
@@ -22,14 +23,11 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Hashable
-from typing import TYPE_CHECKING, ClassVar, Protocol
+from typing import ClassVar, Protocol
 
 import torch
 
 from obcache.layer_state import LayerState
-
-if TYPE_CHECKING:
-    from obcache.hooks import Attachment
 
 
 class Replay(Protocol):
@@ -144,12 +142,3 @@ class Selector(ABC):
     @abstractmethod
     def allocation_label(self) -> str:
         """How the budget spreads: "uniform", or the wrappers' names outermost first ("adakv+pyramid")."""
-
-    def attach(self, model, *, tokenizer=None, chat_template: bool = True) -> Attachment:
-        """Context manager: under it, `model(...)` and `model.generate(...)` evict with this selector.
-
-        `tokenizer` (and whether prompts use the chat template) matter only to selectors that write prompts of
-        their own (KVzip's reconstruction and head ratings)."""
-        from obcache.hooks import attach
-
-        return attach(model, self, tokenizer=tokenizer, chat_template=chat_template)
