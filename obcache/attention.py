@@ -9,9 +9,10 @@ position), so eviction, padding and continuation never need a mask of the
 logical length:
 
 - uniform layers: the model's own sdpa or eager kernel, with that mask;
-- ragged layers: per (row, head) segment on the CPU, and one fused
-  variable-length flash kernel (`torch.nn.attention.varlen`) on CUDA when
-  every segment decodes one token in half precision.
+- paged layers (heads of unequal length): one batched computation over every
+  block of the pool for a decoding step (the same torch code on the CPU and on
+  CUDA, any dtype), and one masked SDPA over the layer's grid when a forward
+  brings several tokens. Never a loop over segments.
 
 Without a record (a forward without a cache) the wrapped kernel runs with
 the mask transformers built, as usual. The function records the post-RoPE
@@ -30,7 +31,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask, sdpa_mask
 
-from obcache.layouts import RaggedLayer
+from obcache.layouts import PagedLayer
 
 IMPLEMENTATIONS = {"sdpa": "obcache-sdpa", "eager": "obcache-eager"}
 
@@ -55,8 +56,8 @@ def cache_attention(
     record.queries[module.layer_idx] = query  # for the observers: no need to rebuild them
     layer = record.cache.layers[module.layer_idx]
     positions = record.positions.to(query.device)
-    if isinstance(layer, RaggedLayer):
-        return ragged_attention(query, layer, positions, scaling), None
+    if not layer.uniform:
+        return paged_attention(query, layer, positions, scaling), None
     mask = layer.attention_mask(positions, causal_skip=base == "sdpa")
     if record.want_log_normalizers and base == "sdpa" and query.device.type == "cpu" and _cpu_flash():
         out, normalizers = _flash_with_log_normalizers(module, query, key, value, mask, scaling)
@@ -105,36 +106,42 @@ def _sees_earlier_then_causal(mask: torch.Tensor, earlier: int) -> bool:
     return bool(mask[..., :earlier].all()) and bool((mask[..., earlier:] == causal).all())
 
 
-def ragged_attention(query: torch.Tensor, layer: RaggedLayer, positions: torch.Tensor, scaling: float) -> torch.Tensor:
-    """softmax(s q k^T) v per (row, KV head) segment; query [B, Hq, q, d] -> [B, q, Hq, d]."""
+def paged_attention(query: torch.Tensor, layer: PagedLayer, positions: torch.Tensor, scaling: float) -> torch.Tensor:
+    """softmax(s q k^T) v of every segment over its own slots, in one batched computation; [B, Hq, q, d] ->
+    [B, q, Hq, d]. One new token per row (decoding): `decode_blocks`; several: one masked SDPA over the grid."""
+    if query.shape[2] == 1:
+        return decode_blocks(query, layer, scaling)
     batch, query_heads, length, dim = query.shape
     group = query_heads // layer.heads
-    if query.is_cuda and length == 1 and not layer.padded and query.dtype in (torch.float16, torch.bfloat16):
-        return _varlen_decode(query, layer, scaling)
-    out = query.new_empty(batch, query_heads, length, layer.values.shape[-1])
-    for row, head, keys, values, slots in layer.segments():
-        heads = slice(head * group, (head + 1) * group)
-        rows = query[row, heads].reshape(1, 1, group * length, dim)  # the group's queries share the keys
-        mask = None
-        if length > 1 or layer.padded:
-            mask = ((slots[None, :] <= positions[:, None]) & (slots >= 0)).repeat(group, 1)  # [G*q, n]
-        o = F.scaled_dot_product_attention(rows, keys[None, None], values[None, None], attn_mask=mask, scale=scaling)
-        out[row, heads] = o.view(group, length, -1)
-    return out.transpose(1, 2).contiguous()
+    grid = layer.grid()
+    seen = (grid.positions[:, :, None, :] <= positions[None, None, :, None]) & grid.valid[:, :, None, :]  # [B, Hkv, q, W]
+    rows = query.reshape(batch, layer.heads, group * length, dim)  # the G query heads of a KV head share its slots
+    mask = seen.repeat(1, 1, group, 1)
+    out = F.scaled_dot_product_attention(rows, grid.keys, grid.values, attn_mask=mask, scale=scaling)
+    return out.view(batch, query_heads, length, -1).transpose(1, 2).contiguous()
 
 
-def _varlen_decode(query: torch.Tensor, layer: RaggedLayer, scaling: float) -> torch.Tensor:
-    """One decoding step over all segments in one fused flash kernel (CUDA, fp16/bf16)."""
-    from torch.nn.attention.varlen import varlen_attn
-
+def decode_blocks(query: torch.Tensor, layer: PagedLayer, scaling: float) -> torch.Tensor:
+    """One decoding step over every block of the pool at once, no copy of keys or values: each block's scores
+    from its segment's G queries (z = s q k^T, empty slots -inf), the block's own softmax (max m_b, sum l_b, output
+    o_b), then per segment the blocks merged as flash-decoding does: M = max_b m_b,
+    out = sum_b e^(m_b - M) o_b / sum_b e^(m_b - M) l_b. query [B, Hq, 1, d] -> [B, 1, Hq, dv]."""
     batch, query_heads, _, dim = query.shape
-    group = query_heads // layer.heads
-    segments = batch * layer.heads
-    rows = query.view(batch, layer.heads, group, dim).reshape(segments, group, dim)  # one sequence per segment
-    cu_q = torch.arange(segments + 1, device=query.device, dtype=torch.int32)
-    cu_k = torch.tensor(layer.offsets, device=query.device, dtype=torch.int32)
-    out = varlen_attn(
-        rows.contiguous(), layer.keys[:, None], layer.values[:, None], cu_q, cu_k, 1, max(layer.lengths),
-        scale=scaling, enable_gqa=True,
-    )  # [segments, G, dv]
-    return out.reshape(batch, 1, query_heads, -1)
+    segments, group = batch * layer.heads, query_heads // layer.heads
+    owner = layer.owner.masked_fill(layer.owner < 0, segments)  # free blocks: a dummy segment
+    rows = query.view(segments, group, dim)
+    per_block = torch.cat([rows, rows.new_zeros(1, group, dim)])[owner]  # [N, G, d]
+    bias = torch.zeros(layer.positions.shape, dtype=query.dtype, device=query.device)
+    bias.masked_fill_(layer.positions < 0, float("-inf"))
+    scores = torch.baddbmm(bias[:, None, :], per_block, layer.keys.transpose(1, 2), alpha=scaling)  # [N, G, block]
+    peak = scores.amax(-1)  # [N, G]
+    peak = peak.masked_fill(peak == float("-inf"), 0.0)  # empty blocks: exp(-inf) = 0 below
+    weights = (scores - peak[..., None]).exp_()
+    sums, outputs = weights.sum(-1), torch.bmm(weights, layer.values)  # [N, G], [N, G, dv]
+    top = peak.new_full((segments + 1, group), float("-inf")).scatter_reduce_(
+        0, owner[:, None].expand(-1, group), peak.masked_fill(sums == 0, float("-inf")), "amax")
+    scale = (peak - top[owner]).exp_().masked_fill_(sums == 0, 0.0)  # [N, G]
+    total = sums.new_zeros(segments + 1, group).index_add_(0, owner, sums * scale)
+    out = outputs.new_zeros(segments + 1, group, outputs.shape[-1]).index_add_(0, owner, outputs * scale[..., None])
+    out = out[:segments] / total[:segments, :, None]
+    return out.view(batch, 1, query_heads, -1)

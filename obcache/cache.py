@@ -22,11 +22,11 @@ import copy
 import torch
 from transformers.cache_utils import Cache
 
-from obcache.layouts import RaggedLayer, UniformLayer
+from obcache.layouts import UniformLayer
 
 
 class EvictableCache(Cache):
-    """Per-layer uniform or ragged slots plus the logical length; one instance per generation.
+    """Per-layer uniform or paged slots plus the logical length; one instance per generation.
 
     Attributes:
         seen_tokens: logical length (tokens fed to the model so far, padding included).
@@ -115,10 +115,8 @@ class EvictableCache(Cache):
     # -- eviction --
 
     def keep(self, layer_idx: int, mask: torch.Tensor | None) -> None:
-        """Keep, in layer `layer_idx`, the slots of `mask` ([B, Hkv, n] for a uniform layer, [T] for a ragged one);
-        None keeps every slot (the layer is recorded as visited).
-
-        The new tensors are compact copies: the dropped slots are freed.
+        """Keep, in layer `layer_idx`, the slots of `mask` [B, Hkv, W] (in the layer's grid, `layouts.Grid`); None
+        keeps every slot (the layer is recorded as visited). The dropped slots are freed.
         """
         layer = self.layers[layer_idx]
         if layer_idx not in self.evicted_layers:
@@ -130,14 +128,12 @@ class EvictableCache(Cache):
     def fork(self) -> EvictableCache:
         """A cache that continues from this one as it is now, leaving this one unchanged.
 
-        Nothing is copied: growing a layer makes new tensors, so the two share
-        the slots held now and nothing after. Many questions on one compressed
+        The two share the slots held now; a layer is copied when either side
+        first writes to it (copy on write). Many questions on one compressed
         context: fork the compressed cache for each.
         """
         twin = copy.copy(self)
-        twin.layers = [copy.copy(layer) for layer in self.layers]
-        for layer in twin.layers:
-            layer.extras = dict(layer.extras)
+        twin.layers = [layer.fork() for layer in self.layers]
         twin.evicted_layers = set(self.evicted_layers)
         return twin
 
@@ -150,7 +146,7 @@ class EvictableCache(Cache):
         evicted = EvictableCache()
         evicted.seen_tokens, evicted.left_padding = self.seen_tokens, self.left_padding
         for layer_idx, (layer, mask) in enumerate(zip(self.layers, masks)):
-            evicted.layers.append(copy.copy(layer))  # shares the tensors, not the attributes
+            evicted.layers.append(layer.fork())  # shares the slots until written
             evicted.keep(layer_idx, mask)
         return evicted
 
@@ -176,10 +172,11 @@ class EvictableCache(Cache):
         return [float(self.head_lengths(i).float().mean()) for i in range(len(self.layers))]
 
     def is_ragged(self, layer_idx: int) -> bool:
-        return isinstance(self.layers[layer_idx], RaggedLayer)
+        """Whether the layer's KV heads hold different numbers of slots (its paged layout)."""
+        return not self.layers[layer_idx].uniform
 
     def nbytes(self) -> int:
-        """Bytes held by all cached keys and values (what eviction frees)."""
+        """Bytes of key and value storage held by every layer (what eviction frees), room for appends included."""
         return sum(layer.nbytes() for layer in self.layers)
 
     def index_nbytes(self) -> int:

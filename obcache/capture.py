@@ -61,9 +61,10 @@ def layer_state(adapter: FamilyAdapter, module: nn.Module, args, kwargs, record:
 
     For a uniform layer, keys/values are the cached [B, Hkv, n, d] and
     `queries(start, end)` serves the slots of this forward's tokens (the last
-    q). A ragged layer gets a shape-only view: keys/values of head_dim 0 over a
-    [B, Hkv, W] grid whose segments end at the right edge, and a per-head
-    key_mask; its slots are read from `state.layer`. The queries, attention
+    q). A paged layer gets a shape-only view: keys/values of head_dim 0 over
+    its [B, Hkv, W] grid (segments right-aligned) and a per-head key_mask;
+    `state.with_slots()` gathers its keys and values when a policy needs them
+    (only at evictions). The queries, attention
     outputs ([B, q, Hq * d] at the output projection's input) and
     log-normalizers come from the record (queries are rebuilt from the
     module's input when the attention function did not record them).
@@ -87,8 +88,8 @@ def layer_state(adapter: FamilyAdapter, module: nn.Module, args, kwargs, record:
             heads = outputs.shape[-1] // module.head_dim  # this rank's heads under tensor parallelism
             return outputs.view(outputs.shape[0], tokens, heads, -1).transpose(1, 2)
 
-    if cache.is_ragged(module.layer_idx):
-        _, valid = layer.right_aligned()
+    if not layer.uniform:
+        _, valid = layer.grid_index()
         keys = values = layer.keys.new_empty(*valid.shape, 0)
         key_mask, first = valid, None
     else:

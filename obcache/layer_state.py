@@ -5,7 +5,7 @@ Policies, the head/layer budget wrappers and the layer observers all meet here.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
@@ -18,8 +18,8 @@ class LayerState:
     keys, values: [B, Hkv, L, d] (keys post-RoPE), the layer's cached tokens.
     scaling: the module's logit scale.
     query_heads: Hq, the number of query heads (a multiple of Hkv).
-    key_mask: [B, L] bool, False for padding slots; None if no padding. A
-        per-head [B, Hkv, L] mask only for shape-only views of ragged layers.
+    key_mask: [B, L] bool, False for padding slots; None if no padding; or per
+        head [B, Hkv, L] for grids of paged layers (`with_slots`).
     queries: queries(start, end) -> [B, Hq, end - start, d], post-RoPE queries of
         cache slots start..end-1 (tokens of this forward): those the attention
         function received, or rebuilt from the module's input if it did not run.
@@ -27,8 +27,9 @@ class LayerState:
         outputs o_i the model computed for those slots (captured during the
         forward), or None: the scores then recompute them.
     layer_idx, num_layers: where the layer sits in the model (per-layer budgets).
-    layer: the cache layer itself (`obcache.layouts`), for policies that keep
-        state across forwards (decoding-time eviction); None for synthetic states.
+    layer: the cache layer itself (`obcache.layouts`): its `grid()`, riders and
+        `policy_state`, for policies that keep state across forwards
+        (decoding-time eviction); None for synthetic states.
     new_queries, new_outputs: () -> [B, Hq, q, d], the queries and attention
         outputs of this forward's q tokens, whatever the layer's layout.
     rotate: rotate(x, offset) -> x, post-RoPE vectors [B, H, W, d] moved
@@ -63,6 +64,15 @@ class LayerState:
         return cls(keys=layer.keys, values=layer.values, scaling=1.0, query_heads=layer.keys.shape[1],
                    key_mask=layer.slot_mask(), queries=no_queries, layer_idx=layer_idx, num_layers=num_layers,
                    layer=layer)
+
+    def with_slots(self, width: int | None = None) -> LayerState:
+        """This state with the layer's keys and values as a grid `width` columns wide (default: the longest head;
+        segments right-aligned, `layouts.Grid`): a shape-only view (a paged layer after its prefill) gets them
+        gathered, a uniform layer is padded on the left if `width` is wider. Itself when nothing changes."""
+        if self.layer is None or (self.keys.shape[-1] > 0 and (width is None or width == self.length)):
+            return self
+        grid = self.layer.grid(width)
+        return replace(self, keys=grid.keys, values=grid.values, key_mask=grid.valid)
 
     def window(self, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(queries, outputs or None) of slots start..end-1."""

@@ -1,76 +1,171 @@
-"""The two layouts of one cache layer: uniform (every KV head holds as many slots) and ragged.
+"""The two layouts of one cache layer: uniform (every KV head holds as many slots) and paged (any number).
 
-Both record, per slot, the token's position in the row's sequence as fed
-(left padding included; -1 marks a padding slot), so attention masks, kept
-positions and later evictions never depend on where a slot sits.
+Both are written in place: storage is preallocated and a new token is copied
+into the next free slot, never concatenated. Both record, per slot, the
+position of its token in the row as fed (left padding included; -1 marks a
+padding or empty slot), so masks, kept positions and later evictions never
+depend on where a slot sits.
 
-- `UniformLayer`: keys/values [B, Hkv, n, d], positions [B, 1 or Hkv, n].
-  The fast path: attention goes to the model's own sdpa/eager kernel.
-- `RaggedLayer`: the slots of all (row, head) segments back to back, keys and
-  values [T, d], positions [T], segment lengths S = B * Hkv. Nothing is padded
-  to the longest head; bytes held are sum(kept) x d x 2 x dtype size.
+- `UniformLayer`: keys/values [B, Hkv, C, d] with room for C >= n slots, n used;
+  attention goes to the model's own sdpa/eager kernel over the first n.
+- `PagedLayer`: a pool of fixed-size blocks [N, block, d]; each (row, KV head)
+  segment owns the blocks its block table lists, in order. Eviction compacts
+  each segment's kept slots into its first blocks and frees the others, which
+  later appends reuse: the pool does not grow under decode-time eviction.
+  Built by eviction with an exact pool; its block size (a power of two, 4 to
+  128, about 5% of the mean kept length) keeps the partly filled last blocks
+  under ~2.5% of the bytes.
 
-A layer changes layout only through `keep(mask)`, which returns the layer
-that holds the kept slots (uniform when every head keeps as many). Two
-optional riders follow the slots: `scores`, a float32 running score per slot
-(H2O's accumulated attention during decoding; new slots start at 0), and
-`extras`, per-layer state a policy keeps across forwards (carried as is).
+Both give a policy one view, `grid()`: keys, values, validity and positions
+[B, Hkv, W] with every segment right-aligned (its last slots share the last
+columns), and take the keep mask back in that grid (`keep`). Per-slot riders
+(`rider`/`set_rider`: a policy's running scores) follow the slots through
+`keep` and start at 0 for appended ones; `policy_state` is a policy's own
+per-layer state, carried as is. A `fork` shares the storage until either side
+writes (copy on write).
 """
 
 from __future__ import annotations
+
+import copy
+import math
+from typing import NamedTuple
 
 import torch
 from transformers.cache_utils import CacheLayerMixin
 
 
-class UniformLayer(CacheLayerMixin):
-    """A layer whose KV heads all hold n slots; padding slots (left padding) are shared by the heads of a row."""
+class Grid(NamedTuple):
+    """A layer's slots as a [B, Hkv, W] grid, segments right-aligned: keys [B, Hkv, W, d], values, and the
+    validity mask and positions (int32, -1 where invalid) [B, Hkv, W]."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    valid: torch.Tensor
+    positions: torch.Tensor
+
+
+class _Layer(CacheLayerMixin):
+    """What both layouts share: copy on write, riders in grid coordinates, the policy's state."""
 
     is_sliding = False
+    uniform = True  # every KV head holds as many slots (the model's own attention kernel reads it)
 
-    def __init__(self):
-        super().__init__()
-        self.positions: torch.Tensor | None = None  # [B, 1 or Hkv, n] int32, -1 = padding
-        self.padded = False  # whether any slot is padding
-        self.scores: torch.Tensor | None = None  # [B, Hkv, n] float32 running scores, or None
-        self.extras: dict = {}
+    def __init__(self):  # not CacheLayerMixin's: its keys/values are this class's own (views of the storage)
+        self.is_initialized = False
+        self.riders: dict[str, torch.Tensor] = {}
+        self.policy_state: object | None = None
+        self.padded = False  # whether any slot holds a padding position
+        self._shared = False  # the storage is shared with a fork: copy before writing
 
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        self.dtype, self.device = key_states.dtype, key_states.device
-        self.keys = key_states[:, :, :0]
-        self.values = value_states[:, :, :0]
-        self.positions = torch.empty(key_states.shape[0], 1, 0, dtype=torch.int32, device=self.device)
-        self.is_initialized = True
+    def fork(self) -> _Layer:
+        """A layer that shares this one's slots now; whichever writes first copies them."""
+        twin = copy.copy(self)
+        twin.riders = dict(self.riders)
+        self._shared = twin._shared = True
+        return twin
 
-    def update(self, key_states, value_states, positions: torch.Tensor | None = None, *args, padded: bool | None = None,
-               **kwargs):
-        """Append [B, Hkv, q, d] new slots at `positions` [B, q] (int32, -1 = padding; default: after the last).
+    def _own(self) -> None:
+        if self._shared:
+            self._copy_storage()
+            self._shared = False
 
-        `padded`: whether any new position is -1, if the caller knows (saves a device sync per layer).
-        """
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        if positions is None:
-            start = int(self.positions.max()) + 1 if self.positions.numel() else 0
-            positions = torch.arange(start, start + key_states.shape[-2], dtype=torch.int32, device=self.device)
-            positions = positions.expand(key_states.shape[0], -1)
-        self.keys = torch.cat([self.keys, key_states], dim=-2)
-        self.values = torch.cat([self.values, value_states], dim=-2)
-        new = positions.to(torch.int32).unsqueeze(1).expand(-1, self.positions.shape[1], -1)
-        self.positions = torch.cat([self.positions, new], dim=-1)
-        if self.scores is not None:
-            self.scores = torch.cat([self.scores, self.scores.new_zeros(*key_states.shape[:3])], dim=-1)
-        self.padded = self.padded or (bool((positions < 0).any()) if padded is None else padded)
-        return self.keys, self.values
-
-    def get_seq_length(self) -> int:
-        return self.keys.shape[-2] if self.is_initialized else 0
+    def _copy_storage(self) -> None:
+        raise NotImplementedError
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.get_seq_length() + query_length, 0
 
     def get_max_length(self) -> int:
         return -1
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        raise NotImplementedError("obcache caches do not support beam search; use greedy or sampling")
+
+    def rider(self, name: str) -> torch.Tensor | None:
+        """A rider in grid coordinates [B, Hkv, W] (0 for invalid slots), or None if the layer has none."""
+        raise NotImplementedError
+
+    def set_rider(self, name: str, grid: torch.Tensor) -> None:
+        """Write a rider's values, given in grid coordinates [B, Hkv, W], into the layer's slots."""
+        raise NotImplementedError
+
+    def kept_positions(self) -> list[list[torch.Tensor]]:
+        """Per batch row and KV head, the sorted positions of its real slots."""
+        grid = self.grid()
+        return [[head[head >= 0] for head in row] for row in grid.positions.masked_fill(~grid.valid, -1)]
+
+
+class UniformLayer(_Layer):
+    """A layer whose KV heads all hold n slots; padding slots (left padding) are shared by the heads of a row."""
+
+    def __init__(self):
+        super().__init__()
+        self.length = 0
+        self._keys = self._values = self._positions = None  # [B, Hkv, C, d] ..., positions [B, 1 or Hkv, C] int32
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        batch, heads = key_states.shape[:2]
+        self._keys = key_states.new_empty(batch, heads, 0, key_states.shape[-1])
+        self._values = value_states.new_empty(batch, heads, 0, value_states.shape[-1])
+        self._positions = torch.empty(batch, 1, 0, dtype=torch.int32, device=self.device)
+        self.is_initialized = True
+
+    @property
+    def keys(self) -> torch.Tensor:
+        return self._keys[:, :, : self.length]
+
+    @property
+    def values(self) -> torch.Tensor:
+        return self._values[:, :, : self.length]
+
+    @property
+    def positions(self) -> torch.Tensor:
+        """[B, 1 or Hkv, n] int32 positions of the slots (-1 = padding)."""
+        return self._positions[..., : self.length]
+
+    def _copy_storage(self) -> None:
+        self._keys, self._values = self._keys.clone(), self._values.clone()
+        self._positions = self._positions.clone()
+        self.riders = {name: rider.clone() for name, rider in self.riders.items()}
+
+    def _reserve(self, needed: int) -> None:
+        """Room for `needed` slots: grows the storage by at least an eighth (one copy every so many tokens)."""
+        capacity = self._keys.shape[2]
+        if needed <= capacity:
+            return
+        capacity = max(needed, capacity + max(16, capacity // 8))
+        grow = lambda x, fill: torch.cat([x, x.new_full((*x.shape[:2], capacity - x.shape[2], *x.shape[3:]), fill)], 2)  # noqa: E731
+        self._keys, self._values = grow(self._keys, 0), grow(self._values, 0)
+        self._positions = grow(self._positions, -1)
+        self.riders = {name: grow(rider, 0) for name, rider in self.riders.items()}
+
+    def update(self, key_states, value_states, positions: torch.Tensor | None = None, *args, padded: bool | None = None,
+               **kwargs):
+        """Write [B, Hkv, q, d] new slots at `positions` [B, q] (int32, -1 = padding; default: after the last), in
+        place. `padded`: whether any new position is -1, if the caller knows (saves a device sync per layer)."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        q = key_states.shape[-2]
+        if positions is None:
+            start = int(self.positions.max()) + 1 if self.length else 0
+            positions = torch.arange(start, start + q, dtype=torch.int32, device=self.device)
+            positions = positions.expand(key_states.shape[0], -1)
+        self._own()
+        self._reserve(self.length + q)
+        new = slice(self.length, self.length + q)
+        self._keys[:, :, new] = key_states
+        self._values[:, :, new] = value_states
+        self._positions[..., new] = positions.to(torch.int32).unsqueeze(1)
+        for rider in self.riders.values():
+            rider[:, :, new] = 0
+        self.length += q
+        self.padded = self.padded or (bool((positions < 0).any()) if padded is None else padded)
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.length
 
     def slot_mask(self) -> torch.Tensor | None:
         """[B, n] bool, False for padding slots (the same in every head of a row); None if none."""
@@ -82,180 +177,275 @@ class UniformLayer(CacheLayerMixin):
         None when the kernel's own causal handling is exact: no padding and one
         query, or (with `causal_skip`, sdpa's is_causal) a fresh layer.
         """
-        q, n = query_positions.shape[0], self.get_seq_length()
+        q, n = query_positions.shape[0], self.length
         if not self.padded and (q == 1 or (causal_skip and q == n)):
             return None
         slots = self.positions[:, :1, None, :]  # [B, 1, 1, n]
         return (slots <= query_positions[None, None, :, None]) & (slots >= 0)
 
-    def keep(self, mask: torch.Tensor) -> UniformLayer | RaggedLayer:
-        """The layer holding the slots of `mask` [B, Hkv, n] (bool).
+    def grid(self, width: int | None = None) -> Grid:
+        heads = self.keys.shape[1]
+        positions = self.positions.expand(-1, heads, -1)
+        grid = Grid(self.keys, self.values, positions >= 0, positions)
+        pad = 0 if width is None else width - self.length
+        if pad <= 0:
+            return grid
+        left = lambda x, fill: torch.cat([x.new_full((*x.shape[:2], pad, *x.shape[3:]), fill), x], 2)  # noqa: E731
+        return Grid(left(grid.keys, 0), left(grid.values, 0), left(grid.valid, False), left(grid.positions, -1))
 
-        Uniform when every head of every row keeps as many slots (padding
-        slots included); otherwise ragged, without padding slots.
+    def rider(self, name: str) -> torch.Tensor | None:
+        rider = self.riders.get(name)
+        return rider[:, :, : self.length] if rider is not None else None
+
+    def set_rider(self, name: str, grid: torch.Tensor) -> None:
+        self._own()
+        if name not in self.riders:
+            self.riders[name] = grid.new_zeros(*self._keys.shape[:3])
+        self.riders[name][:, :, : self.length] = grid
+
+    def keep(self, mask: torch.Tensor) -> UniformLayer | PagedLayer:
+        """The layer holding the slots of `mask` [B, Hkv, n] (bool; a wider grid, right-aligned, is cut to its last
+        n columns), in new storage of exactly their size.
+
+        Uniform when every head of every row keeps as many slots (padding slots included); otherwise paged,
+        without padding slots.
         """
-        batch, heads, length = mask.shape
+        mask = mask[..., mask.shape[-1] - self.length:]
+        batch, heads, _ = mask.shape
         counts = mask.sum(-1)
+        grid = self.grid()
+        riders = {name: self.rider(name) for name in self.riders}
         if bool((counts == counts[0, 0]).all()):
             kept = int(counts[0, 0])
             index = mask.nonzero()[:, -1].view(batch, heads, kept)  # row-major: sorted per head
             layer = UniformLayer()
             layer.dtype, layer.device, layer.is_initialized = self.dtype, self.device, True
-            gather = index.unsqueeze(-1).expand(-1, -1, -1, self.keys.shape[-1])
-            layer.keys = self.keys.gather(2, gather)
-            layer.values = self.values.gather(2, index.unsqueeze(-1).expand(-1, -1, -1, self.values.shape[-1]))
-            layer.positions = self.positions.expand(-1, heads, -1).gather(2, index)
-            layer.padded = self.padded and bool((layer.positions < 0).any())
-            layer.scores = self.scores.gather(2, index) if self.scores is not None else None
-            layer.extras = self.extras
+            layer._keys = grid.keys.gather(2, index.unsqueeze(-1).expand(-1, -1, -1, grid.keys.shape[-1]))
+            layer._values = grid.values.gather(2, index.unsqueeze(-1).expand(-1, -1, -1, grid.values.shape[-1]))
+            layer._positions = grid.positions.gather(2, index)
+            layer.length = kept
+            layer.padded = self.padded and bool((layer._positions < 0).any())
+            layer.riders = {name: rider.gather(2, index) for name, rider in riders.items()}
+            layer.policy_state = self.policy_state
             return layer
-        real = mask & (self.positions >= 0)
-        layer = RaggedLayer.from_tensors(self.keys, self.values, self.positions.expand(-1, heads, -1), real)
-        layer.scores = self.scores[real] if self.scores is not None else None
-        layer.extras = self.extras
+        layer = PagedLayer.from_grid(grid, mask & grid.valid, riders)
+        layer.policy_state = self.policy_state
         return layer
-
-    def kept_positions(self) -> list[list[torch.Tensor]]:
-        """Per batch row and KV head, the sorted positions of its real slots."""
-        positions = self.positions.expand(-1, self.keys.shape[1], -1)
-        return [[row[row >= 0] for row in heads] for heads in positions]
 
     def head_lengths(self) -> torch.Tensor:
         """[B, Hkv] real slots per head."""
         return (self.positions >= 0).sum(-1).expand(-1, self.keys.shape[1])
 
     def nbytes(self) -> int:
-        return self.keys.nbytes + self.values.nbytes if self.is_initialized else 0
+        """Bytes of the key and value storage held (unused room included)."""
+        return self._keys.nbytes + self._values.nbytes if self.is_initialized else 0
 
     def index_nbytes(self) -> int:
-        return self.positions.nbytes if self.is_initialized else 0
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        raise NotImplementedError("obcache caches do not support beam search; use greedy or sampling")
+        return self._positions.nbytes + sum(rider.nbytes for rider in self.riders.values()) if self.is_initialized else 0
 
 
-class RaggedLayer(CacheLayerMixin):
-    """A layer whose (row, head) segments hold different numbers of slots, back to back."""
+def block_size(mean_length: float) -> int:
+    """The pool's block size for segments of `mean_length` slots on average: the power of two nearest below 5%
+    of it, within [4, 128], so the partly filled last blocks waste ~2.5% of the bytes at most on average."""
+    return min(128, max(4, 2 ** int(math.log2(max(1.0, 0.05 * mean_length)))))
 
-    is_sliding = False
+
+class PagedLayer(_Layer):
+    """A layer whose (row, KV head) segments hold any number of slots, in blocks of a per-layer pool.
+
+    keys/values [N, block, d]; positions [N, block] int32 (-1 = empty); owner [N] (the block's segment,
+    -1 free); table [S, M] (each segment's blocks in order, -1 past its last); lengths [S]; segment
+    s = row s // Hkv, head s % Hkv.
+    """
+
+    uniform = False
 
     def __init__(self):
         super().__init__()
-        self.positions: torch.Tensor | None = None  # [T] int32
-        self.lengths: list[int] = []  # slots per segment, segment s = row s // Hkv, head s % Hkv
+        self.block = 16
         self.batch = self.heads = 0
-        self.padded = False
-        self.scores: torch.Tensor | None = None  # [T] float32 running scores, or None
-        self.extras: dict = {}
-
-    @classmethod
-    def from_tensors(cls, keys, values, positions, mask) -> RaggedLayer:
-        """The slots of `mask` [B, Hkv, n] out of keys/values [B, Hkv, n, d] at `positions` [B, Hkv, n]."""
-        layer = cls()
-        layer.dtype, layer.device, layer.is_initialized = keys.dtype, keys.device, True
-        layer.batch, layer.heads = mask.shape[:2]
-        layer.keys, layer.values, layer.positions = keys[mask], values[mask], positions[mask].to(torch.int32)
-        layer.lengths = mask.sum(-1).flatten().tolist()
-        layer.padded = bool((layer.positions < 0).any())
-        return layer
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        raise RuntimeError("a RaggedLayer is made by eviction (UniformLayer.keep), never filled from empty")
+        raise RuntimeError("a PagedLayer is made by eviction (UniformLayer.keep), never filled from empty")
 
-    @property
-    def offsets(self) -> list[int]:
-        """Start of every segment, and the total, [S + 1]."""
-        offsets = [0]
-        for length in self.lengths:
-            offsets.append(offsets[-1] + length)
-        return offsets
+    @classmethod
+    def from_grid(cls, grid: Grid, kept: torch.Tensor, riders: dict[str, torch.Tensor], *,
+                  block: int | None = None) -> PagedLayer:
+        """The slots `kept` [B, Hkv, W] of `grid`, in a pool of exactly as many blocks as they need (of `block`
+        slots; default `block_size` of their mean length)."""
+        layer = cls()
+        layer.dtype, layer.device, layer.is_initialized = grid.keys.dtype, grid.keys.device, True
+        layer.batch, layer.heads = kept.shape[:2]
+        lengths = kept.sum(-1).flatten()  # [S]
+        layer.block = block or block_size(float(lengths.float().mean()))
+        blocks = -(-lengths // layer.block)  # [S]
+        layer.table = _table(blocks)
+        layer.owner = torch.arange(len(blocks), device=lengths.device).repeat_interleave(blocks)
+        layer.lengths = lengths
+        layer.free = lengths.new_empty(0)
+        total, block = int(blocks.sum()), layer.block
+        layer.keys = grid.keys.new_zeros(total, block, grid.keys.shape[-1])
+        layer.values = grid.values.new_zeros(total, block, grid.values.shape[-1])
+        layer.positions = torch.full((total, block), -1, dtype=torch.int32, device=layer.device)
+        layer.riders = {name: rider.new_zeros(total, block) for name, rider in riders.items()}
+        flat = layer._slots(lengths)  # pool slots of each segment's first `length` slots, in order
+        layer._write(flat, grid.keys[kept], grid.values[kept], grid.positions[kept],
+                     {name: rider[kept] for name, rider in riders.items()})
+        layer.padded = bool((grid.positions[kept] < 0).any())
+        return layer
 
-    def segments(self):
-        """(row, head, keys [n, d], values [n, dv], positions [n]) of every segment (views)."""
-        for s, (start, length) in enumerate(zip(self.offsets, self.lengths)):
-            row, head = divmod(s, self.heads)
-            end = start + length
-            yield row, head, self.keys[start:end], self.values[start:end], self.positions[start:end]
+    # -- geometry --
+
+    def _slots(self, lengths: torch.Tensor, start: torch.Tensor | None = None) -> torch.Tensor:
+        """Flat pool slots (block x block size + offset) of slots start..start+length-1 of every segment,
+        concatenated in segment order."""
+        device = lengths.device
+        segment = torch.arange(len(lengths), device=device).repeat_interleave(lengths)
+        first = torch.cumsum(lengths, 0) - lengths
+        slot = torch.arange(int(lengths.sum()), device=device) - first[segment]
+        if start is not None:
+            slot = slot + start[segment]
+        return self.table[segment, slot // self.block] * self.block + slot % self.block
+
+    def _write(self, flat: torch.Tensor, keys, values, positions, riders: dict[str, torch.Tensor]) -> None:
+        self.keys.view(-1, self.keys.shape[-1]).index_copy_(0, flat, keys.to(self.dtype))
+        self.values.view(-1, self.values.shape[-1]).index_copy_(0, flat, values.to(self.dtype))
+        self.positions.view(-1).index_copy_(0, flat, positions.to(torch.int32))
+        for name, rider in self.riders.items():
+            rider.view(-1).index_copy_(0, flat, riders[name].to(rider.dtype) if name in riders else
+                                       rider.new_zeros(len(flat)))
+
+    def _copy_storage(self) -> None:
+        for name in ("keys", "values", "positions", "owner", "table", "lengths", "free"):
+            setattr(self, name, getattr(self, name).clone())
+        self.riders = {name: rider.clone() for name, rider in self.riders.items()}
+
+    def grid_index(self, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(flat pool slot [B, Hkv, W], valid [B, Hkv, W]) of the right-aligned grid (W: at least, and by
+        default, the longest segment)."""
+        width = self.get_seq_length() if width is None else width
+        slot = self.lengths[:, None] - width + torch.arange(width, device=self.lengths.device)  # [S, W]
+        valid = slot >= 0
+        slot = slot.clamp_min(0)
+        flat = self.table.gather(1, slot // self.block).clamp_min(0) * self.block + slot % self.block
+        shape = (self.batch, self.heads, width)
+        return flat.view(shape), valid.view(shape)
+
+    def grid(self, width: int | None = None) -> Grid:
+        flat, valid = self.grid_index(width)
+        keys = self.keys.view(-1, self.keys.shape[-1])[flat]
+        values = self.values.view(-1, self.values.shape[-1])[flat]
+        positions = self.positions.view(-1)[flat].masked_fill(~valid, -1)
+        return Grid(keys, values, valid, positions)
+
+    def rider(self, name: str) -> torch.Tensor | None:
+        if name not in self.riders:
+            return None
+        flat, valid = self.grid_index()
+        return self.riders[name].view(-1)[flat].masked_fill(~valid, 0)
+
+    def set_rider(self, name: str, grid: torch.Tensor) -> None:
+        self._own()
+        if name not in self.riders:
+            self.riders[name] = grid.new_zeros(self.positions.shape)
+        flat, valid = self.grid_index()
+        self.riders[name].view(-1).index_copy_(0, flat[valid], grid[valid])
+
+    # -- writing --
+
+    def _allocate(self, count: int) -> torch.Tensor:
+        """Ids of `count` free blocks, growing the pool (by at least a quarter) when too few are free."""
+        if len(self.free) < count:
+            grow = max(count - len(self.free), len(self.owner) // 4, 1)
+            start = len(self.owner)
+            extend = lambda x, fill: torch.cat([x, x.new_full((grow, *x.shape[1:]), fill)])  # noqa: E731
+            self.keys, self.values = extend(self.keys, 0), extend(self.values, 0)
+            self.positions = extend(self.positions, -1)
+            self.riders = {name: extend(rider, 0) for name, rider in self.riders.items()}
+            self.owner = extend(self.owner, -1)
+            self.free = torch.cat([self.free, torch.arange(start, start + grow, device=self.free.device)])
+        taken, self.free = self.free[len(self.free) - count:], self.free[: len(self.free) - count]
+        return taken
 
     def update(self, key_states, value_states, positions: torch.Tensor | None = None, *args, padded: bool | None = None,
                **kwargs):
-        """Append q new slots [B, Hkv, q, d] at the end of every segment, at `positions` [B, q] (see UniformLayer)."""
+        """Append q new slots [B, Hkv, q, d] to every segment, at `positions` [B, q], in place."""
         batch, heads, q = key_states.shape[:3]
         if (batch, heads) != (self.batch, self.heads):
             raise ValueError(f"new states have {batch} rows x {heads} heads, the layer {self.batch} x {self.heads}")
         if positions is None:
-            start = int(self.positions.max()) + 1 if self.positions.numel() else 0
+            start = int(self.positions.max()) + 1
             positions = torch.arange(start, start + q, dtype=torch.int32, device=self.device).expand(batch, -1)
-        self.keys = self._interleave(self.keys, key_states.reshape(batch * heads, q, -1))
-        self.values = self._interleave(self.values, value_states.reshape(batch * heads, q, -1))
-        new_positions = positions.to(torch.int32)[:, None, :].expand(-1, heads, -1).reshape(batch * heads, q)
-        self.positions = self._interleave(self.positions, new_positions)
-        if self.scores is not None:
-            self.scores = self._interleave(self.scores, self.scores.new_zeros(batch * heads, q))
-        self.lengths = [length + q for length in self.lengths]
+        self._own()
+        have = -(-self.lengths // self.block)
+        need = -(-(self.lengths + q) // self.block)
+        extra = need - have  # [S] new blocks per segment
+        count = int(extra.sum())
+        if count:
+            if need.max() > self.table.shape[1]:
+                self.table = torch.cat([self.table, self.table.new_full((len(need), int(need.max()) - self.table.shape[1]), -1)], 1)
+            ids = self._allocate(count)
+            segment = torch.arange(len(extra), device=extra.device).repeat_interleave(extra)
+            column = have[segment] + torch.arange(count, device=extra.device) - (torch.cumsum(extra, 0) - extra)[segment]
+            self.table[segment, column] = ids
+            self.owner[ids] = segment
+        flat = self._slots(torch.full_like(self.lengths, q), start=self.lengths)
+        self._write(flat, key_states.reshape(-1, key_states.shape[-1]), value_states.reshape(-1, value_states.shape[-1]),
+                    positions[:, None, :].expand(-1, heads, -1).reshape(-1), {})
+        self.lengths = self.lengths + q
         self.padded = self.padded or (bool((positions < 0).any()) if padded is None else padded)
-        return self.keys, self.values
+        return self.keys, self.values  # not read: obcache's attention reads the pool
 
-    def _interleave(self, flat: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
-        """`flat` [T, ...] with new[s] ([S, q, ...]) appended after segment s's slots, in one copy."""
-        pieces = []
-        for segment, (start, length) in enumerate(zip(self.offsets, self.lengths)):
-            pieces += [flat[start : start + length], new[segment].to(flat.dtype)]
-        return torch.cat(pieces)
+    def keep(self, mask: torch.Tensor) -> PagedLayer:
+        """Keep the slots of `mask` [B, Hkv, W] (the grid of `grid()`): each segment's kept slots move, in order,
+        into its first blocks; the blocks it no longer needs return to the pool."""
+        self._own()
+        flat, valid = self.grid_index(mask.shape[-1])
+        kept = mask & valid
+        source = flat[kept]
+        lengths = kept.sum(-1).flatten()
+        moved = (self.keys.view(-1, self.keys.shape[-1])[source], self.values.view(-1, self.values.shape[-1])[source],
+                 self.positions.view(-1)[source], {name: rider.view(-1)[source] for name, rider in self.riders.items()})
+        need = -(-lengths // self.block)
+        have = -(-self.lengths // self.block)
+        columns = torch.arange(self.table.shape[1], device=need.device)
+        freed = (columns >= need[:, None]) & (columns < have[:, None])
+        released = self.table[freed]
+        self.owner[released] = -1
+        self.positions[released] = -1
+        self.table = self.table.masked_fill(columns >= need[:, None], -1)
+        self.free = torch.cat([self.free, released])
+        last = self.table.gather(1, (need - 1).clamp_min(0)[:, None]).squeeze(1)
+        self.positions[last[need > 0]] = -1  # the last blocks are refilled from their start
+        self.lengths = lengths
+        self._write(self._slots(lengths), *moved)
+        self.padded = self.padded and bool((moved[2] < 0).any())
+        return self
+
+    # -- reading --
 
     def get_seq_length(self) -> int:
-        return max(self.lengths, default=0)
-
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.get_seq_length() + query_length, 0
-
-    def get_max_length(self) -> int:
-        return -1
-
-    def keep(self, mask: torch.Tensor) -> RaggedLayer:
-        """The layer holding the slots of `mask` [T] (bool, over this layer's slots)."""
-        layer = RaggedLayer()
-        layer.dtype, layer.device, layer.is_initialized = self.dtype, self.device, True
-        layer.batch, layer.heads = self.batch, self.heads
-        layer.keys, layer.values, layer.positions = self.keys[mask], self.values[mask], self.positions[mask]
-        layer.lengths = [int(part.sum()) for part in mask.split(self.lengths)]
-        layer.padded = self.padded and bool((layer.positions < 0).any())
-        layer.scores = self.scores[mask] if self.scores is not None else None
-        layer.extras = self.extras
-        return layer
-
-    def right_aligned(self, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(index [T], valid [B, Hkv, W]): where each slot sits in a [B, Hkv, W] grid (W = `width`, at least
-        and by default the longest segment) whose segments end at the right edge, so every segment's last
-        slots share columns."""
-        width = self.get_seq_length() if width is None else width
-        device = self.keys.device
-        lengths = torch.tensor(self.lengths, device=device)
-        segment = torch.arange(len(self.lengths), device=device).repeat_interleave(lengths)
-        starts = torch.cumsum(lengths, 0) - lengths
-        slot = torch.arange(self.keys.shape[0], device=device) - starts[segment]
-        index = segment * width + (width - lengths[segment]) + slot
-        valid = torch.zeros(len(self.lengths) * width, dtype=torch.bool, device=device)
-        valid[index] = True
-        return index, valid.view(self.batch, self.heads, width)
-
-    def kept_positions(self) -> list[list[torch.Tensor]]:
-        rows: list[list[torch.Tensor]] = [[] for _ in range(self.batch)]
-        for row, _, _, _, positions in self.segments():
-            rows[row].append(positions[positions >= 0])
-        return rows
+        return int(self.lengths.max()) if len(self.lengths) else 0
 
     def head_lengths(self) -> torch.Tensor:
-        lengths = torch.tensor([int((p >= 0).sum()) for *_, p in self.segments()]) if self.padded else torch.tensor(self.lengths)
-        return lengths.view(self.batch, self.heads)
+        if not self.padded:
+            return self.lengths.view(self.batch, self.heads)
+        real = (self.positions >= 0).sum(-1)  # [N] real slots per block
+        counts = torch.zeros_like(self.lengths).index_add_(0, self.owner.clamp_min(0), real * (self.owner >= 0))
+        return counts.view(self.batch, self.heads)
 
     def nbytes(self) -> int:
+        """Bytes of the key and value pool held (free blocks and unfilled slots included)."""
         return self.keys.nbytes + self.values.nbytes
 
     def index_nbytes(self) -> int:
-        return self.positions.nbytes + 8 * len(self.lengths)
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        raise NotImplementedError("obcache caches do not support beam search; use greedy or sampling")
+        return sum(t.nbytes for t in (self.positions, self.owner, self.table, self.lengths, self.free,
+                                      *self.riders.values()))
 
 
+def _table(blocks: torch.Tensor) -> torch.Tensor:
+    """[S, max blocks] block table of segments owning `blocks` [S] consecutive blocks of a fresh pool."""
+    width = max(1, int(blocks.max())) if len(blocks) else 1
+    first = torch.cumsum(blocks, 0) - blocks
+    columns = torch.arange(width, device=blocks.device)
+    return torch.where(columns < blocks[:, None], first[:, None] + columns, -1)

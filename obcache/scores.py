@@ -98,7 +98,8 @@ def saliency(
     scaling: the attention module's logit scale, z = scaling * q.k.
     query_positions: [W] integer positions in [0, L); query j sees keys p <= its
         position. Default: the last W positions (L - W + j).
-    key_mask: [B, L] bool (or 0/1 integer); False marks padding keys, never attended.
+    key_mask: [B, L] (or per KV head [B, Hkv, L]) bool (or 0/1 integer); False marks
+        padding keys, never attended.
     outputs: [B, Hq, W, dv], optional: the window queries' attention outputs
         o_i = sum_p A_ip v_p as the model computed them (e.g. captured at the
         input of its output projection). Saves one W x L product for `obc-key`,
@@ -131,6 +132,8 @@ def saliency(
     device = keys.device
     positions, first, last = _check_positions(query_positions, width, length, device)
     key_mask = _check_key_mask(key_mask, batch, length, device)
+    if key_mask is not None and key_mask.shape[1] not in (1, heads_kv):
+        raise ValueError(f"a per-head key_mask must have {heads_kv} heads (the keys'), got {key_mask.shape[1]}")
     if outputs is not None:
         _check_outputs(outputs, queries, values)
     if log_normalizers is not None and tuple(log_normalizers.shape) != tuple(queries.shape[:3]):
@@ -140,15 +143,15 @@ def saliency(
     # Keys < lo are visible to every query, keys >= hi to none: mask only [lo, hi).
     lo, hi = first + 1, last + 1
     if key_mask is not None:
-        if bool(key_mask[:, :hi].all()):
+        if bool(key_mask[..., :hi].all()):
             key_mask = None
         else:
             lo = 0
     columns = torch.arange(lo, hi, device=device)
-    visible = (columns[None, :] <= positions[:, None]).unsqueeze(0)  # [1, W, hi - lo]
+    visible = (columns[None, :] <= positions[:, None])[None, None]  # [1, 1, W, hi - lo]
     if key_mask is not None:
-        visible = visible & key_mask[:, None, lo:hi]  # [B, W, hi - lo]
-    hidden = ~visible[:, None, None]  # broadcasts over [B, Hkv, G, W, hi - lo]
+        visible = visible & key_mask[:, :, None, lo:hi]  # [B, 1 or Hkv, W, hi - lo]
+    hidden = ~visible[:, :, None]  # broadcasts over [B, Hkv, G, W, hi - lo]
 
     rows = group * width
     f32 = torch.float64 if queries.dtype == torch.float64 else torch.float32  # float32 unless given float64
@@ -166,9 +169,9 @@ def saliency(
         weights = (z.sub_(normalizers) if kind == "attention" else z - normalizers).exp_()  # A; attention needs no z
     empty = None
     if key_mask is not None:
-        empty = ~visible.any(-1)  # [B, W]: queries that see no key at all (NaN rows)
+        empty = ~visible.any(-1)  # [B, 1 or Hkv, W]: queries that see no key at all (NaN rows)
         if bool(empty.any()):
-            weights.view(batch, heads_kv, group, width, hi).masked_fill_(empty[:, None, None, :, None], 0.0)
+            weights.view(batch, heads_kv, group, width, hi).masked_fill_(empty[:, :, None, :, None], 0.0)
         else:
             empty = None
 
@@ -194,7 +197,7 @@ def saliency(
     else:
         outputs = outputs.to(f32).reshape(batch, heads_kv, rows, -1)  # a copy only if not float32
         if empty is not None:  # the model's output for a query that sees nothing is arbitrary
-            outputs = outputs.view(batch, heads_kv, group, width, -1).masked_fill(empty[:, None, None, :, None], 0.0)
+            outputs = outputs.view(batch, heads_kv, group, width, -1).masked_fill(empty[:, :, None, :, None], 0.0)
             outputs = outputs.view(batch, heads_kv, rows, -1)
     output_norms = outputs.square().sum(-1)  # [B, Hkv, G*W] ||o_i||^2
     if kind == "exact-removal":
@@ -261,21 +264,22 @@ def _add_sole_key_scores(
     """exact-removal: add ||v_p||^2 / eps^2 per query head whose only visible key is p (in place);
     with reduce="max", raise the score to ||v_p||^2 / eps^2 if any query head has p as its only key.
 
-    scores, value_norms: [B, Hkv, hi]; positions: [W]; key_mask: [B, L] or None.
+    scores, value_norms: [B, Hkv, hi]; positions: [W]; key_mask: [B, 1 or Hkv, L] or None.
     """
+    batch, heads = scores.shape[:2]
     if key_mask is None:
-        count = (positions == 0).sum().to(scores.dtype).expand(scores.shape[0])  # [B]
-        first = torch.zeros(scores.shape[0], dtype=torch.long, device=scores.device)
+        count = (positions == 0).sum().to(scores.dtype).expand(batch, heads)  # [B, Hkv]
+        first = torch.zeros(batch, heads, dtype=torch.long, device=scores.device)
     else:
-        seen = key_mask.to(torch.int32).cumsum(-1)[:, positions]  # [B, W] visible keys per query
-        count = (seen == 1).sum(-1).to(scores.dtype)
-        first = key_mask.to(torch.int32).argmax(-1)  # the only visible key of those queries
-    index = first[:, None, None].expand(-1, scores.shape[1], 1)
+        seen = key_mask.to(torch.int32).cumsum(-1)[..., positions]  # [B, 1 or Hkv, W] visible keys per query
+        count = (seen == 1).sum(-1).to(scores.dtype).expand(batch, heads)
+        first = key_mask.to(torch.int32).argmax(-1).expand(batch, heads)  # the only visible key of those queries
+    index = first.unsqueeze(-1)
     if reduce == "max":
-        extra = value_norms.gather(-1, index) * ((count > 0).to(scores.dtype) / EXACT_REMOVAL_EPS**2)[:, None, None]
+        extra = value_norms.gather(-1, index) * ((count > 0).to(scores.dtype) / EXACT_REMOVAL_EPS**2).unsqueeze(-1)
         scores.scatter_reduce_(-1, index, extra, reduce="amax")
         return
-    extra = value_norms.gather(-1, index) * (count * group / EXACT_REMOVAL_EPS**2)[:, None, None]
+    extra = value_norms.gather(-1, index) * (count * group / EXACT_REMOVAL_EPS**2).unsqueeze(-1)
     scores.scatter_add_(-1, index, extra)
 
 
@@ -341,13 +345,15 @@ def _check_positions(
 def _check_key_mask(
     key_mask: torch.Tensor | None, batch: int, length: int, device: torch.device
 ) -> torch.Tensor | None:
-    """Validate a [B, L] keep mask (bool or 0/1 integers); return it as bool."""
+    """Validate a [B, L] or per-head [B, Hkv, L] keep mask (bool or 0/1 integers); return it as bool [B, 1 or Hkv, L]."""
     if key_mask is None:
         return None
     if not isinstance(key_mask, torch.Tensor):
         raise TypeError(f"key_mask must be a torch.Tensor, got {type(key_mask).__name__}")
-    if key_mask.shape != (batch, length):
-        raise ValueError(f"key_mask must have shape ({batch}, {length}), got {tuple(key_mask.shape)}")
+    if key_mask.dim() not in (2, 3) or key_mask.shape[0] != batch or key_mask.shape[-1] != length:
+        raise ValueError(f"key_mask must have shape ({batch}, {length}) or ({batch}, Hkv, {length}), "
+                         f"got {tuple(key_mask.shape)}")
     if key_mask.is_floating_point() or key_mask.is_complex():
         raise ValueError(f"key_mask must be bool (True = real token), got {key_mask.dtype}")
-    return key_mask.to(device=device, dtype=torch.bool)
+    key_mask = key_mask.to(device=device, dtype=torch.bool)
+    return key_mask.unsqueeze(1) if key_mask.dim() == 2 else key_mask

@@ -118,7 +118,9 @@ def test_bench_runs_end_to_end_on_a_tiny_random_model(tmp_path, capsys):
     row = report["lengths"][0]
     assert set(row["caches"]) == set(row["decode"]) - {"full attached"} == {"full", "budget 0.25", "budget 0.5", "mode"}
     assert row["caches"]["mode"]["layout"] == "ragged" and row["caches"]["budget 0.5"]["kept_shape"] == [1, 2, 32, 16]
-    assert abs(row["caches"]["mode"]["bytes_error"]) < 1e-9  # AdaKV conserves budget x heads per layer
+    # AdaKV conserves budget x heads per layer; the paged pool adds only its partly filled last blocks (under 4
+    # slots per head on this tiny model, 32 kept per head on average)
+    assert 0 <= row["caches"]["mode"]["bytes_error"] < 4 / 32
     assert {t["key"] for t in report["targets"]} == set(TARGETS) - {"peak_memory", "mode_peak_memory"}
     assert "| measure | full cache | snapkv/obc-joint | adakv(snapkv) |" in capsys.readouterr().out
 
@@ -152,7 +154,8 @@ def test_memory_worker_runs_a_policy_spec_in_a_fresh_process():
               "threads": 1, "policy": plan.specs["mode"]}
     result = run_memory_worker(config)
     full = 2 * 2 * 64 * 16 * 4 * 2  # layers x (K, V) x tokens x d x float32 x KV heads
-    assert result["cache_bytes"] == full // 2 and result["peak_bytes"] > 0 and result["eviction_seconds"] > 0
+    assert full // 2 <= result["cache_bytes"] < full // 2 * (1 + 4 / 32)  # + partly filled last blocks
+    assert result["peak_bytes"] > 0 and result["eviction_seconds"] > 0
 
 
 # ---------------------------------------------------------------- targets and report on synthetic data
@@ -234,7 +237,7 @@ def test_report_prints_side_by_side_ratios_and_pass_miss():
     assert "| layout, kept tokens per KV head (min-max) | uniform, 8192-8192 | uniform, 819-819 | ragged, 164-2000 |" in text
     assert "  [MISS] decode, adakv(snapkv) / snapkv/obc-joint at budget 0.1: 0.700x (target >= 0.750x)" in text
     assert "  [PASS] adakv(snapkv) eviction / prefill: 1.00% (target <= 3.00%)" in text
-    assert "  [PASS] adakv(snapkv) cache bytes error at budget 0.1: -0.20% (target within +/- 1.00%)" in text
+    assert "  [PASS] adakv(snapkv) cache bytes error at budget 0.1: -0.20% (target within +/- 3.00%)" in text
 
 
 # ---------------------------------------------------------------- decode-time eviction: targets and report, synthetic

@@ -80,31 +80,36 @@ def test_bf16_cache_shrinks_on_cuda():
     assert cache.layers[0].keys.dtype == torch.bfloat16 and cache.layers[0].keys.is_cuda
 
 
-def test_ragged_decode_step_with_the_fused_varlen_kernel_matches_softmax_per_segment():
-    """One decoding step over a ragged layer (bf16, CUDA: torch.nn.attention.varlen) vs float32 math per segment."""
-    from obcache.attention import ragged_attention
-    from obcache.layouts import RaggedLayer
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_paged_decode_step_matches_softmax_per_segment(dtype):
+    """One decoding step over a paged layer on CUDA (one batched computation over the pool) vs float32 math per
+    segment, in every dtype."""
+    from obcache.attention import decode_blocks
+    from obcache.layouts import UniformLayer
 
     generator = torch.Generator().manual_seed(0)
     batch, heads, group, length, dim = 2, 3, 3, 40, 64
     keys = torch.randn(batch, heads, length, dim, generator=generator)
     values = torch.randn(batch, heads, length, dim, generator=generator)
     keep = torch.rand(batch, heads, length, generator=generator) < torch.tensor([0.2, 0.5, 0.9])[None, :, None]
-    positions = torch.arange(length, dtype=torch.int32).expand(batch, heads, -1)
-    layer = RaggedLayer.from_tensors(keys.cuda().bfloat16(), values.cuda().bfloat16(), positions.cuda(), keep.cuda())
+    keep[..., -1] = True
+    layer = UniformLayer()
+    layer.update(keys.cuda().to(dtype), values.cuda().to(dtype))
+    paged = layer.keep(keep.cuda())
     query = torch.randn(batch, heads * group, 1, dim, generator=generator)
-    out = ragged_attention(query.cuda().bfloat16(), layer, torch.tensor([length], device="cuda"), 0.125)
+    out = decode_blocks(query.cuda().to(dtype), paged, 0.125)
     expected = torch.empty(batch, 1, heads * group, dim)
     for b in range(batch):
         for h in range(heads):
             k, v = keys[b, h][keep[b, h]], values[b, h][keep[b, h]]
             q = query[b, h * group : (h + 1) * group, 0]  # [G, d]
             expected[b, 0, h * group : (h + 1) * group] = (0.125 * q @ k.T).softmax(-1) @ v
-    torch.testing.assert_close(out.float().cpu(), expected, rtol=3e-2, atol=3e-2)
+    tolerance = 1e-4 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(out.float().cpu(), expected, rtol=tolerance, atol=tolerance)
 
 
 def test_adakv_generation_on_cuda_matches_the_cpu(family):
-    """Head-adaptive budgets in the ragged layout: the same tokens on CUDA (float32, per-segment path) as on the CPU."""
+    """Head-adaptive budgets in the paged layout: the same tokens on CUDA (float32) as on the CPU."""
     outputs = {}
     for device in ("cpu", "cuda"):
         model = tiny_model(family).to(device)

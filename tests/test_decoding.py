@@ -8,6 +8,7 @@ import torch
 import obcache
 from obcache import H2O, TOVA, AdaKV, Decoding, EvictableCache, SnapKV, StreamingLLM
 from obcache.capture import Observer
+from obcache.policies.decoding import RUNNING
 from tests.conftest import tiny_model
 from tests.reference import generate_with_logits, masked_reference
 from tests.test_eviction import left_padded_pair, prompt
@@ -132,8 +133,9 @@ def test_h2o_running_scores_equal_a_float64_recomputation():
         change = weights[..., None] * ((1 + z)[..., None] * v.repeat_interleave(3, 1)[:, :, None] - z[..., None] * outputs[:, :, :, None])
         per_head = change.square().sum(-1)[:, :, 0]  # [1, Hq, p + 1]: ||dA_ip ((1+z) v_p - z o_i)||^2
         expected[..., : position + 1] += per_head.view(1, 2, 3, -1).sum(2)
-    assert layer.scores.shape == (1, 2, length)
-    torch.testing.assert_close(layer.scores.double(), expected, rtol=1e-4, atol=1e-7)
+    running = layer.rider(RUNNING)  # the running scores ride along the layer's slots
+    assert running.shape == (1, 2, length)
+    torch.testing.assert_close(running.double(), expected, rtol=1e-4, atol=1e-7)
 
 
 # ---------------------------------------------------------------- continuing on an evicted cache

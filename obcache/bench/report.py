@@ -20,7 +20,7 @@ SHARED_CPU = 3.0
 TARGETS: dict[str, tuple[str, float]] = {
     "overhead": ("<=", 0.03), "joint_vs_attention": ("<=", 1.5), "full_history_memory": ("<", 0.10),
     "peak_memory": ("<=", 1.05), "cache_bytes": ("|x|<=", 0.01), "decode_speedup": (">=", 1.6),
-    "mode_cache_bytes": ("|x|<=", 0.01), "mode_index_bytes": ("<", 0.01), "mode_peak_memory": ("<=", 1.0),
+    "mode_cache_bytes": ("|x|<=", 0.03), "mode_index_bytes": ("<", 0.02), "mode_peak_memory": ("<=", 1.0),
     "mode_decode_vs_full": (">=", 1.5), "mode_decode_vs_uniform": (">=", 0.75), "mode_overhead": ("<=", 0.03),
 }
 #: `bench --decode`: cache bytes after generation vs budget tokens' worth, and decode speed over the timed tokens of

@@ -269,7 +269,7 @@ class ScoredPolicy(Policy):
     def window_scores(self, layer: LayerState, start: int, end: int) -> torch.Tensor:
         """The policy's score from the queries of slots start..end-1 over the keys they see, [B, Hkv, end]."""
         queries, outputs = layer.window(start, end)
-        mask = layer.key_mask[:, :end] if layer.key_mask is not None else None
+        mask = layer.key_mask[..., :end] if layer.key_mask is not None else None
         return self.saliency(queries, layer.keys[:, :, :end], layer.values[:, :, :end], layer.scaling,
                              key_mask=mask, outputs=outputs)
 
