@@ -21,6 +21,7 @@ import torch
 
 from obcache.cache import EvictableCache
 from obcache.capture import Engine, Observer
+from obcache.compat import cache_argument
 from obcache.forward import ForwardRecord
 from obcache.layer_state import LayerState
 from obcache.selector import Replay, Selector
@@ -60,7 +61,7 @@ def replay_scores(engine: Engine, cache: EvictableCache, inputs: list[list[int]]
     with engine.observing(scorer):
         for ids in inputs:
             scratch = cache.fork()  # shares the context's slots; the forward's own are dropped with it
-            model(input_ids=torch.tensor([ids], device=model.device), past_key_values=scratch, use_cache=True,
+            model(input_ids=torch.tensor([ids], device=model.device), **cache_argument(model, scratch), use_cache=True,
                   position_ids=scratch.positions_for(len(ids), model.device), logits_to_keep=1)
     forwards = time.perf_counter() - start - sum(scorer.seconds.values())
     scores = {key: scorer.scores[replay.replay_scoring()] for key, replay in replays.items()}

@@ -123,25 +123,18 @@ def paged_attention(query: torch.Tensor, layer: PagedLayer, positions: torch.Ten
 
 def decode_blocks(query: torch.Tensor, layer: PagedLayer, scaling: float) -> torch.Tensor:
     """One decoding step over every block of the pool at once, no copy of keys or values: each block's scores
-    from its segment's G queries (z = s q k^T, empty slots -inf), the block's own softmax (max m_b, sum l_b, output
-    o_b), then per segment the blocks merged as flash-decoding does: M = max_b m_b,
-    out = sum_b e^(m_b - M) o_b / sum_b e^(m_b - M) l_b. query [B, Hq, 1, d] -> [B, 1, Hq, dv]."""
+    from its segment's G queries (z = s q k^T + the block's bias: -inf on empty slots), the segment's max M over
+    its blocks' maxima, then out = sum_b sum_p e^(z_bp - M) v_bp / sum_b sum_p e^(z_bp - M), the sums over a
+    segment's blocks by index_add. A free block (routed to segment 0) or one taken ahead of appends adds e^-inf = 0.
+    query [B, Hq, 1, d] -> [B, 1, Hq, dv]."""
     batch, query_heads, _, dim = query.shape
     segments, group = batch * layer.heads, query_heads // layer.heads
-    owner = layer.owner.masked_fill(layer.owner < 0, segments)  # free blocks: a dummy segment
-    rows = query.view(segments, group, dim)
-    per_block = torch.cat([rows, rows.new_zeros(1, group, dim)])[owner]  # [N, G, d]
-    bias = torch.zeros(layer.positions.shape, dtype=query.dtype, device=query.device)
-    bias.masked_fill_(layer.positions < 0, float("-inf"))
-    scores = torch.baddbmm(bias[:, None, :], per_block, layer.keys.transpose(1, 2), alpha=scaling)  # [N, G, block]
-    peak = scores.amax(-1)  # [N, G]
-    peak = peak.masked_fill(peak == float("-inf"), 0.0)  # empty blocks: exp(-inf) = 0 below
-    weights = (scores - peak[..., None]).exp_()
-    sums, outputs = weights.sum(-1), torch.bmm(weights, layer.values)  # [N, G], [N, G, dv]
-    top = peak.new_full((segments + 1, group), float("-inf")).scatter_reduce_(
-        0, owner[:, None].expand(-1, group), peak.masked_fill(sums == 0, float("-inf")), "amax")
-    scale = (peak - top[owner]).exp_().masked_fill_(sums == 0, 0.0)  # [N, G]
-    total = sums.new_zeros(segments + 1, group).index_add_(0, owner, sums * scale)
-    out = outputs.new_zeros(segments + 1, group, outputs.shape[-1]).index_add_(0, owner, outputs * scale[..., None])
-    out = out[:segments] / total[:segments, :, None]
-    return out.view(batch, 1, query_heads, -1)
+    route = layer.route
+    scores = torch.baddbmm(layer.bias[:, None, :], query.reshape(segments, group, dim)[route],
+                           layer.keys.transpose(1, 2), alpha=scaling)  # [N, G, block]
+    top = scores.new_full((segments, group), float("-inf")).scatter_reduce_(
+        0, route[:, None].expand(-1, group), scores.amax(-1), "amax")  # [S, G]
+    weights = scores.sub_(top[route][..., None]).exp_()
+    total = weights.new_zeros(segments, group).index_add_(0, route, weights.sum(-1))
+    out = weights.new_zeros(segments, group, layer.values.shape[-1]).index_add_(0, route, torch.bmm(weights, layer.values))
+    return out.div_(total[..., None]).view(batch, 1, query_heads, -1)

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from obcache.cache import EvictableCache
+from obcache.compat import cache_argument
 from obcache.hooks import attach
 from obcache.models import position_limit
 from obcache.selector import Selector
@@ -280,7 +281,7 @@ def forward_tokens(model, cache: EvictableCache, ids: list[int], *, every_positi
     tensor = torch.tensor([ids], device=model.device)
     positions = cache.positions_for(len(ids), model.device)
     logits = model(
-        input_ids=tensor, position_ids=positions, past_key_values=cache, use_cache=True,
+        input_ids=tensor, position_ids=positions, **cache_argument(model, cache), use_cache=True,
         logits_to_keep=0 if every_position else 1,
     ).logits
     return logits[0] if every_position else logits[:, -1]

@@ -34,6 +34,7 @@ from transformers.generation.configuration_utils import GenerationMode
 
 from obcache.attention import IMPLEMENTATIONS, register
 from obcache.cache import EvictableCache
+from obcache.compat import given_cache, put_cache
 from obcache.capture import Observer, layer_state
 from obcache.eviction import Evictor
 from obcache.forward import ForwardRecord
@@ -122,14 +123,14 @@ class Attachment:
             kwargs = dict(kwargs)
         inputs = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs.get("inputs_embeds")
         batch, query_length = inputs.shape[:2]
-        cache = kwargs.get("past_key_values")
+        cache = given_cache(kwargs)
         use_cache = kwargs.get("use_cache")
         if use_cache is None:
             use_cache = self.model.config.use_cache
         if cache is None and not use_cache:
             return (), kwargs
         if cache is None or (type(cache) is DynamicCache and cache.get_seq_length() == 0):
-            cache = kwargs["past_key_values"] = EvictableCache()
+            cache = EvictableCache()
         if not isinstance(cache, EvictableCache):
             state = "a filled" if cache.get_seq_length() > 0 else "an empty"
             raise TypeError(
@@ -150,6 +151,7 @@ class Attachment:
         if kwargs.get("position_ids") is None:
             kwargs["position_ids"] = cache.positions_for(query_length, inputs.device)
         kwargs["attention_mask"] = None  # the attention function masks from the cache's slot positions
+        put_cache(kwargs, self.decoder, cache)  # under the keyword this transformers' decoder takes
         kwargs["obcache_forward"] = record
         self._records.append(record)
         return (), kwargs

@@ -255,7 +255,10 @@ class PagedLayer(_Layer):
 
     keys/values [N, block, d]; positions [N, block] int32 (-1 = empty); owner [N] (the block's segment,
     -1 free); table [S, M] (each segment's blocks in order, -1 past its last); lengths [S]; segment
-    s = row s // Hkv, head s % Hkv.
+    s = row s // Hkv, head s % Hkv. For the decoding kernel (`attention.decode_blocks`): bias [N, block], 0 on a
+    real slot and -inf elsewhere; route [N], the owner (free blocks: segment 0, to which they add nothing).
+    Appends are planned `block` steps ahead (`plan` [S, block]: the pool slot of each segment's next slots,
+    their blocks taken already), so a decoding step is three copies.
     """
 
     uniform = False
@@ -264,6 +267,8 @@ class PagedLayer(_Layer):
         super().__init__()
         self.block = 16
         self.batch = self.heads = 0
+        self.bias = self.route = self.plan = None
+        self.planned = 0
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         raise RuntimeError("a PagedLayer is made by eviction (UniformLayer.keep), never filled from empty")
@@ -292,6 +297,7 @@ class PagedLayer(_Layer):
         layer._write(flat, grid.keys[kept], grid.values[kept], grid.positions[kept],
                      {name: rider[kept] for name, rider in riders.items()})
         layer.padded = bool((grid.positions[kept] < 0).any())
+        layer._plan()
         return layer
 
     # -- geometry --
@@ -311,13 +317,48 @@ class PagedLayer(_Layer):
         self.keys.view(-1, self.keys.shape[-1]).index_copy_(0, flat, keys.to(self.dtype))
         self.values.view(-1, self.values.shape[-1]).index_copy_(0, flat, values.to(self.dtype))
         self.positions.view(-1).index_copy_(0, flat, positions.to(torch.int32))
+        if self.bias is not None:  # a real slot is attended, a padding one is not
+            self.bias.view(-1).index_copy_(0, flat, torch.where(positions >= 0, 0.0, float("-inf")).to(self.dtype))
         for name, rider in self.riders.items():
             rider.view(-1).index_copy_(0, flat, riders[name].to(rider.dtype) if name in riders else
                                        rider.new_zeros(len(flat)))
 
+    def _plan(self) -> None:
+        """After the blocks changed hands: the decoding kernel's bias and route; the next appends unplanned."""
+        self.bias = torch.zeros(self.positions.shape, dtype=self.dtype, device=self.device)
+        self.bias.masked_fill_(self.positions < 0, float("-inf"))
+        self.route = self.owner.clamp_min(0)
+        self.plan, self.planned = None, 0
+
+    def _plan_appends(self) -> None:
+        """Take the blocks the next `block` slots of every segment need; `plan` [S, block] their pool slots."""
+        self._take_blocks(self.lengths + self.block)
+        ahead = torch.full_like(self.lengths, self.block)
+        self.plan = self._slots(ahead, start=self.lengths).view(len(self.lengths), self.block)
+        self.planned = 0
+
+    def _take_blocks(self, lengths: torch.Tensor) -> None:
+        """Give every segment the blocks it needs to hold `lengths` [S] slots."""
+        have = (self.table >= 0).sum(1)
+        need = -(-lengths // self.block)
+        extra = (need - have).clamp_min(0)  # [S] new blocks per segment
+        count = int(extra.sum())
+        if not count:
+            return
+        if int(need.max()) > self.table.shape[1]:
+            self.table = torch.cat([self.table, self.table.new_full((len(need), int(need.max()) - self.table.shape[1]), -1)], 1)
+        ids = self._allocate(count)
+        segment = torch.arange(len(extra), device=extra.device).repeat_interleave(extra)
+        column = have[segment] + torch.arange(count, device=extra.device) - (torch.cumsum(extra, 0) - extra)[segment]
+        self.table[segment, column] = ids
+        self.owner[ids] = segment
+        self.route = self.owner.clamp_min(0)
+
     def _copy_storage(self) -> None:
-        for name in ("keys", "values", "positions", "owner", "table", "lengths", "free"):
+        for name in ("keys", "values", "positions", "owner", "table", "lengths", "free", "bias", "route"):
             setattr(self, name, getattr(self, name).clone())
+        if self.plan is not None:
+            self.plan = self.plan.clone()
         self.riders = {name: rider.clone() for name, rider in self.riders.items()}
 
     def grid_index(self, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -354,13 +395,14 @@ class PagedLayer(_Layer):
     # -- writing --
 
     def _allocate(self, count: int) -> torch.Tensor:
-        """Ids of `count` free blocks, growing the pool (by at least a quarter) when too few are free."""
+        """Ids of `count` free blocks, growing the pool (by at least an eighth) when too few are free."""
         if len(self.free) < count:
-            grow = max(count - len(self.free), len(self.owner) // 4, 1)
+            grow = max(count - len(self.free), len(self.owner) // 8, 1)
             start = len(self.owner)
             extend = lambda x, fill: torch.cat([x, x.new_full((grow, *x.shape[1:]), fill)])  # noqa: E731
             self.keys, self.values = extend(self.keys, 0), extend(self.values, 0)
             self.positions = extend(self.positions, -1)
+            self.bias = extend(self.bias, float("-inf"))
             self.riders = {name: extend(rider, 0) for name, rider in self.riders.items()}
             self.owner = extend(self.owner, -1)
             self.free = torch.cat([self.free, torch.arange(start, start + grow, device=self.free.device)])
@@ -377,23 +419,28 @@ class PagedLayer(_Layer):
             start = int(self.positions.max()) + 1
             positions = torch.arange(start, start + q, dtype=torch.int32, device=self.device).expand(batch, -1)
         self._own()
-        have = -(-self.lengths // self.block)
-        need = -(-(self.lengths + q) // self.block)
-        extra = need - have  # [S] new blocks per segment
-        count = int(extra.sum())
-        if count:
-            if need.max() > self.table.shape[1]:
-                self.table = torch.cat([self.table, self.table.new_full((len(need), int(need.max()) - self.table.shape[1]), -1)], 1)
-            ids = self._allocate(count)
-            segment = torch.arange(len(extra), device=extra.device).repeat_interleave(extra)
-            column = have[segment] + torch.arange(count, device=extra.device) - (torch.cumsum(extra, 0) - extra)[segment]
-            self.table[segment, column] = ids
-            self.owner[ids] = segment
-        flat = self._slots(torch.full_like(self.lengths, q), start=self.lengths)
+        padded = bool((positions < 0).any()) if padded is None else padded
+        if q == 1:  # a decoding step: planned slots
+            if self.plan is None or self.planned == self.block:
+                self._plan_appends()
+            flat = self.plan[:, self.planned]
+            self.planned += 1
+            if not padded and not self.riders:  # four copies
+                self.keys.view(-1, self.keys.shape[-1]).index_copy_(0, flat, key_states.reshape(len(flat), -1))
+                self.values.view(-1, self.values.shape[-1]).index_copy_(0, flat, value_states.reshape(len(flat), -1))
+                self.positions.view(-1).index_copy_(0, flat, positions.to(torch.int32).expand(-1, heads).reshape(-1))
+                self.bias.view(-1).index_fill_(0, flat, 0.0)
+                self.lengths += 1
+                return self.keys, self.values
+        else:
+            self._take_blocks(self.lengths + q)
+            flat = self._slots(torch.full_like(self.lengths, q), start=self.lengths)
+            self.plan = None
+        new = positions.to(torch.int32).repeat_interleave(heads, 0).reshape(-1)
         self._write(flat, key_states.reshape(-1, key_states.shape[-1]), value_states.reshape(-1, value_states.shape[-1]),
-                    positions[:, None, :].expand(-1, heads, -1).reshape(-1), {})
-        self.lengths = self.lengths + q
-        self.padded = self.padded or (bool((positions < 0).any()) if padded is None else padded)
+                    new, {})
+        self.lengths += q
+        self.padded = self.padded or padded
         return self.keys, self.values  # not read: obcache's attention reads the pool
 
     def keep(self, mask: torch.Tensor) -> PagedLayer:
@@ -420,6 +467,7 @@ class PagedLayer(_Layer):
         self.lengths = lengths
         self._write(self._slots(lengths), *moved)
         self.padded = self.padded and bool((moved[2] < 0).any())
+        self._plan()
         return self
 
     # -- reading --
@@ -439,8 +487,8 @@ class PagedLayer(_Layer):
         return self.keys.nbytes + self.values.nbytes
 
     def index_nbytes(self) -> int:
-        return sum(t.nbytes for t in (self.positions, self.owner, self.table, self.lengths, self.free,
-                                      *self.riders.values()))
+        return sum(t.nbytes for t in (self.positions, self.owner, self.table, self.lengths, self.free, self.bias,
+                                      self.route, *self.riders.values()))
 
 
 def _table(blocks: torch.Tensor) -> torch.Tensor:

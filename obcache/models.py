@@ -19,6 +19,8 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from obcache.compat import tensor_parallel_mesh, tensor_parallel_size
+
 
 class UnsupportedModelError(ValueError):
     """The model's family or attention layout cannot be evicted by obcache."""
@@ -153,7 +155,7 @@ def fingerprint(model: nn.Module) -> str:
 
 def tensor_parallel_ranks(model: nn.Module) -> int:
     """Over how many ranks transformers split `model` by tensor parallelism (1 if not split)."""
-    return getattr(model, "tp_size", None) or 1
+    return tensor_parallel_size(model)
 
 
 def tensor_parallel_group(model: nn.Module):
@@ -162,4 +164,4 @@ def tensor_parallel_group(model: nn.Module):
     Give it to the policy (`SnapKV(..., group=...)`) so that ranks agree on choices across heads."""
     if tensor_parallel_ranks(model) <= 1:
         return None
-    return model._device_mesh["tp"].get_group()
+    return tensor_parallel_mesh(model).get_group()

@@ -25,6 +25,7 @@ from torch import nn
 from transformers import DynamicCache
 
 from obcache.bench.measure import sync
+from obcache.compat import cache_argument
 from obcache.cache import EvictableCache
 from obcache.generation import build_prompt, forward_tokens
 from obcache.policies import KVzip, KVzipHeads, KVzipReplay, Selector, policy_label
@@ -55,7 +56,7 @@ def measure_reconstruction(model: nn.Module, tokenizer, lengths: list[int], poli
     for length in lengths:
         sample = make_sample("niah_single_number", tokenizer, length, seed=0, depth=0.5)
         ids, _ = build_prompt(tokenizer, sample.context, sample.question)
-        runs = {"plain": lambda: model(input_ids=torch.tensor([ids], device=device), past_key_values=DynamicCache(),
+        runs = {"plain": lambda: model(input_ids=torch.tensor([ids], device=device), **cache_argument(model, DynamicCache()),
                                        use_cache=True, logits_to_keep=1)}
         for key, policy in policies.items():
             def compress(policy=policy):

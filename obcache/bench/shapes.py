@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from obcache.compat import cache_argument
+
 RANDOM_SHAPES: dict[str, dict] = {
     "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                          num_key_value_heads=3, vocab_size=49152, rope_theta=100000.0, max_position_embeddings=8192,
@@ -48,4 +50,4 @@ def prompt(length: int, vocab_size: int, device: torch.device) -> torch.Tensor:
 
 def forward(model: nn.Module, cache, ids: torch.Tensor) -> torch.Tensor:
     """Feed `ids` [1, q] on top of `cache` (any transformers cache); the last position's logits [1, V]."""
-    return model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+    return model(input_ids=ids, **cache_argument(model, cache), use_cache=True, logits_to_keep=1).logits[:, -1]

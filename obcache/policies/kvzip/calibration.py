@@ -22,6 +22,7 @@ from torch import nn
 
 from obcache.after_prefill import replay_scores
 from obcache.cache import EvictableCache
+from obcache.compat import cache_argument
 from obcache.hooks import attach
 from obcache.selector import Replay, Selector
 from obcache.text import document_ids
@@ -52,7 +53,7 @@ def fit_head_ratings(model: nn.Module, tokenizer, probe: Replay, *, calibration:
         ids = document_ids(tokenizer, calibration)
         with attach(model, tokenizer=tokenizer, chat_template=chat_template) as engine:
             cache = EvictableCache(config=model.config)
-            model(input_ids=torch.tensor([ids], device=model.device), past_key_values=cache, use_cache=True,
+            model(input_ids=torch.tensor([ids], device=model.device), **cache_argument(model, cache), use_cache=True,
                   logits_to_keep=1)
             inputs = probe.replay_inputs(tokenizer, ids, chat_template=chat_template)
             layers = replay_scores(engine, cache, inputs, {0: probe})[0][0]
