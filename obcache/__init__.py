@@ -16,8 +16,8 @@ from obcache.policies.kvzip import HeadRatings, calibrate
 from obcache.loading import load_model, load_tokenizer
 from obcache.models import tensor_parallel_group
 from obcache.policies import (
-    H2O, POLICIES, TOVA, AdaKV, Decoding, GlobalKV, KVzip, KVzipHeads, KVzipReplay, Policy, PyramidKV, ScoredPolicy,
-    Selector, SnapKV, StreamingLLM, build_policy, make_policy, paper_preset, recommended,
+    H2O, POLICIES, TOVA, AdaKV, Decoding, GlobalKV, KVzip, KVzipHeads, KVzipReplay, MixedPrecision, Policy, PyramidKV,
+    Quantized, ScoredPolicy, Selector, SnapKV, StreamingLLM, build_policy, make_policy, paper_preset, recommended,
 )
 from obcache.scores import SCORE_KINDS, saliency
 
@@ -25,7 +25,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdaKV", "Decoding", "EvictableCache", "GenerationResult", "GlobalKV", "H2O", "HeadRatings", "KVzip", "KVzipHeads",
-    "KVzipReplay", "POLICIES", "Policy", "PyramidKV", "SCORE_KINDS", "ScoredPolicy", "Selector", "SharedPrefill",
+    "KVzipReplay", "MixedPrecision", "POLICIES", "Policy", "PyramidKV", "Quantized", "SCORE_KINDS", "ScoredPolicy", "Selector", "SharedPrefill",
     "SnapKV", "StreamingLLM", "TOVA", "ask", "attach", "build_policy", "calibrate", "generate", "load_model",
     "load_tokenizer", "make_policy", "paper_preset", "recommended", "saliency", "shared_prefill",
     "tensor_parallel_group",

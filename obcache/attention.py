@@ -31,7 +31,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask, sdpa_mask
 
-from obcache.layouts import PagedLayer
+from obcache.layouts import Blocks
 
 IMPLEMENTATIONS = {"sdpa": "obcache-sdpa", "eager": "obcache-eager"}
 
@@ -106,11 +106,12 @@ def _sees_earlier_then_causal(mask: torch.Tensor, earlier: int) -> bool:
     return bool(mask[..., :earlier].all()) and bool((mask[..., earlier:] == causal).all())
 
 
-def paged_attention(query: torch.Tensor, layer: PagedLayer, positions: torch.Tensor, scaling: float) -> torch.Tensor:
+def paged_attention(query: torch.Tensor, layer, positions: torch.Tensor, scaling: float) -> torch.Tensor:
     """softmax(s q k^T) v of every segment over its own slots, in one batched computation; [B, Hq, q, d] ->
-    [B, q, Hq, d]. One new token per row (decoding): `decode_blocks`; several: one masked SDPA over the grid."""
+    [B, q, Hq, d]. One new token per row (decoding): `decode_blocks` over the layer's block sets; several: one
+    masked SDPA over the layer's grid."""
     if query.shape[2] == 1:
-        return decode_blocks(query, layer, scaling)
+        return decode_blocks(query, layer.block_sets(query.dtype), layer.heads, scaling)
     batch, query_heads, length, dim = query.shape
     group = query_heads // layer.heads
     grid = layer.grid()
@@ -121,20 +122,24 @@ def paged_attention(query: torch.Tensor, layer: PagedLayer, positions: torch.Ten
     return out.view(batch, query_heads, length, -1).transpose(1, 2).contiguous()
 
 
-def decode_blocks(query: torch.Tensor, layer: PagedLayer, scaling: float) -> torch.Tensor:
-    """One decoding step over every block of the pool at once, no copy of keys or values: each block's scores
-    from its segment's G queries (z = s q k^T + the block's bias: -inf on empty slots), the segment's max M over
-    its blocks' maxima, then out = sum_b sum_p e^(z_bp - M) v_bp / sum_b sum_p e^(z_bp - M), the sums over a
-    segment's blocks by index_add. A free block (routed to segment 0) or one taken ahead of appends adds e^-inf = 0.
+def decode_blocks(query: torch.Tensor, sets: list[Blocks], heads: int, scaling: float) -> torch.Tensor:
+    """One decoding step over every block of a pool (of each of its `sets`, e.g. one per stored width) at once,
+    no copy of keys or values: each block's scores from its segment's G queries (z = s q k^T + the block's bias:
+    -inf on empty slots), the segment's max M over its blocks' maxima, then
+    out = sum_b sum_p e^(z_bp - M) v_bp / sum_b sum_p e^(z_bp - M), the sums over a segment's blocks by
+    index_add. A free block (routed to segment 0) or one taken ahead of appends adds e^-inf = 0.
     query [B, Hq, 1, d] -> [B, 1, Hq, dv]."""
     batch, query_heads, _, dim = query.shape
-    segments, group = batch * layer.heads, query_heads // layer.heads
-    route = layer.route
-    scores = torch.baddbmm(layer.bias[:, None, :], query.reshape(segments, group, dim)[route],
-                           layer.keys.transpose(1, 2), alpha=scaling)  # [N, G, block]
-    top = scores.new_full((segments, group), float("-inf")).scatter_reduce_(
-        0, route[:, None].expand(-1, group), scores.amax(-1), "amax")  # [S, G]
-    weights = scores.sub_(top[route][..., None]).exp_()
-    total = weights.new_zeros(segments, group).index_add_(0, route, weights.sum(-1))
-    out = weights.new_zeros(segments, group, layer.values.shape[-1]).index_add_(0, route, torch.bmm(weights, layer.values))
+    segments, group = batch * heads, query_heads // heads
+    rows = query.reshape(segments, group, dim)
+    scores = [torch.baddbmm(s.bias[:, None, :], rows[s.route], s.keys.transpose(1, 2), alpha=scaling) for s in sets]
+    top = scores[0].new_full((segments, group), float("-inf"))  # [S, G]
+    for s, z in zip(sets, scores):
+        top.scatter_reduce_(0, s.route[:, None].expand(-1, group), z.amax(-1), "amax")
+    total = scores[0].new_zeros(segments, group)
+    out = scores[0].new_zeros(segments, group, sets[0].values.shape[-1])
+    for s, z in zip(sets, scores):
+        weights = z.sub_(top[s.route][..., None]).exp_()  # [N, G, block]
+        total.index_add_(0, s.route, weights.sum(-1))
+        out.index_add_(0, s.route, torch.bmm(weights, s.values))
     return out.div_(total[..., None]).view(batch, 1, query_heads, -1)

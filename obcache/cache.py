@@ -23,6 +23,8 @@ import torch
 from transformers.cache_utils import Cache
 
 from obcache.layouts import UniformLayer
+from obcache.packed import MixedLayer
+from obcache.selector import Widths
 
 
 class EvictableCache(Cache):
@@ -114,15 +116,20 @@ class EvictableCache(Cache):
 
     # -- eviction --
 
-    def keep(self, layer_idx: int, mask: torch.Tensor | None) -> None:
-        """Keep, in layer `layer_idx`, the slots of `mask` [B, Hkv, W] (in the layer's grid, `layouts.Grid`); None
-        keeps every slot (the layer is recorded as visited). The dropped slots are freed.
+    def keep(self, layer_idx: int, mask: torch.Tensor | Widths | None) -> None:
+        """Keep, in layer `layer_idx`, the slots of `mask` [B, Hkv, W] (in the layer's grid, `layouts.Grid`), or store
+        them at `Widths` (`packed.MixedLayer`); None keeps every slot (the layer is recorded as visited). The
+        dropped slots are freed.
         """
         layer = self.layers[layer_idx]
         if layer_idx not in self.evicted_layers:
             self.full_bytes += layer.nbytes()
             self.evicted_layers.add(layer_idx)
-        if mask is not None:
+        if isinstance(mask, Widths) and not isinstance(layer, MixedLayer):
+            self.layers[layer_idx] = MixedLayer.from_grid(layer.grid(), mask,
+                                                          {name: layer.rider(name) for name in layer.rider_names()})
+            self.layers[layer_idx].policy_state = layer.policy_state
+        elif mask is not None:
             self.layers[layer_idx] = layer.keep(mask)
 
     def fork(self) -> EvictableCache:

@@ -89,8 +89,8 @@ def layer_state(adapter: FamilyAdapter, module: nn.Module, args, kwargs, record:
             return outputs.view(outputs.shape[0], tokens, heads, -1).transpose(1, 2)
 
     if not layer.uniform:
-        _, valid = layer.grid_index()
-        keys = values = layer.keys.new_empty(*valid.shape, 0)
+        valid = layer.valid()
+        keys = values = torch.empty(*valid.shape, 0, dtype=layer.dtype, device=layer.device)
         key_mask, first = valid, None
     else:
         keys, values, key_mask = layer.keys, layer.values, layer.slot_mask()

@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 from typing import Callable
 
-from obcache.policies import ALLOCATIONS, POLICIES, RECOMMENDED, REGISTRY, Decoding, build_policy, policy_options
+from obcache.policies import (
+    ALLOCATIONS, POLICIES, RECOMMENDED, REGISTRY, Decoding, MixedPrecision, Quantized, build_policy, policy_options,
+)
 from obcache.scores import GQA_REDUCTIONS, SCORE_KINDS
 
 #: Policy fields with their own flags (--budget, --score) or none at all.
@@ -118,6 +120,14 @@ def add_policy_arguments(parser: argparse.ArgumentParser, *, default_policy: str
                        help="also evict during generation: tokens kept per KV head (obcache.Decoding; default: off)")
     group.add_argument("--decode-interval", type=int, default=16,
                        help="with --decode-budget: evict every this many new tokens (default 16)")
+    group.add_argument("--bits", type=comma_list(int, what="width"), default=None,
+                       help="store what the policy keeps at these bits (obcache.Quantized: one of 16, 8, 4, 2; with "
+                       "--byte-budget, the widths a token may take, e.g. 16,8,4,2)")
+    group.add_argument("--byte-budget", type=float, default=None,
+                       help="widths per token under this fraction of the full 16-bit cache's bytes "
+                       "(obcache.MixedPrecision; the budget then caps the tokens kept at any width)")
+    group.add_argument("--group-size", type=int, default=32,
+                       help="with --bits/--byte-budget: channels of a token sharing a scale and zero (default 32)")
     add_policy_options(parser)
 
 
@@ -138,6 +148,13 @@ def policy_from_args(args: argparse.Namespace):
         allocation = allocation or RECOMMENDED["allocation"]
     policy = build_policy(name, budget=args.budget, score=args.score, options=options,
                           allocation=allocation, alpha=args.alpha, beta=args.beta)
+    if args.byte_budget is not None:
+        policy = MixedPrecision(policy, byte_budget=args.byte_budget, bits=args.bits or (16, 8, 4, 2),
+                                group_size=args.group_size)
+    elif args.bits is not None:
+        if len(args.bits) != 1:
+            raise ValueError(f"--bits takes one width without --byte-budget (obcache.Quantized), got {args.bits}")
+        policy = Quantized(policy, bits=args.bits[0], group_size=args.group_size)
     if args.decode_budget is not None:
         policy = Decoding(policy, capacity=args.decode_budget, interval=args.decode_interval)
     return policy

@@ -86,6 +86,9 @@ class _Layer(CacheLayerMixin):
         """A rider in grid coordinates [B, Hkv, W] (0 for invalid slots), or None if the layer has none."""
         raise NotImplementedError
 
+    def rider_names(self) -> list[str]:
+        return list(self.riders)
+
     def set_rider(self, name: str, grid: torch.Tensor) -> None:
         """Write a rider's values, given in grid coordinates [B, Hkv, W], into the layer's slots."""
         raise NotImplementedError
@@ -244,6 +247,47 @@ class UniformLayer(_Layer):
         return self._positions.nbytes + sum(rider.nbytes for rider in self.riders.values()) if self.is_initialized else 0
 
 
+class Blocks(NamedTuple):
+    """What the decoding kernel reads of a paged pool: keys/values [N, block, d] in the query's dtype, bias
+    [N, block] (0 on a real slot, -inf elsewhere) and route [N] (each block's segment)."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    bias: torch.Tensor
+    route: torch.Tensor
+
+
+class FloatStore:
+    """Keys (or values) of a block pool as floats [N, block, d] in one dtype (the model's, or 16 bits)."""
+
+    def __init__(self, data: torch.Tensor):
+        self.data = data
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.data.dtype
+
+    def read(self, flat: torch.Tensor) -> torch.Tensor:
+        """Rows [n, d] of the pool slots `flat` [n]."""
+        return self.data.view(-1, self.data.shape[-1])[flat]
+
+    def write(self, flat: torch.Tensor, rows: torch.Tensor) -> None:
+        self.data.view(-1, self.data.shape[-1]).index_copy_(0, flat, rows.reshape(len(flat), -1).to(self.dtype))
+
+    def blocks(self, dtype: torch.dtype) -> torch.Tensor:
+        """[N, block, d] as `dtype` (a view when it is the stored one)."""
+        return self.data.to(dtype)
+
+    def grow(self, count: int) -> None:
+        self.data = torch.cat([self.data, self.data.new_zeros(count, *self.data.shape[1:])])
+
+    def clone(self) -> FloatStore:
+        return FloatStore(self.data.clone())
+
+    def nbytes(self) -> int:
+        return self.data.nbytes
+
+
 def block_size(mean_length: float) -> int:
     """The pool's block size for segments of `mean_length` slots on average: the power of two nearest below 5%
     of it, within [4, 128], so the partly filled last blocks waste ~2.5% of the bytes at most on average."""
@@ -253,7 +297,7 @@ def block_size(mean_length: float) -> int:
 class PagedLayer(_Layer):
     """A layer whose (row, KV head) segments hold any number of slots, in blocks of a per-layer pool.
 
-    keys/values [N, block, d]; positions [N, block] int32 (-1 = empty); owner [N] (the block's segment,
+    keys/values: stores of [N, block, d] (`FloatStore`, or packed codes); positions [N, block] int32 (-1 = empty); owner [N] (the block's segment,
     -1 free); table [S, M] (each segment's blocks in order, -1 past its last); lengths [S]; segment
     s = row s // Hkv, head s % Hkv. For the decoding kernel (`attention.decode_blocks`): bias [N, block], 0 on a
     real slot and -inf elsewhere; route [N], the owner (free blocks: segment 0, to which they add nothing).
@@ -274,10 +318,11 @@ class PagedLayer(_Layer):
         raise RuntimeError("a PagedLayer is made by eviction (UniformLayer.keep), never filled from empty")
 
     @classmethod
-    def from_grid(cls, grid: Grid, kept: torch.Tensor, riders: dict[str, torch.Tensor], *,
-                  block: int | None = None) -> PagedLayer:
+    def from_grid(cls, grid: Grid, kept: torch.Tensor, riders: dict[str, torch.Tensor], *, block: int | None = None,
+                  dtype: torch.dtype | None = None, make_store=FloatStore) -> PagedLayer:
         """The slots `kept` [B, Hkv, W] of `grid`, in a pool of exactly as many blocks as they need (of `block`
-        slots; default `block_size` of their mean length)."""
+        slots; default `block_size` of their mean length). Keys and values are held by `make_store(zeros)`, a
+        `FloatStore` by default (in `dtype`, default the grid's), or packed codes (`obcache.packed`)."""
         layer = cls()
         layer.dtype, layer.device, layer.is_initialized = grid.keys.dtype, grid.keys.device, True
         layer.batch, layer.heads = kept.shape[:2]
@@ -289,8 +334,9 @@ class PagedLayer(_Layer):
         layer.lengths = lengths
         layer.free = lengths.new_empty(0)
         total, block = int(blocks.sum()), layer.block
-        layer.keys = grid.keys.new_zeros(total, block, grid.keys.shape[-1])
-        layer.values = grid.values.new_zeros(total, block, grid.values.shape[-1])
+        layer.keys = make_store(grid.keys.new_zeros(total, block, grid.keys.shape[-1]).to(dtype or grid.keys.dtype))
+        layer.values = make_store(grid.values.new_zeros(total, block, grid.values.shape[-1]).to(dtype or grid.values.dtype))
+        layer.dtype = grid.keys.dtype  # what reads give back
         layer.positions = torch.full((total, block), -1, dtype=torch.int32, device=layer.device)
         layer.riders = {name: rider.new_zeros(total, block) for name, rider in riders.items()}
         flat = layer._slots(lengths)  # pool slots of each segment's first `length` slots, in order
@@ -314,8 +360,8 @@ class PagedLayer(_Layer):
         return self.table[segment, slot // self.block] * self.block + slot % self.block
 
     def _write(self, flat: torch.Tensor, keys, values, positions, riders: dict[str, torch.Tensor]) -> None:
-        self.keys.view(-1, self.keys.shape[-1]).index_copy_(0, flat, keys.to(self.dtype))
-        self.values.view(-1, self.values.shape[-1]).index_copy_(0, flat, values.to(self.dtype))
+        self.keys.write(flat, keys)
+        self.values.write(flat, values)
         self.positions.view(-1).index_copy_(0, flat, positions.to(torch.int32))
         if self.bias is not None:  # a real slot is attended, a padding one is not
             self.bias.view(-1).index_copy_(0, flat, torch.where(positions >= 0, 0.0, float("-inf")).to(self.dtype))
@@ -356,7 +402,7 @@ class PagedLayer(_Layer):
 
     def _copy_storage(self) -> None:
         for name in ("keys", "values", "positions", "owner", "table", "lengths", "free", "bias", "route"):
-            setattr(self, name, getattr(self, name).clone())
+            setattr(self, name, getattr(self, name).clone())  # tensors, and the key and value stores
         if self.plan is not None:
             self.plan = self.plan.clone()
         self.riders = {name: rider.clone() for name, rider in self.riders.items()}
@@ -372,12 +418,16 @@ class PagedLayer(_Layer):
         shape = (self.batch, self.heads, width)
         return flat.view(shape), valid.view(shape)
 
+    def valid(self, width: int | None = None) -> torch.Tensor:
+        """[B, Hkv, W] where the right-aligned grid holds a slot (nothing gathered)."""
+        return self.grid_index(width)[1]
+
     def grid(self, width: int | None = None) -> Grid:
         flat, valid = self.grid_index(width)
-        keys = self.keys.view(-1, self.keys.shape[-1])[flat]
-        values = self.values.view(-1, self.values.shape[-1])[flat]
+        keys = self.keys.read(flat.reshape(-1)).view(*flat.shape, -1).to(self.dtype)
+        values = self.values.read(flat.reshape(-1)).view(*flat.shape, -1).to(self.dtype)
         positions = self.positions.view(-1)[flat].masked_fill(~valid, -1)
-        return Grid(keys, values, valid, positions)
+        return Grid(keys, values, valid & (positions >= 0), positions)
 
     def rider(self, name: str) -> torch.Tensor | None:
         if name not in self.riders:
@@ -400,7 +450,8 @@ class PagedLayer(_Layer):
             grow = max(count - len(self.free), len(self.owner) // 8, 1)
             start = len(self.owner)
             extend = lambda x, fill: torch.cat([x, x.new_full((grow, *x.shape[1:]), fill)])  # noqa: E731
-            self.keys, self.values = extend(self.keys, 0), extend(self.values, 0)
+            self.keys.grow(grow)
+            self.values.grow(grow)
             self.positions = extend(self.positions, -1)
             self.bias = extend(self.bias, float("-inf"))
             self.riders = {name: extend(rider, 0) for name, rider in self.riders.items()}
@@ -426,12 +477,12 @@ class PagedLayer(_Layer):
             flat = self.plan[:, self.planned]
             self.planned += 1
             if not padded and not self.riders:  # four copies
-                self.keys.view(-1, self.keys.shape[-1]).index_copy_(0, flat, key_states.reshape(len(flat), -1))
-                self.values.view(-1, self.values.shape[-1]).index_copy_(0, flat, value_states.reshape(len(flat), -1))
+                self.keys.write(flat, key_states)
+                self.values.write(flat, value_states)
                 self.positions.view(-1).index_copy_(0, flat, positions.to(torch.int32).expand(-1, heads).reshape(-1))
                 self.bias.view(-1).index_fill_(0, flat, 0.0)
                 self.lengths += 1
-                return self.keys, self.values
+                return key_states, value_states  # not read: obcache's attention reads the pool
         else:
             self._take_blocks(self.lengths + q)
             flat = self._slots(torch.full_like(self.lengths, q), start=self.lengths)
@@ -441,7 +492,7 @@ class PagedLayer(_Layer):
                     new, {})
         self.lengths += q
         self.padded = self.padded or padded
-        return self.keys, self.values  # not read: obcache's attention reads the pool
+        return key_states, value_states  # not read: obcache's attention reads the pool
 
     def keep(self, mask: torch.Tensor) -> PagedLayer:
         """Keep the slots of `mask` [B, Hkv, W] (the grid of `grid()`): each segment's kept slots move, in order,
@@ -451,7 +502,7 @@ class PagedLayer(_Layer):
         kept = mask & valid
         source = flat[kept]
         lengths = kept.sum(-1).flatten()
-        moved = (self.keys.view(-1, self.keys.shape[-1])[source], self.values.view(-1, self.values.shape[-1])[source],
+        moved = (self.keys.read(source), self.values.read(source),
                  self.positions.view(-1)[source], {name: rider.view(-1)[source] for name, rider in self.riders.items()})
         need = -(-lengths // self.block)
         have = -(-self.lengths // self.block)
@@ -472,6 +523,10 @@ class PagedLayer(_Layer):
 
     # -- reading --
 
+    def block_sets(self, dtype: torch.dtype) -> list[Blocks]:
+        """The pool as the decoding kernel reads it (one set: the whole pool)."""
+        return [Blocks(self.keys.blocks(dtype), self.values.blocks(dtype), self.bias.to(dtype), self.route)]
+
     def get_seq_length(self) -> int:
         return int(self.lengths.max()) if len(self.lengths) else 0
 
@@ -484,7 +539,7 @@ class PagedLayer(_Layer):
 
     def nbytes(self) -> int:
         """Bytes of the key and value pool held (free blocks and unfilled slots included)."""
-        return self.keys.nbytes + self.values.nbytes
+        return self.keys.nbytes() + self.values.nbytes()
 
     def index_nbytes(self) -> int:
         return sum(t.nbytes for t in (self.positions, self.owner, self.table, self.lengths, self.free, self.bias,

@@ -129,6 +129,12 @@ def position_limit(config) -> int | None:
     return getattr(text_config, "max_position_embeddings", None)
 
 
+def head_dim(config) -> int:
+    """The model's attention head dimension (of its text config)."""
+    text_config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    return getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
+
+
 def kv_heads(config) -> int:
     """The model's KV heads (all of them, over every tensor-parallel rank)."""
     return getattr(config, "num_key_value_heads", None) or config.num_attention_heads

@@ -16,18 +16,28 @@ does not override them does:
 - after every later forward: `decode_select(layer)` (none by default: only
   `Decoding` evicts while decoding).
 
-Every keep mask is a bool tensor [B, Hkv, L] over the layer's slots (None = keep all).
+Every keep mask is a bool tensor [B, Hkv, L] over the layer's slots (None = keep all). A selector that also
+chooses how each kept slot is stored (`obcache.Quantized`, `obcache.MixedPrecision`) answers with `Widths`
+instead, through `precision`.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Hashable
-from typing import ClassVar, Protocol
+from typing import ClassVar, NamedTuple, Protocol
 
 import torch
 
 from obcache.layer_state import LayerState
+
+
+class Widths(NamedTuple):
+    """Per slot of a layer's grid [B, Hkv, L], the bits it is stored at: 0 dropped, 16 in 16-bit floats, 8/4/2 packed
+    in groups of `group_size` channels of a token (`obcache.packed`)."""
+
+    bits: torch.Tensor
+    group_size: int
 
 
 class Replay(Protocol):
@@ -124,12 +134,18 @@ class Selector(ABC):
         """
         kept = self.layer_budget(layer)
         if bool((kept >= layer.real_lengths()).all()):
-            return None
-        return self.allocate(self.prepared_scores(layer, scores), kept, layer)
+            return self.precision(layer, None, scores)
+        return self.precision(layer, self.allocate(self.prepared_scores(layer, scores), kept, layer), scores)
 
     def select_layers(self, layers: list[LayerState], scores: list[torch.Tensor]) -> list[torch.Tensor | None]:
         """Keep masks of every layer at once, from each layer's scores."""
         return [self.select(layer, layer_scores) for layer, layer_scores in zip(layers, scores)]
+
+    def precision(self, layer: LayerState, mask: torch.Tensor | None,
+                  scores: torch.Tensor | None) -> torch.Tensor | Widths | None:
+        """How the slots a keep mask keeps are stored: by default as they are (the mask itself); `Widths` for
+        the selectors that also choose their precision. `scores`: the layer's token scores, if computed."""
+        return mask
 
     def decode_select(self, layer: LayerState) -> torch.Tensor | None:
         """After a forward that follows the prefill: keep mask of the layer's slots, or None to keep them all."""

@@ -13,7 +13,10 @@ import pytest
 import torch
 
 import obcache
-from obcache import H2O, TOVA, AdaKV, Decoding, GlobalKV, KVzipHeads, PyramidKV, SnapKV, StreamingLLM
+from obcache import (
+    H2O, TOVA, AdaKV, Decoding, GlobalKV, KVzipHeads, MixedPrecision, PyramidKV, Quantized, SnapKV, StreamingLLM,
+)
+from obcache.packed import MixedLayer
 from tests.conftest import tiny_model
 
 STEPS = 10
@@ -43,6 +46,10 @@ MODES = {
                                                            chunk=2)), capacity=14, interval=2),
     "decoding-tova-shared": lambda budget: Decoding(TOVA(budget=budget, score="obc-value", selection="shared"),
                                                     capacity=12, interval=3),
+    "quantized": lambda budget: Quantized(AdaKV(SnapKV(budget=budget, window=3, kernel=3, score="obc-key")), bits=4,
+                                          group_size=4),
+    "mixed-precision": lambda budget: MixedPrecision(SnapKV(budget=budget, window=3, kernel=3, score="obc-joint",
+                                                            chunk=2), byte_budget=0.3, group_size=4),
 }
 
 _MODELS: dict[str, torch.nn.Module] = {}
@@ -65,6 +72,12 @@ def run(model, policy, rows: list[list[int]]) -> tuple[list[list[int]], list[lis
     cache = out.past_key_values
     kept = [[[heads.tolist() for heads in row] for row in cache.kept_positions(layer)]
             for layer in range(len(cache.layers))]
+    for layer_idx, layer in enumerate(cache.layers):  # stored at several widths: each kept position's width too
+        if isinstance(layer, MixedLayer):
+            bits, valid = layer.bits(), layer.grid().valid
+            for row, heads in enumerate(kept[layer_idx]):
+                for head, positions in enumerate(heads):
+                    heads[head] = list(zip(positions, bits[row, head][valid[row, head]].tolist()))
     return out.sequences[:, width:].tolist(), kept
 
 

@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
+
+import obcache
 import torch
 from safetensors import SafetensorError
 
@@ -57,6 +59,10 @@ def test_parse_budget(text, value):
         (["--policy", "kvzip", "--aggregate", "mean"], "invalid choice"),
         (["--policy", "kvzip", "--allocation", "global", "--alpha", "2"], "alpha must be a number in [0, 1]"),
         (["--policy", "kvzip", "--decode-budget", "64"], "cannot score during decoding"),
+        (["--bits", "3"], "widths must be in {0, 2, 4, 8, 16}"),
+        (["--bits", "4,2"], "--bits takes one width without --byte-budget"),
+        (["--byte-budget", "2.0"], "byte_budget is the fraction"),
+        (["--byte-budget", "0.05", "--bits", "16,6"], "widths must be in {0, 2, 4, 8, 16}"),
     ],
 )
 def test_bad_input_fails_before_loading_the_model(extra, message, tmp_path, capsys, no_model_loading):
@@ -339,3 +345,17 @@ def test_runtime_failures_are_one_line_without_a_traceback(error, line, tmp_path
     context.write_text("some context")
     code, _, err = run(["generate", "--context-file", str(context), "--question", "Q?"], capsys)
     assert code == 1 and err == f"obcache generate: error: {line}\n"
+
+
+def test_bits_and_byte_budget_wrap_the_policy_for_its_precision():
+    from obcache.cli import build_parser
+    from obcache.cli_args import policy_from_args
+
+    def policy(*extra):
+        return policy_from_args(build_parser().parse_args(["generate", "--context-file", "c", *extra]))
+
+    quantized = policy("--bits", "4", "--group-size", "16")
+    assert isinstance(quantized, obcache.Quantized) and quantized.bits == 4 and quantized.group_size == 16
+    mixed = policy("--byte-budget", "0.05", "--decode-budget", "256")
+    assert isinstance(mixed, obcache.Decoding) and isinstance(mixed.policy, obcache.MixedPrecision)
+    assert mixed.policy.bits == (16, 8, 4, 2) and mixed.policy.byte_budget == 0.05

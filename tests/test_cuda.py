@@ -97,7 +97,7 @@ def test_paged_decode_step_matches_softmax_per_segment(dtype):
     layer.update(keys.cuda().to(dtype), values.cuda().to(dtype))
     paged = layer.keep(keep.cuda())
     query = torch.randn(batch, heads * group, 1, dim, generator=generator)
-    out = decode_blocks(query.cuda().to(dtype), paged, 0.125)
+    out = decode_blocks(query.cuda().to(dtype), paged.block_sets(dtype), heads, 0.125)
     expected = torch.empty(batch, 1, heads * group, dim)
     for b in range(batch):
         for h in range(heads):

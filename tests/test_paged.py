@@ -52,7 +52,8 @@ def test_a_decoding_step_over_the_pool_equals_softmax_per_segment(block):
     paged = PagedLayer.from_grid(layer.grid(), random_kept(40), {}, block=block)
     paged.update(torch.randn(B, HKV, 1, D), torch.randn(B, HKV, 1, D), torch.full((B, 1), 40, dtype=torch.int32))
     query = torch.randn(B, HKV * G, 1, D)
-    torch.testing.assert_close(decode_blocks(query, paged, 0.3).double(), reference(query, paged, torch.tensor([40]), 0.3),
+    torch.testing.assert_close(decode_blocks(query, paged.block_sets(query.dtype), HKV, 0.3).double(),
+                               reference(query, paged, torch.tensor([40]), 0.3),
                                rtol=1e-5, atol=1e-6)
 
 

@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from obcache.layer_state import LayerState
 from obcache.policies.base import Attachable, Policy, check_choices
-from obcache.selector import Replay, Selector
+from obcache.selector import Replay, Selector, Widths
 from obcache.selection import adaptive_mask, pyramid_budgets
 
 
@@ -101,6 +101,10 @@ class Wrapper(Attachable, Selector):
     def allocate(self, scores: torch.Tensor, kept: torch.Tensor, layer: LayerState) -> torch.Tensor:
         return self.policy.allocate(scores, kept, layer)
 
+    def precision(self, layer: LayerState, mask: torch.Tensor | None,
+                  scores: torch.Tensor | None) -> torch.Tensor | Widths | None:
+        return self.policy.precision(layer, mask, scores)
+
 
 @dataclass
 class PooledBudget(Wrapper):
@@ -178,7 +182,8 @@ class GlobalKV(PooledBudget):
         raise TypeError("global allocation chooses over all layers at once: use select_layers")
 
     def select_layers(self, layers: list[LayerState], scores: list[torch.Tensor]) -> list[torch.Tensor | None]:
-        return pooled_select(self, layers, scores, self.alpha)
+        masks = pooled_select(self, layers, scores, self.alpha)
+        return [self.precision(layer, mask, s) for layer, mask, s in zip(layers, masks, scores)]
 
 
 def pooled_select(selector: Selector, layers: list[LayerState], scores: list[torch.Tensor],

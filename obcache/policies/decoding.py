@@ -111,7 +111,7 @@ class Decoding(Wrapper):
         raw = cache_layer.rider(RUNNING) if self.base.decode_accumulates else self.base.token_scores(view)
         if raw.shape[-1] < view.length:  # a uniform layer's rider, in a wider grid
             raw = torch.cat([raw.new_zeros(*raw.shape[:2], view.length - raw.shape[-1]), raw], dim=-1)
-        return self._allocate(view, raw, due)
+        return self.policy.precision(view, self._allocate(view, raw, due), raw)
 
     def _allocate(self, view: LayerState, raw: torch.Tensor, due: torch.Tensor) -> torch.Tensor:
         """Keep mask of the view's grid: `capacity` per head in the rows that are `due` [B], every real slot in

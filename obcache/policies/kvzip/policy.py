@@ -90,7 +90,8 @@ class KVzipBase(ScoredPolicy):
 
     def select_layers(self, layers: list[LayerState], scores: list[torch.Tensor]) -> list[torch.Tensor | None]:
         if self.allocation == "global":
-            return pooled_select(self, layers, scores, self.alpha)
+            masks = pooled_select(self, layers, scores, self.alpha)
+            return [self.precision(layer, mask, s) for layer, mask, s in zip(layers, masks, scores)]
         return super().select_layers(layers, scores)
 
     def check_prompt(self, prompt_lengths: list[int]) -> None:

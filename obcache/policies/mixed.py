@@ -1,0 +1,166 @@
+"""Eviction and precision together: what a policy keeps, stored in fewer bits (`obcache.packed`).
+
+    Quantized(policy, bits=4)                                    # the policy evicts; the rest at 4 bits
+    MixedPrecision(recommended(budget=0.2), byte_budget=0.025)   # <= 20% of the tokens in 2.5% of the bytes
+
+`Quantized` stores every token the wrapped policy keeps at `bits` (its protected tokens, sinks and window,
+at 16): the uniform baseline. `MixedPrecision` gives each (row, KV head, token) a width in `bits` or 0
+(evicted), per layer and batch row, minimising the summed output distortion under a byte budget
+(`obcache.precision.allocate_widths`, exact):
+
+- distortion of token p at width b: D_p(b) = w_p eps(b), w_p the wrapped policy's score of p (OBCache's: the
+  output error of zeroing p, `precision`'s docstring derives the rest) and eps(b) the relative squared error
+  of the actual quantizer at b on this layer's keys and values (this row's, `measured_error`), eps(0) = 1;
+- bytes: a token's key and value at b (codes, scales, zeros: `bytes_per_token`); 16 bits: 2 bytes an element;
+- `byte_budget`: a fraction of the row's full cache at 16 bits per element (whatever dtype runs), everything
+  held right after compression counted (codes, scales, zeros, the protected tokens at 16 bits);
+- the wrapped policy's budget caps how many tokens stay, at any width (its per-layer budget x Hkv, pooled
+  over the heads as AdaKV pools them); protected tokens stay at 16 bits.
+
+Under `Decoding`, new tokens enter at 16 bits and each eviction re-allocates the widths of what Decoding keeps,
+within `byte_budget` of the 16-bit bytes of the slots the row held before the eviction (Decoding's capacity
+plays the prompt's part).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from obcache.layer_state import LayerState
+from obcache.models import head_dim
+from obcache.policies.allocation import Wrapper
+from obcache.policies.base import check_count
+from obcache.precision import allocate_widths, bytes_per_token, check_widths, measured_error
+from obcache.selector import Selector, Widths
+
+#: Tokens of a layer (per row) on which eps(b) is measured: enough for a stable mean, cheap to quantize.
+ERROR_SAMPLE = 2048
+
+
+@dataclass
+class Precision(Wrapper):
+    """What Quantized and MixedPrecision share: the quantizer's group size, checked against the model before any
+    work."""
+
+    group_size: int = 32  # channels of a token that share a scale and a zero
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_count("group_size", self.group_size, minimum=1)
+
+    def prepare(self, model, tokenizer=None, *, chat_template: bool = True) -> Selector:
+        dim = head_dim(model.config)
+        if dim % self.group_size:
+            divisors = [k for k in range(1, dim + 1) if dim % k == 0]
+            raise ValueError(f"group_size {self.group_size} does not divide the head dimension {dim}; allowed: "
+                             f"{divisors}")
+        return super().prepare(model, tokenizer, chat_template=chat_template)
+
+    def _protected(self, layer: LayerState) -> torch.Tensor:
+        protected = self.base.protected_mask(layer)
+        return (protected.unsqueeze(1) if protected.dim() == 2 else protected).expand(-1, layer.kv_heads, -1)
+
+    def _real(self, layer: LayerState) -> torch.Tensor:
+        if layer.key_mask is None:
+            return torch.ones(layer.keys.shape[:3], dtype=torch.bool, device=layer.keys.device)
+        real = layer.key_mask
+        return (real.unsqueeze(1) if real.dim() == 2 else real).expand(-1, layer.kv_heads, -1)
+
+
+@dataclass
+class Quantized(Precision):
+    """The wrapped policy evicts as usual; what it keeps is stored at `bits` (2, 4, 8 or 16), its protected
+    tokens at 16."""
+
+    name: ClassVar[str] = "quantized"
+    bits: int = 4
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_widths([self.bits])
+        if self.bits == 0:
+            raise ValueError("Quantized stores what the policy keeps: bits must be 2, 4, 8 or 16, not 0")
+
+    def precision(self, layer: LayerState, mask: torch.Tensor | None, scores: torch.Tensor | None) -> Widths:
+        kept = self._real(layer) if mask is None else mask & self._real(layer)
+        bits = torch.where(self._protected(layer), 16, self.bits)
+        return Widths(bits.masked_fill(~kept, 0), self.group_size)
+
+
+@dataclass
+class MixedPrecision(Precision):
+    """Each token's width in `bits` or 0, priced by the wrapped policy's scores, under `byte_budget`
+    (module docstring)."""
+
+    name: ClassVar[str] = "mixed"
+    byte_budget: float = 0.05
+    bits: tuple[int, ...] = (16, 8, 4, 2)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.bits = tuple(self.bits)
+        if 0 in check_widths(self.bits) or not self.bits:
+            raise ValueError(f"bits lists the widths a kept token may take, from (16, 8, 4, 2); 0 (evicted) is "
+                             f"always allowed; got {self.bits}")
+        if isinstance(self.byte_budget, bool) or not isinstance(self.byte_budget, float) or not 0 < self.byte_budget <= 1:
+            raise ValueError(f"byte_budget is the fraction of the full 16-bit cache's bytes held, a float in (0, 1]; "
+                             f"got {self.byte_budget!r}")
+
+    def check_prompt(self, prompt_lengths: list[int]) -> None:
+        super().check_prompt(prompt_lengths)
+        protected = self.base.window_protected + self.base.sinks
+        for length in sorted(set(prompt_lengths)):
+            if protected > self.byte_budget * length:
+                raise ValueError(
+                    f"byte budget {self.byte_budget} of a {length}-token prompt holds {self.byte_budget * length:.1f} "
+                    f"tokens at 16 bits per KV head, fewer than the {protected} protected ones (window "
+                    f"{self.base.window_protected} + sinks {self.base.sinks}); raise it or protect fewer tokens")
+
+    # -- the choice: the allocation replaces the policy's top-k, capped by its budget --
+
+    def select(self, layer: LayerState, scores: torch.Tensor | None = None) -> Widths:
+        scores = self.token_scores(layer) if scores is None else scores
+        caps = self.layer_budget(layer) * layer.kv_heads
+        return self._widths(layer, self.prepared_scores(layer, scores), self._real(layer), caps, layer.real_lengths())
+
+    def select_layers(self, layers: list[LayerState], scores: list[torch.Tensor]) -> list[Widths]:
+        return [self.select(layer, layer_scores) for layer, layer_scores in zip(layers, scores)]
+
+    def precision(self, layer: LayerState, mask: torch.Tensor | None, scores: torch.Tensor | None) -> Widths:
+        """At a decode-time eviction: the widths of what the eviction keeps, within byte_budget of the 16-bit bytes
+        of the slots each row held."""
+        real = self._real(layer)
+        kept = real if mask is None else mask & real
+        return self._widths(layer, self.prepared_scores(layer, scores), kept, kept.sum((1, 2)),
+                            real.sum((1, 2)) / layer.kv_heads)
+
+    def _widths(self, layer: LayerState, prepared: torch.Tensor, candidates: torch.Tensor, caps: torch.Tensor,
+                lengths: torch.Tensor) -> Widths:
+        """Per row: widths of the `candidates` [B, Hkv, L], at most caps[b] of them kept, within byte_budget x
+        lengths[b] tokens x Hkv at 16 bits."""
+        heads = layer.kv_heads
+        prepared = prepared.expand(-1, heads, -1)
+        protected = (prepared == float("inf")) & candidates
+        weights = prepared.masked_fill(~candidates | protected, 0.0).clamp_min(0.0)
+        bits = torch.zeros(prepared.shape, dtype=torch.long, device=prepared.device)
+        dim = layer.keys.shape[-1]
+        token_bytes = {width: 2 * bytes_per_token(width, dim, self.group_size) for width in {*self.bits, 16}}
+        for row in range(prepared.shape[0]):
+            errors = self._errors(layer, row, candidates[row])
+            budget = int(self.byte_budget * int(lengths[row]) * heads * token_bytes[16])
+            index = candidates[row].flatten().nonzero().squeeze(1)
+            chosen = allocate_widths(weights[row].flatten()[index], budget, errors, token_bytes,
+                                     cap=int(caps[row]), protected=protected[row].flatten()[index])
+            bits[row].view(-1)[index] = chosen
+        return Widths(bits, self.group_size)
+
+    def _errors(self, layer: LayerState, row: int, candidates: torch.Tensor) -> dict[int, float]:
+        """eps(b) of each width on this row's keys and values (their mean), measured on the actual quantizer."""
+        keys, values = layer.keys[row][candidates], layer.values[row][candidates]  # [n, d]
+        sample = torch.linspace(0, len(keys) - 1, min(len(keys), ERROR_SAMPLE), device=keys.device).round().long()
+        return {width: 0.5 * (measured_error(keys[sample], width, self.group_size) + measured_error(values[sample], width,
+                                                                                                 self.group_size))
+                for width in self.bits}
