@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from obcache.layer_state import LayerState
-from obcache.policies.base import Attachable, Policy, check_choices
+from obcache.policies.base import Attachable, Policy, check_choices, check_share
 from obcache.selector import Replay, Selector, Widths
 from obcache.selection import adaptive_mask, pyramid_budgets
 
@@ -114,10 +114,7 @@ class PooledBudget(Wrapper):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not 0.0 <= self.alpha <= 1.0:
-            raise ValueError(
-                f"alpha must be a number in [0, 1] (the share of the budget every head keeps), got {self.alpha!r}"
-            )
+        check_share("alpha", self.alpha, "the share of the budget every head keeps")
 
     @property
     def chooses_across_heads(self) -> bool:

@@ -310,6 +310,12 @@ def check_budget(budget) -> None:
         raise ValueError(f"budget {budget} out of range: an int budget is the number of tokens kept, >= 1")
 
 
+def check_share(name: str, value: float, what: str) -> None:
+    """Raise unless `value` is a number in [0, 1] (`what`: the share it is)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be a number in [0, 1] ({what}), got {value!r}")
+
+
 def check_count(name: str, value: int, *, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")

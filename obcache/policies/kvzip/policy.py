@@ -44,7 +44,7 @@ from obcache.policies.kvzip.prompts import reconstruction_inputs
 from obcache.layer_state import LayerState
 from obcache.models import fingerprint, layers_and_kv_heads
 from obcache.policies.allocation import pooled_select
-from obcache.policies.base import ScoredPolicy, check_count, option
+from obcache.policies.base import ScoredPolicy, check_count, check_share, option
 from obcache.selector import Replay
 from obcache.scores import QUERY_REDUCTIONS
 
@@ -63,6 +63,8 @@ RECENCY = 1e-3
 class KVzipBase(ScoredPolicy):
     """What the KVzip family shares: sinks, the aggregation over queries, and the paper's global allocation."""
 
+    one_context: ClassVar[bool] = True  # a replay of the prompt (not head ratings): one context at a time
+
     sinks: int = option(4, "first real tokens always kept")
     aggregate: str = option("max", "how the reconstruction queries' scores combine", QUERY_REDUCTIONS,
                             noun="aggregation over queries")
@@ -71,10 +73,7 @@ class KVzipBase(ScoredPolicy):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not 0.0 <= self.alpha <= 1.0:
-            raise ValueError(
-                f"alpha must be a number in [0, 1] (the share of the budget every head keeps), got {self.alpha!r}"
-            )
+        check_share("alpha", self.alpha, "the share of the budget every head keeps")
 
     @property
     def min_context(self) -> int:
@@ -95,6 +94,11 @@ class KVzipBase(ScoredPolicy):
         return super().select_layers(layers, scores)
 
     def check_prompt(self, prompt_lengths: list[int]) -> None:
+        if self.one_context and len(prompt_lengths) != 1:  # the replay would replay padding queries too
+            raise ValueError(
+                f"{self.name} reconstructs one context at a time; got a batch of {len(prompt_lengths)} prompts: "
+                "compress them one by one"
+            )
         if min(prompt_lengths) < self.min_context:
             raise ValueError(
                 f"{self.name}: a context of {min(prompt_lengths)} tokens is too short to reconstruct; it needs at "
@@ -128,15 +132,6 @@ class KVzipBase(ScoredPolicy):
         return merged
 
 
-def _one_context(policy: KVzipBase, prompt_lengths: list[int]) -> None:
-    """Members that replay the prompt score one context at a time (padding queries would be replayed too)."""
-    if len(prompt_lengths) != 1:
-        raise ValueError(
-            f"{policy.name} reconstructs one context at a time; got a batch of {len(prompt_lengths)} prompts: "
-            "compress them one by one"
-        )
-
-
 @dataclass
 class KVzip(KVzipBase):
     """KVzip with any score: scored by the queries of the model repeating the context, merged by `aggregate`."""
@@ -149,10 +144,6 @@ class KVzip(KVzipBase):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_count("reconstruct_chunk", self.reconstruct_chunk, minimum=1)
-
-    def check_prompt(self, prompt_lengths: list[int]) -> None:
-        _one_context(self, prompt_lengths)
-        super().check_prompt(prompt_lengths)
 
     def replay(self) -> Replay:
         return self
@@ -206,10 +197,6 @@ class KVzipReplay(KVzipBase):
         super().__post_init__()
         check_count("stride", self.stride, minimum=1)
 
-    def check_prompt(self, prompt_lengths: list[int]) -> None:
-        _one_context(self, prompt_lengths)
-        super().check_prompt(prompt_lengths)
-
     def token_scores(self, layer: LayerState) -> torch.Tensor:
         """The prompt replayed as its own copy (module docstring), every stride-th query."""
         if layer.rotate is None:
@@ -230,6 +217,7 @@ class KVzipHeads(KVzipBase):
     name: ClassVar[str] = "kvzip-heads"
     summary: ClassVar[str] = "query-agnostic: whole KV heads rated once per model by a repeated text; prefill cost only"
     needs_pooled_heads: ClassVar[bool] = True
+    one_context: ClassVar[bool] = False  # no replay: batches are fine
 
     calibration: int = option(2048, "tokens of the shipped text the model repeats once to rate the heads")
     reconstruct_chunk: int = option(2048, "calibration tokens repeated per reconstruction forward")
