@@ -7,7 +7,7 @@
 allocation). All conserve the total: AdaKV keeps budget x Hkv tokens per layer and batch
 row, spread unevenly over the heads; PyramidKV gives deeper layers fewer
 tokens, with the mean over layers equal to the budget. Heads of unequal
-length live in the cache's ragged layout, which frees what they drop.
+length live in the cache's paged layout, which frees what they drop.
 """
 
 from __future__ import annotations
