@@ -1,0 +1,87 @@
+#!/usr/bin/env python
+"""Decode speed and bytes of eviction with precision (issue 20), side by side in one run.
+
+On the default model, for each context length: the recommended policy alone, `Quantized(policy, bits=4)` and
+`MixedPrecision(policy, byte_budget=...)`, each prefilled on the same needle prompt, then decoded greedily,
+interleaved round by round (median step time). Prints tok/s, the ratio to the same policy unquantized, and the
+bytes held (`cache.nbytes()`) against what each configuration was allowed:
+
+    flock /tmp/obcache-cpu.lock python benchmarks/precision.py --lengths 4096 8192
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+
+import obcache  # noqa: E402
+from obcache.evaluation.tasks import make_sample  # noqa: E402
+from obcache.generation import build_prompt  # noqa: E402
+
+
+def configurations(budget: float, byte_budget: float) -> dict:
+    base = obcache.recommended(budget=budget)
+    return {"evict": base, "quantized-4": obcache.Quantized(base, bits=4),
+            "mixed": obcache.MixedPrecision(obcache.recommended(budget=2 * budget), byte_budget=byte_budget)}
+
+
+@torch.no_grad()
+def decode(model, policy, ids: list[int], steps: int):
+    """(seconds per step of `steps` greedy steps after a warm-up, the cache)."""
+    cache = obcache.EvictableCache()
+    with policy.attach(model):
+        out = model(input_ids=torch.tensor([ids]), past_key_values=cache, logits_to_keep=1)
+        token, times = out.logits[:, -1:].argmax(-1), []
+        for _ in range(steps + 4):
+            start = time.perf_counter()
+            out = model(input_ids=token, past_key_values=cache)
+            times.append(time.perf_counter() - start)
+            token = out.logits[:, -1:].argmax(-1)
+    return statistics.median(times[4:]), cache
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192])
+    parser.add_argument("--budget", type=float, default=0.1, help="tokens kept by the policy (default 0.1)")
+    parser.add_argument("--byte-budget", type=float, default=0.05, help="MixedPrecision's bytes (default 0.05)")
+    parser.add_argument("--steps", type=int, default=24)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    model, tokenizer = obcache.load_model()
+    print(f"torch threads {args.threads}; budget {args.budget}, MixedPrecision byte budget {args.byte_budget} "
+          f"(cap {2 * args.budget}); {args.steps} steps x {args.rounds} rounds, median")
+    print("| tokens | configuration | tok/s | x evict | bytes held / full 16-bit bytes | allowed |")
+    print("|---|---|---|---|---|---|")
+    for length in args.lengths:
+        sample = make_sample("niah_single_number", tokenizer, length, seed=0, depth=0.5)
+        context, question = build_prompt(tokenizer, sample.context, sample.question)
+        ids = context + question
+        configs = configurations(args.budget, args.byte_budget)
+        seconds = {key: [] for key in configs}
+        caches = {}
+        for _ in range(args.rounds):
+            for key, policy in configs.items():
+                step, caches[key] = decode(model, policy, ids, args.steps)
+                seconds[key].append(step)
+        full16 = caches["evict"].full_bytes / caches["evict"].layers[0].dtype.itemsize * 2  # at 16 bits per element
+        allowed = {"evict": f"{args.budget:.3f} (its tokens at 16 bits)", "quantized-4": "-",
+                   "mixed": f"{args.byte_budget:.3f}"}
+        base = statistics.median(seconds["evict"])
+        for key in configs:
+            median = statistics.median(seconds[key])
+            held = caches[key].nbytes() / full16
+            print(f"| {len(ids)} | {key} | {1 / median:.1f} | {base / median:.2f}x | {held:.4f} | {allowed[key]} |")
+
+
+if __name__ == "__main__":
+    main()
