@@ -23,7 +23,7 @@ import torch
 from transformers.cache_utils import Cache
 
 from obcache.layouts import UniformLayer
-from obcache.packed import MixedLayer
+from obcache.layouts import MixedLayer
 from obcache.selector import Widths
 
 

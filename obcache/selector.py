@@ -34,7 +34,7 @@ from obcache.layer_state import LayerState
 
 class Widths(NamedTuple):
     """Per slot of a layer's grid [B, Hkv, L], the bits it is stored at: 0 dropped, 16 in 16-bit floats, 8/4/2 packed
-    in groups of `group_size` channels of a token (`obcache.packed`)."""
+    in groups of `group_size` channels of a token (`obcache.layouts.mixed`)."""
 
     bits: torch.Tensor
     group_size: int

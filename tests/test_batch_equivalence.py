@@ -16,7 +16,7 @@ import obcache
 from obcache import (
     H2O, TOVA, AdaKV, Decoding, GlobalKV, KVzipHeads, MixedPrecision, PyramidKV, Quantized, SnapKV, StreamingLLM,
 )
-from obcache.packed import MixedLayer
+from obcache.layouts import MixedLayer
 from tests.conftest import tiny_model
 
 STEPS = 10

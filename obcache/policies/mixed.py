@@ -1,4 +1,4 @@
-"""Eviction and precision together: what a policy keeps, stored in fewer bits (`obcache.packed`).
+"""Eviction and precision together: what a policy keeps, stored in fewer bits (`obcache.layouts.mixed`).
 
     Quantized(policy, bits=4)                                    # the policy evicts; the rest at 4 bits
     MixedPrecision(recommended(budget=0.2), byte_budget=0.025)   # <= 20% of the tokens in 2.5% of the bytes

@@ -19,7 +19,8 @@ from functools import partial
 
 import torch
 
-from obcache.layouts import Blocks, FloatStore, Grid, PagedLayer, _Layer
+from obcache.layouts.base import Grid, Layer
+from obcache.layouts.paged import Blocks, FloatStore, PagedLayer
 from obcache.quantization import SCALE_DTYPE, QuantizedTensor, quantize
 from obcache.selector import Widths
 
@@ -73,7 +74,7 @@ def storage_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype if dtype.itemsize == 2 else torch.float16
 
 
-class MixedLayer(_Layer):
+class MixedLayer(Layer):
     """A layer whose kept tokens are stored at different widths (module docstring); `parts` width -> PagedLayer."""
 
     uniform = False

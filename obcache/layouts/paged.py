@@ -1,250 +1,13 @@
-"""The two layouts of one cache layer: uniform (every KV head holds as many slots) and paged (any number).
-
-Both are written in place: storage is preallocated and a new token is copied
-into the next free slot, never concatenated. Both record, per slot, the
-position of its token in the row as fed (left padding included; -1 marks a
-padding or empty slot), so masks, kept positions and later evictions never
-depend on where a slot sits.
-
-- `UniformLayer`: keys/values [B, Hkv, C, d] with room for C >= n slots, n used;
-  attention goes to the model's own sdpa/eager kernel over the first n.
-- `PagedLayer`: a pool of fixed-size blocks [N, block, d]; each (row, KV head)
-  segment owns the blocks its block table lists, in order. Eviction compacts
-  each segment's kept slots into its first blocks and frees the others, which
-  later appends reuse: the pool does not grow under decode-time eviction.
-  Built by eviction with an exact pool; its block size (a power of two, 4 to
-  128, about 5% of the mean kept length) keeps the partly filled last blocks
-  under ~2.5% of the bytes.
-
-Both give a policy one view, `grid()`: keys, values, validity and positions
-[B, Hkv, W] with every segment right-aligned (its last slots share the last
-columns), and take the keep mask back in that grid (`keep`). Per-slot riders
-(`rider`/`set_rider`: a policy's running scores) follow the slots through
-`keep` and start at 0 for appended ones; `policy_state` is a policy's own
-per-layer state, carried as is. A `fork` shares the storage until either side
-writes (copy on write).
-"""
+"""PagedLayer: every (row, KV head) segment holds any number of slots, in blocks of a per-layer pool."""
 
 from __future__ import annotations
 
-import copy
 import math
 from typing import NamedTuple
 
 import torch
-from transformers.cache_utils import CacheLayerMixin
 
-
-class Grid(NamedTuple):
-    """A layer's slots as a [B, Hkv, W] grid, segments right-aligned: keys [B, Hkv, W, d], values, and the
-    validity mask and positions (int32, -1 where invalid) [B, Hkv, W]."""
-
-    keys: torch.Tensor
-    values: torch.Tensor
-    valid: torch.Tensor
-    positions: torch.Tensor
-
-
-class _Layer(CacheLayerMixin):
-    """What both layouts share: copy on write, riders in grid coordinates, the policy's state."""
-
-    is_sliding = False
-    uniform = True  # every KV head holds as many slots (the model's own attention kernel reads it)
-
-    def __init__(self):  # not CacheLayerMixin's: its keys/values are this class's own (views of the storage)
-        self.is_initialized = False
-        self.riders: dict[str, torch.Tensor] = {}
-        self.policy_state: object | None = None
-        self.padded = False  # whether any slot holds a padding position
-        self._shared = False  # the storage is shared with a fork: copy before writing
-
-    def fork(self) -> _Layer:
-        """A layer that shares this one's slots now; whichever writes first copies them."""
-        twin = copy.copy(self)
-        twin.riders = dict(self.riders)
-        self._shared = twin._shared = True
-        return twin
-
-    def _own(self) -> None:
-        if self._shared:
-            self._copy_storage()
-            self._shared = False
-
-    def _copy_storage(self) -> None:
-        raise NotImplementedError
-
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.get_seq_length() + query_length, 0
-
-    def get_max_length(self) -> int:
-        return -1
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        raise NotImplementedError("obcache caches do not support beam search; use greedy or sampling")
-
-    def rider(self, name: str) -> torch.Tensor | None:
-        """A rider in grid coordinates [B, Hkv, W] (0 for invalid slots), or None if the layer has none."""
-        raise NotImplementedError
-
-    def rider_names(self) -> list[str]:
-        return list(self.riders)
-
-    def set_rider(self, name: str, grid: torch.Tensor) -> None:
-        """Write a rider's values, given in grid coordinates [B, Hkv, W], into the layer's slots."""
-        raise NotImplementedError
-
-    def kept_positions(self) -> list[list[torch.Tensor]]:
-        """Per batch row and KV head, the sorted positions of its real slots."""
-        grid = self.grid()
-        return [[head[head >= 0] for head in row] for row in grid.positions.masked_fill(~grid.valid, -1)]
-
-
-class UniformLayer(_Layer):
-    """A layer whose KV heads all hold n slots; padding slots (left padding) are shared by the heads of a row."""
-
-    def __init__(self):
-        super().__init__()
-        self.length = 0
-        self._keys = self._values = self._positions = None  # [B, Hkv, C, d] ..., positions [B, 1 or Hkv, C] int32
-
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        self.dtype, self.device = key_states.dtype, key_states.device
-        batch, heads = key_states.shape[:2]
-        self._keys = key_states.new_empty(batch, heads, 0, key_states.shape[-1])
-        self._values = value_states.new_empty(batch, heads, 0, value_states.shape[-1])
-        self._positions = torch.empty(batch, 1, 0, dtype=torch.int32, device=self.device)
-        self.is_initialized = True
-
-    @property
-    def keys(self) -> torch.Tensor:
-        return self._keys[:, :, : self.length]
-
-    @property
-    def values(self) -> torch.Tensor:
-        return self._values[:, :, : self.length]
-
-    @property
-    def positions(self) -> torch.Tensor:
-        """[B, 1 or Hkv, n] int32 positions of the slots (-1 = padding)."""
-        return self._positions[..., : self.length]
-
-    def _copy_storage(self) -> None:
-        self._keys, self._values = self._keys.clone(), self._values.clone()
-        self._positions = self._positions.clone()
-        self.riders = {name: rider.clone() for name, rider in self.riders.items()}
-
-    def _reserve(self, needed: int) -> None:
-        """Room for `needed` slots: grows the storage by at least an eighth (one copy every so many tokens)."""
-        capacity = self._keys.shape[2]
-        if needed <= capacity:
-            return
-        capacity = max(needed, capacity + max(16, capacity // 8))
-        grow = lambda x, fill: torch.cat([x, x.new_full((*x.shape[:2], capacity - x.shape[2], *x.shape[3:]), fill)], 2)  # noqa: E731
-        self._keys, self._values = grow(self._keys, 0), grow(self._values, 0)
-        self._positions = grow(self._positions, -1)
-        self.riders = {name: grow(rider, 0) for name, rider in self.riders.items()}
-
-    def update(self, key_states, value_states, positions: torch.Tensor | None = None, *args, padded: bool | None = None,
-               **kwargs):
-        """Write [B, Hkv, q, d] new slots at `positions` [B, q] (int32, -1 = padding; default: after the last), in
-        place. `padded`: whether any new position is -1, if the caller knows (saves a device sync per layer)."""
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        q = key_states.shape[-2]
-        if positions is None:
-            start = int(self.positions.max()) + 1 if self.length else 0
-            positions = torch.arange(start, start + q, dtype=torch.int32, device=self.device)
-            positions = positions.expand(key_states.shape[0], -1)
-        self._own()
-        self._reserve(self.length + q)
-        new = slice(self.length, self.length + q)
-        self._keys[:, :, new] = key_states
-        self._values[:, :, new] = value_states
-        self._positions[..., new] = positions.to(torch.int32).unsqueeze(1)
-        for rider in self.riders.values():
-            rider[:, :, new] = 0
-        self.length += q
-        self.padded = self.padded or (bool((positions < 0).any()) if padded is None else padded)
-        return self.keys, self.values
-
-    def get_seq_length(self) -> int:
-        return self.length
-
-    def slot_mask(self) -> torch.Tensor | None:
-        """[B, n] bool, False for padding slots (the same in every head of a row); None if none."""
-        return self.positions[:, 0] >= 0 if self.padded else None
-
-    def attention_mask(self, query_positions: torch.Tensor, *, causal_skip: bool) -> torch.Tensor | None:
-        """bool [B, 1, q, n]: slot p is seen by query i iff it is real and at or before i's position.
-
-        None when the kernel's own causal handling is exact: no padding and one
-        query, or (with `causal_skip`, sdpa's is_causal) a fresh layer.
-        """
-        q, n = query_positions.shape[0], self.length
-        if not self.padded and (q == 1 or (causal_skip and q == n)):
-            return None
-        slots = self.positions[:, :1, None, :]  # [B, 1, 1, n]
-        return (slots <= query_positions[None, None, :, None]) & (slots >= 0)
-
-    def grid(self, width: int | None = None) -> Grid:
-        heads = self.keys.shape[1]
-        positions = self.positions.expand(-1, heads, -1)
-        grid = Grid(self.keys, self.values, positions >= 0, positions)
-        pad = 0 if width is None else width - self.length
-        if pad <= 0:
-            return grid
-        left = lambda x, fill: torch.cat([x.new_full((*x.shape[:2], pad, *x.shape[3:]), fill), x], 2)  # noqa: E731
-        return Grid(left(grid.keys, 0), left(grid.values, 0), left(grid.valid, False), left(grid.positions, -1))
-
-    def rider(self, name: str) -> torch.Tensor | None:
-        rider = self.riders.get(name)
-        return rider[:, :, : self.length] if rider is not None else None
-
-    def set_rider(self, name: str, grid: torch.Tensor) -> None:
-        self._own()
-        if name not in self.riders:
-            self.riders[name] = grid.new_zeros(*self._keys.shape[:3])
-        self.riders[name][:, :, : self.length] = grid
-
-    def keep(self, mask: torch.Tensor) -> UniformLayer | PagedLayer:
-        """The layer holding the slots of `mask` [B, Hkv, n] (bool; a wider grid, right-aligned, is cut to its last
-        n columns), in new storage of exactly their size.
-
-        Uniform when every head of every row keeps as many slots (padding slots included); otherwise paged,
-        without padding slots.
-        """
-        mask = mask[..., mask.shape[-1] - self.length:]
-        batch, heads, _ = mask.shape
-        counts = mask.sum(-1)
-        grid = self.grid()
-        riders = {name: self.rider(name) for name in self.riders}
-        if bool((counts == counts[0, 0]).all()):
-            kept = int(counts[0, 0])
-            index = mask.nonzero()[:, -1].view(batch, heads, kept)  # row-major: sorted per head
-            layer = UniformLayer()
-            layer.dtype, layer.device, layer.is_initialized = self.dtype, self.device, True
-            layer._keys = grid.keys.gather(2, index.unsqueeze(-1).expand(-1, -1, -1, grid.keys.shape[-1]))
-            layer._values = grid.values.gather(2, index.unsqueeze(-1).expand(-1, -1, -1, grid.values.shape[-1]))
-            layer._positions = grid.positions.gather(2, index)
-            layer.length = kept
-            layer.padded = self.padded and bool((layer._positions < 0).any())
-            layer.riders = {name: rider.gather(2, index) for name, rider in riders.items()}
-            layer.policy_state = self.policy_state
-            return layer
-        layer = PagedLayer.from_grid(grid, mask & grid.valid, riders)
-        layer.policy_state = self.policy_state
-        return layer
-
-    def head_lengths(self) -> torch.Tensor:
-        """[B, Hkv] real slots per head."""
-        return (self.positions >= 0).sum(-1).expand(-1, self.keys.shape[1])
-
-    def nbytes(self) -> int:
-        """Bytes of the key and value storage held (unused room included)."""
-        return self._keys.nbytes + self._values.nbytes if self.is_initialized else 0
-
-    def index_nbytes(self) -> int:
-        return self._positions.nbytes + sum(rider.nbytes for rider in self.riders.values()) if self.is_initialized else 0
+from obcache.layouts.base import Grid, Layer
 
 
 class Blocks(NamedTuple):
@@ -294,7 +57,7 @@ def block_size(mean_length: float) -> int:
     return min(128, max(4, 2 ** int(math.log2(max(1.0, 0.05 * mean_length)))))
 
 
-class PagedLayer(_Layer):
+class PagedLayer(Layer):
     """A layer whose (row, KV head) segments hold any number of slots, in blocks of a per-layer pool.
 
     keys/values: stores of [N, block, d] (`FloatStore`, or packed codes); positions [N, block] int32 (-1 = empty); owner [N] (the block's segment,
@@ -322,7 +85,7 @@ class PagedLayer(_Layer):
                   dtype: torch.dtype | None = None, make_store=FloatStore) -> PagedLayer:
         """The slots `kept` [B, Hkv, W] of `grid`, in a pool of exactly as many blocks as they need (of `block`
         slots; default `block_size` of their mean length). Keys and values are held by `make_store(zeros)`, a
-        `FloatStore` by default (in `dtype`, default the grid's), or packed codes (`obcache.packed`)."""
+        `FloatStore` by default (in `dtype`, default the grid's), or packed codes (`obcache.layouts.mixed`)."""
         layer = cls()
         layer.dtype, layer.device, layer.is_initialized = grid.keys.dtype, grid.keys.device, True
         layer.batch, layer.heads = kept.shape[:2]

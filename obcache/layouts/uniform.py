@@ -1,0 +1,156 @@
+"""UniformLayer: every KV head of a layer holds as many slots, in storage written in place."""
+
+from __future__ import annotations
+
+import torch
+
+from obcache.layouts.base import Grid, Layer
+from obcache.layouts.paged import PagedLayer
+
+
+class UniformLayer(Layer):
+    """A layer whose KV heads all hold n slots; padding slots (left padding) are shared by the heads of a row."""
+
+    def __init__(self):
+        super().__init__()
+        self.length = 0
+        self._keys = self._values = self._positions = None  # [B, Hkv, C, d] ..., positions [B, 1 or Hkv, C] int32
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        batch, heads = key_states.shape[:2]
+        self._keys = key_states.new_empty(batch, heads, 0, key_states.shape[-1])
+        self._values = value_states.new_empty(batch, heads, 0, value_states.shape[-1])
+        self._positions = torch.empty(batch, 1, 0, dtype=torch.int32, device=self.device)
+        self.is_initialized = True
+
+    @property
+    def keys(self) -> torch.Tensor:
+        return self._keys[:, :, : self.length]
+
+    @property
+    def values(self) -> torch.Tensor:
+        return self._values[:, :, : self.length]
+
+    @property
+    def positions(self) -> torch.Tensor:
+        """[B, 1 or Hkv, n] int32 positions of the slots (-1 = padding)."""
+        return self._positions[..., : self.length]
+
+    def _copy_storage(self) -> None:
+        self._keys, self._values = self._keys.clone(), self._values.clone()
+        self._positions = self._positions.clone()
+        self.riders = {name: rider.clone() for name, rider in self.riders.items()}
+
+    def _reserve(self, needed: int) -> None:
+        """Room for `needed` slots: grows the storage by at least an eighth (one copy every so many tokens)."""
+        capacity = self._keys.shape[2]
+        if needed <= capacity:
+            return
+        capacity = max(needed, capacity + max(16, capacity // 8))
+        grow = lambda x, fill: torch.cat([x, x.new_full((*x.shape[:2], capacity - x.shape[2], *x.shape[3:]), fill)], 2)  # noqa: E731
+        self._keys, self._values = grow(self._keys, 0), grow(self._values, 0)
+        self._positions = grow(self._positions, -1)
+        self.riders = {name: grow(rider, 0) for name, rider in self.riders.items()}
+
+    def update(self, key_states, value_states, positions: torch.Tensor | None = None, *args, padded: bool | None = None,
+               **kwargs):
+        """Write [B, Hkv, q, d] new slots at `positions` [B, q] (int32, -1 = padding; default: after the last), in
+        place. `padded`: whether any new position is -1, if the caller knows (saves a device sync per layer)."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        q = key_states.shape[-2]
+        if positions is None:
+            start = int(self.positions.max()) + 1 if self.length else 0
+            positions = torch.arange(start, start + q, dtype=torch.int32, device=self.device)
+            positions = positions.expand(key_states.shape[0], -1)
+        self._own()
+        self._reserve(self.length + q)
+        new = slice(self.length, self.length + q)
+        self._keys[:, :, new] = key_states
+        self._values[:, :, new] = value_states
+        self._positions[..., new] = positions.to(torch.int32).unsqueeze(1)
+        for rider in self.riders.values():
+            rider[:, :, new] = 0
+        self.length += q
+        self.padded = self.padded or (bool((positions < 0).any()) if padded is None else padded)
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def slot_mask(self) -> torch.Tensor | None:
+        """[B, n] bool, False for padding slots (the same in every head of a row); None if none."""
+        return self.positions[:, 0] >= 0 if self.padded else None
+
+    def attention_mask(self, query_positions: torch.Tensor, *, causal_skip: bool) -> torch.Tensor | None:
+        """bool [B, 1, q, n]: slot p is seen by query i iff it is real and at or before i's position.
+
+        None when the kernel's own causal handling is exact: no padding and one
+        query, or (with `causal_skip`, sdpa's is_causal) a fresh layer.
+        """
+        q, n = query_positions.shape[0], self.length
+        if not self.padded and (q == 1 or (causal_skip and q == n)):
+            return None
+        slots = self.positions[:, :1, None, :]  # [B, 1, 1, n]
+        return (slots <= query_positions[None, None, :, None]) & (slots >= 0)
+
+    def grid(self, width: int | None = None) -> Grid:
+        heads = self.keys.shape[1]
+        positions = self.positions.expand(-1, heads, -1)
+        grid = Grid(self.keys, self.values, positions >= 0, positions)
+        pad = 0 if width is None else width - self.length
+        if pad <= 0:
+            return grid
+        left = lambda x, fill: torch.cat([x.new_full((*x.shape[:2], pad, *x.shape[3:]), fill), x], 2)  # noqa: E731
+        return Grid(left(grid.keys, 0), left(grid.values, 0), left(grid.valid, False), left(grid.positions, -1))
+
+    def rider(self, name: str) -> torch.Tensor | None:
+        rider = self.riders.get(name)
+        return rider[:, :, : self.length] if rider is not None else None
+
+    def set_rider(self, name: str, grid: torch.Tensor) -> None:
+        self._own()
+        if name not in self.riders:
+            self.riders[name] = grid.new_zeros(*self._keys.shape[:3])
+        self.riders[name][:, :, : self.length] = grid
+
+    def keep(self, mask: torch.Tensor) -> UniformLayer | PagedLayer:
+        """The layer holding the slots of `mask` [B, Hkv, n] (bool; a wider grid, right-aligned, is cut to its last
+        n columns), in new storage of exactly their size.
+
+        Uniform when every head of every row keeps as many slots (padding slots included); otherwise paged,
+        without padding slots.
+        """
+        mask = mask[..., mask.shape[-1] - self.length:]
+        batch, heads, _ = mask.shape
+        counts = mask.sum(-1)
+        grid = self.grid()
+        riders = {name: self.rider(name) for name in self.riders}
+        if bool((counts == counts[0, 0]).all()):
+            kept = int(counts[0, 0])
+            index = mask.nonzero()[:, -1].view(batch, heads, kept)  # row-major: sorted per head
+            layer = UniformLayer()
+            layer.dtype, layer.device, layer.is_initialized = self.dtype, self.device, True
+            layer._keys = grid.keys.gather(2, index.unsqueeze(-1).expand(-1, -1, -1, grid.keys.shape[-1]))
+            layer._values = grid.values.gather(2, index.unsqueeze(-1).expand(-1, -1, -1, grid.values.shape[-1]))
+            layer._positions = grid.positions.gather(2, index)
+            layer.length = kept
+            layer.padded = self.padded and bool((layer._positions < 0).any())
+            layer.riders = {name: rider.gather(2, index) for name, rider in riders.items()}
+            layer.policy_state = self.policy_state
+            return layer
+        layer = PagedLayer.from_grid(grid, mask & grid.valid, riders)
+        layer.policy_state = self.policy_state
+        return layer
+
+    def head_lengths(self) -> torch.Tensor:
+        """[B, Hkv] real slots per head."""
+        return (self.positions >= 0).sum(-1).expand(-1, self.keys.shape[1])
+
+    def nbytes(self) -> int:
+        """Bytes of the key and value storage held (unused room included)."""
+        return self._keys.nbytes + self._values.nbytes if self.is_initialized else 0
+
+    def index_nbytes(self) -> int:
+        return self._positions.nbytes + sum(rider.nbytes for rider in self.riders.values()) if self.is_initialized else 0
