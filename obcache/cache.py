@@ -8,7 +8,7 @@ lengths apart:
   transformers' `generate` expects: continuing on the cache (another
   `generate` call, a new chat turn) feeds only the new tokens, at their true
   positions;
-- each layer's slots (`layouts.py`) carry the position of the token they hold,
+- each layer's slots (`layouts/`) carry the position of the token they hold,
   from which the attention masks are built (`attention.py`).
 
 Evicted caches are read by obcache's attention function only: use them under
