@@ -16,6 +16,7 @@ from torch import nn
 
 import obcache.bench
 from obcache.bench.decoding import DecodePlan, measure_decoding
+from obcache.bench.layouts import LayoutPlan, measure_layouts, measure_scale, needle_prompt
 from obcache.bench.measure import (
     cache_entry, decode_configs, hooked_prefill, measure_decode, measure_eviction, measure_full_history,
     measure_scoring, oversubscription, plain_prefill, recorded_prefill,
@@ -23,10 +24,12 @@ from obcache.bench.measure import (
 from obcache.bench.memory import run_memory_worker
 from obcache.bench.reconstruction import measure_reconstruction, reconstruction_policies
 from obcache.bench.report import budget_key, check_targets, format_report
-from obcache.bench.shapes import RANDOM_SHAPES, load_benchmark_model, prompt
+from obcache.bench.shapes import RANDOM_SHAPES, SCALE_SHAPE, load_benchmark_model, prompt
 from obcache.cli_args import GRID_AXES, add_model_arguments, add_policy_arguments, given_options
 from obcache.loading import load_tokenizer
-from obcache.policies import Decoding, H2O, POLICIES, REGISTRY, Selector, build_policy, policy_label, policy_options
+from obcache.policies import (
+    Decoding, H2O, POLICIES, REGISTRY, Selector, build_policy, policy_label, policy_options, recommended,
+)
 from obcache.policies.kvzip.policy import KVzipBase
 from obcache.scores import SCORE_KINDS
 
@@ -56,14 +59,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "policy options (--window, ...) shape the wrapped policy, with uniform allocation.")
     decode.add_argument("--decode", action="store_true",
                         help="benchmark eviction during generation (Decoding) instead of the prefill suite")
-    decode.add_argument("--decode-policy", choices=list(POLICIES), default=None,
-                        help="policy that Decoding wraps (default: --policy)")
+    decode.add_argument("--decode-policy", choices=[*POLICIES, "recommended"], default=None,
+                        help="policy that Decoding wraps (default: --policy); 'recommended': obcache.recommended() "
+                             "at the decode budget (AdaKV over SnapKV spans, its own score; the paged layout)")
     decode.add_argument("--decode-context", type=int, default=2048, help="prompt tokens (default 2048)")
     decode.add_argument("--decode-tokens", type=int, default=2048, help="tokens generated after it (default 2048)")
     decode.add_argument("--decode-timed", type=int, default=512, help="last generated tokens timed (default 512)")
     decode.add_argument("--decode-intervals", type=int, nargs="+", default=[1, 16, 64],
                         help="eviction intervals whose per-token overhead is measured (default 1 16 64)")
     decode.add_argument("--decode-rounds", type=int, default=3, help="timed rounds, the best kept (default 3)")
+    layouts = parser.add_argument_group(
+        "layouts vs the limit (--layouts)",
+        "decode tok/s of the full cache, a plain cache of the kept length (the limit), the uniform layout "
+        "(SnapKV, obc-key) and the paged one (obcache.recommended: AdaKV) at --budget, on needle contexts of "
+        "--lengths tokens at each of --batches; bytes held after eviction; the same on a random-weight model with "
+        "an 8B-shaped attention (--scale-*). Add --decode to run the decode-time eviction benchmark in the same "
+        "process.")
+    layouts.add_argument("--layouts", action="store_true", help="benchmark the cache layouts against the limit")
+    layouts.add_argument("--batches", type=int, nargs="+", default=[1, 4, 8], help="batch sizes (default 1 4 8)")
+    layouts.add_argument("--steps", type=int, default=24, help="timed decoding steps per round (default 24)")
+    layouts.add_argument("--rounds", type=int, default=3, help="interleaved rounds, the median kept (default 3)")
+    layouts.add_argument("--scale-shape", choices=sorted(RANDOM_SHAPES), default=SCALE_SHAPE,
+                         help=f"random-weight model shape of the scale cell (default {SCALE_SHAPE})")
+    layouts.add_argument("--scale-length", type=int, default=8192, help="context of the scale cell (default 8192)")
+    layouts.add_argument("--scale-batch", type=int, default=8, help="batch of the scale cell (default 8)")
+    layouts.add_argument("--no-scale", action="store_true", help="skip the scale cell")
     rebuild = parser.add_argument_group("context reconstruction (--reconstruction)")
     rebuild.add_argument("--reconstruction", action="store_true",
                          help="time KVzip's compressing prefill (full reconstruction and the cheaper variant, "
@@ -163,14 +183,36 @@ def decode_plan_from_args(args: argparse.Namespace) -> DecodePlan:
         raise ValueError(f"--decode-timed {args.decode_timed} is more than the {args.decode_tokens} tokens generated")
     budget = DECODE_BUDGET if args.decode_budget is None else args.decode_budget
     options = {key: value for key, value in given_options(args).items() if key not in GRID_AXES}
-    policy = build_policy(name, budget=budget, score=args.score, options=options)
+    if name == "recommended":
+        policy = recommended(budget=budget)
+    else:
+        policy = build_policy(name, budget=budget, score=args.score, options=options)
     evicting = {interval: Decoding(policy, capacity=budget, interval=interval)
                 for interval in {*args.decode_intervals, args.decode_interval}}
-    plan = DecodePlan(policy, evicting, f"{policy_label(policy)}/{policy.score if policy.takes_score else '-'}",
+    base = policy.base
+    plan = DecodePlan(policy, evicting, f"{policy_label(policy)}/{base.score if base.takes_score else '-'}",
                       budget, args.decode_interval, args.decode_context, args.decode_tokens, args.decode_timed,
                       args.decode_rounds)
     plan.policy.check_prompt([plan.context])
     plan.policy.check_prompt([plan.full_length])
+    return plan
+
+
+def layout_plan_from_args(args: argparse.Namespace) -> LayoutPlan:
+    """Build (and so validate) the policies and cells of `bench --layouts` before any model is loaded."""
+    for flag in ("steps", "rounds", "scale_length", "scale_batch"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1")
+    if min(args.batches) < 1:
+        raise ValueError("--batches must be >= 1")
+    if args.decode_budget is not None and not args.decode:
+        raise ValueError("--decode-budget sets the decode-time eviction benchmark: add --decode")
+    plan = LayoutPlan(args.budget, list(args.lengths), list(args.batches), args.steps, args.rounds,
+                      None if args.no_scale else args.scale_shape, args.scale_length, args.scale_batch)
+    for policy in plan.policies.values():
+        policy.check_prompt([min(plan.lengths)])
+        if plan.scale_shape is not None:
+            policy.check_prompt([plan.scale_length])
     return plan
 
 
@@ -236,12 +278,29 @@ def warm_up(model: nn.Module, plan: Plan, lengths: list[int], device: torch.devi
     measure_eviction(recorder, cache, device, list(plan.policies))
 
 
+def run_layouts(model: nn.Module, args: argparse.Namespace, plan: LayoutPlan, device: torch.device) -> dict:
+    """`bench --layouts` on the default model: needle prompts (pseudo-random ids with --random-weights)."""
+    if args.random_weights is None:
+        tokenizer = load_tokenizer(args.model)
+        prompts = lambda length: needle_prompt(tokenizer, length)  # noqa: E731
+    else:
+        prompts = lambda length: prompt(length, model.config.vocab_size, device)[0].tolist()  # noqa: E731
+    progress = lambda what: print(f"obcache bench --layouts: {what} ...", file=sys.stderr, flush=True)  # noqa: E731
+    return measure_layouts(model, prompts, plan, device, progress)
+
+
 def run(args: argparse.Namespace) -> dict:
-    """The whole benchmark (or, with --decode, the decode-time eviction one): measure, check the targets, write the
-    JSON, print the report."""
+    """The whole benchmark (or, with --decode, the decode-time eviction one; with --layouts, the layouts against the
+    limit, and decode-time eviction too if --decode is given): measure, check the targets, write the JSON, print the
+    report."""
     if args.random_weights is not None and args.model is not None:
         raise ValueError("give --model or --random-weights, not both")
-    if args.reconstruction:
+    if args.reconstruction and args.layouts:
+        raise ValueError("--reconstruction and --layouts are separate benchmarks: give one")
+    if args.layouts:
+        plan = layout_plan_from_args(args)
+        decode_plan = decode_plan_from_args(args) if args.decode else None
+    elif args.reconstruction:
         if args.decode:
             raise ValueError("--reconstruction and --decode are separate benchmarks: give one")
         if args.random_weights is not None:
@@ -261,7 +320,19 @@ def run(args: argparse.Namespace) -> dict:
               else args.model or "smollm2-135m-instruct",
               "command": " ".join(sys.argv), "kv_heads": model.config.num_key_value_heads,
               "query_heads": model.config.num_attention_heads}
-    if args.reconstruction:
+    if args.layouts:
+        report["layouts"] = run_layouts(model, args, plan, device)
+        if decode_plan is not None:
+            print(f"obcache bench --decode: {decode_plan.context} + {decode_plan.new_tokens} tokens ...",
+                  file=sys.stderr, flush=True)
+            report["decoding"] = measure_decoding(model, decode_plan, device)
+        if plan.scale_shape is not None:
+            del model
+            print(f"obcache bench --layouts: scale, {plan.scale_shape} random weights, {plan.scale_length} tokens, "
+                  f"batch {plan.scale_batch} ...", file=sys.stderr, flush=True)
+            scale = load_benchmark_model(None, plan.scale_shape, args.attn, args.dtype, device)
+            report["layouts"]["scale"] = measure_scale(scale, plan, device)
+    elif args.reconstruction:
         print(f"obcache bench --reconstruction: {args.lengths} tokens ...", file=sys.stderr, flush=True)
         report["reconstruction"] = measure_reconstruction(model, load_tokenizer(args.model), args.lengths, plan,
                                                           args.decode_rounds, device)

@@ -5,7 +5,11 @@ One **generation**: the prompt (`context` tokens) is prefilled under
 same `budget` tokens per KV head; then `new_tokens` greedy steps by hand, one
 token per forward, each timed. Recorded: K/V bytes after the last step (vs
 `budget` tokens' worth), slots per KV head before every step and after the
-last, the eviction seconds the hooks count.
+last, the eviction seconds the hooks count, and after the prompt and every
+step the K/V bytes held (`cache.nbytes()`: a paged layer's whole pool, free
+blocks included) and the paged layers' pool blocks: the pool must stop
+growing once the first evictions have freed blocks for later appends to reuse
+(`report.POOL_WARMUP_INTERVALS` intervals).
 
 Then `rounds` interleaved **rounds** time the last `timed` steps again, each
 configuration on a fresh copy of its cache, after one untimed warm-up step:
@@ -83,6 +87,11 @@ def kv_bytes(cache) -> int:
     return sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
 
 
+def pool_blocks(cache: EvictableCache) -> int:
+    """Blocks in the pools of the cache's paged layers (0 when every layer is uniform)."""
+    return sum(layer.keys.shape[0] for index, layer in enumerate(cache.layers) if cache.is_ragged(index))
+
+
 def token_bytes(cache: EvictableCache) -> int:
     """K/V bytes of one token in every KV head of every layer (of every row)."""
     return sum(
@@ -95,12 +104,12 @@ def token_bytes(cache: EvictableCache) -> int:
 @torch.no_grad()
 def greedy_steps(
     model: nn.Module, cache, token: torch.Tensor, steps: int, device: torch.device,
-    slots: list[float] | None = None,
+    slots: list[float] | None = None, pool: dict[str, list[int]] | None = None,
 ) -> tuple[list[float], torch.Tensor]:
     """`steps` greedy forwards of one token on `cache`: the seconds of each, and the next token.
 
     With `slots`, appends the slots per KV head before each step (outside the timing): the step attends over
-    them and its own token.
+    them and its own token. With `pool`, appends the K/V bytes held and the pool blocks after each step.
     """
     seconds = []
     for _ in range(steps):
@@ -111,6 +120,9 @@ def greedy_steps(
         token = forward(model, cache, token).argmax(-1, keepdim=True)
         sync(device)
         seconds.append(time.perf_counter() - start)
+        if pool is not None:
+            pool["bytes"].append(cache.nbytes())
+            pool["blocks"].append(pool_blocks(cache))
     return seconds, token
 
 
@@ -128,15 +140,17 @@ def generation(
         token = forward(model, cache, ids).argmax(-1, keepdim=True)
         sync(device)
         prefill_seconds, prefill_eviction = time.perf_counter() - start, cache.eviction_seconds
-        seconds, token = greedy_steps(model, cache, token, plan.new_tokens - plan.timed, device, slots)
+        pool = {"bytes": [cache.nbytes()], "blocks": [pool_blocks(cache)]}  # after the prompt, then every step
+        seconds, token = greedy_steps(model, cache, token, plan.new_tokens - plan.timed, device, slots, pool)
         snapshot, snapshot_token = copy.deepcopy(cache), token
-        last, token = greedy_steps(model, cache, token, plan.timed, device, slots)
+        last, token = greedy_steps(model, cache, token, plan.timed, device, slots, pool)
     slots.append(held(cache))
     record = {
         "prefill_seconds": prefill_seconds, "prefill_eviction_seconds": prefill_eviction,
         "step_seconds": seconds + last, "slots": slots,
         "decode_eviction_seconds": cache.eviction_seconds - prefill_eviction,
         "cache_bytes": cache.nbytes(), "token_bytes": token_bytes(cache), "seen_tokens": cache.seen_tokens,
+        "layout": "paged" if cache.is_ragged(0) else "uniform", "pool": pool,
     }
     record["expected_bytes"] = plan.budget * record["token_bytes"]
     record["bytes_error"] = record["cache_bytes"] / record["expected_bytes"] - 1

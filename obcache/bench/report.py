@@ -5,7 +5,9 @@ of the two policies compared (`uniform`: the plain policy, every head the same
 budget; `mode`: the policy as given, e.g. AdaKV around it), and one entry per
 context length (see `cli.bench_length`). `obcache bench --decode` writes the
 run metadata and a `decoding` entry instead (see `decoding.measure_decoding`),
-`obcache bench --reconstruction` a `reconstruction` entry (`reconstruction.measure_reconstruction`).
+`obcache bench --reconstruction` a `reconstruction` entry (`reconstruction.measure_reconstruction`),
+`obcache bench --layouts` a `layouts` entry (`layouts.measure_layouts`, with
+its `scale` cell) and, with --decode, a `decoding` entry too.
 """
 
 from __future__ import annotations
@@ -21,12 +23,20 @@ TARGETS: dict[str, tuple[str, float]] = {
     "overhead": ("<=", 0.03), "joint_vs_attention": ("<=", 1.5), "full_history_memory": ("<", 0.10),
     "peak_memory": ("<=", 1.05), "cache_bytes": ("|x|<=", 0.01), "decode_speedup": (">=", 1.6),
     "mode_cache_bytes": ("|x|<=", 0.03), "mode_index_bytes": ("<", 0.02), "mode_peak_memory": ("<=", 1.0),
-    "mode_decode_vs_full": (">=", 1.5), "mode_decode_vs_uniform": (">=", 0.75), "mode_overhead": ("<=", 0.03),
+    "mode_decode_vs_full": (">=", 1.5), "mode_decode_vs_uniform": (">=", 0.97), "mode_overhead": ("<=", 0.03),
 }
-#: `bench --decode`: cache bytes after generation vs budget tokens' worth, and decode speed over the timed tokens of
-#: the evicting cache (main interval) vs the static cache at the same slots and vs the full cache at the same length.
-DECODE_TARGETS: dict[str, tuple[str, float]] = {
-    "decode_cache_bytes": ("|x|<=", 0.01), "decode_vs_static": (">=", 0.85), "decode_vs_full": (">=", 2.0),
+#: `bench --decode` (issue 19): decode speed over the timed tokens of the evicting cache (main interval) vs the
+#: static cache of its budget at the same slots; the K/V bytes held (a paged layer's whole pool) must not grow once
+#: the first `POOL_WARMUP_INTERVALS` intervals are past (the peak after them over the peak within them, - 1).
+DECODE_TARGETS: dict[str, tuple[str, float]] = {"decode_vs_static": (">=", 0.95), "decode_pool_growth": ("<=", 0.0)}
+#: Steps (in eviction intervals) after which decode-time eviction's pool must have stopped growing.
+POOL_WARMUP_INTERVALS = 4
+#: `bench --layouts` (issue 19), in every cell: the paged layout's decode tok/s vs the limit (a plain cache of the
+#: kept length) and vs the uniform layout; its K/V bytes vs the kept tokens' bytes (- 1; the index apart); on the
+#: 8B-shaped scale cell, its per-step time over the uniform layout's.
+LAYOUT_TARGETS: dict[str, tuple[str, float]] = {
+    "paged_vs_limit": (">=", 0.97), "paged_vs_uniform": (">=", 0.97), "paged_bytes": ("<=", 0.03),
+    "scale_paged_vs_uniform": ("<=", 1.1),
 }
 #: `bench --reconstruction`: KVzip's compressing prefill / a plain prefill, full reconstruction and cheaper
 #: (head-level) variant; other variants are printed without a target.
@@ -46,7 +56,7 @@ def eviction_fraction(row: dict, key: str) -> float:
 
 
 def _target(key: str, text: str, value: float, unit: str, also: bool = True, **where) -> dict:
-    op, limit = {**TARGETS, **DECODE_TARGETS, **RECONSTRUCTION_TARGETS}[key]
+    op, limit = {**TARGETS, **DECODE_TARGETS, **RECONSTRUCTION_TARGETS, **LAYOUT_TARGETS}[key]
     return {"key": key, "target": text, **where, "value": value, "op": op, "limit": limit, "unit": unit,
             "passed": bool(_OPS[op](value, limit) and also)}
 
@@ -54,6 +64,8 @@ def _target(key: str, text: str, value: float, unit: str, also: bool = True, **w
 def check_targets(report: dict) -> list[dict]:
     """The issue's targets: the prefill suite's at the longest length measured, then decode-time eviction's."""
     out = check_prefill_targets(report) if report.get("lengths") else []
+    if "layouts" in report:
+        out += check_layout_targets(report["layouts"])
     if "decoding" in report:
         out += check_decode_targets(report["decoding"])
     if "reconstruction" in report:
@@ -70,19 +82,61 @@ def check_reconstruction_targets(entry: dict) -> list[dict]:
             if f"reconstruction_{key}" in RECONSTRUCTION_TARGETS]
 
 
+def check_layout_targets(entry: dict) -> list[dict]:
+    """Every cell of `bench --layouts`: paged vs the limit and vs uniform, its bytes; the scale cell's step time."""
+    out = []
+    for cell in entry["cells"]:
+        tps, where = cell["tokens_per_second"], {"context": cell["context"], "batch": cell["batch"]}
+        name = f"{cell['context']} tokens, batch {cell['batch']}"
+        out.append(_target("paged_vs_limit", f"{name}: decode, paged / limit", tps["paged"] / tps["limit"], "x", **where))
+        out.append(_target("paged_vs_uniform", f"{name}: decode, paged / uniform", tps["paged"] / tps["uniform"], "x",
+                           **where))
+        out.append(_target("paged_bytes", f"{name}: paged K/V bytes / kept tokens' bytes - 1",
+                           cell["bytes"]["paged"]["bytes_error"], "%", **where))
+    scale = entry.get("scale")
+    if scale:
+        name = f"scale ({scale['shape_name']}, {scale['context']} tokens, batch {scale['batch']})"
+        where = {"context": scale["context"], "batch": scale["batch"], "scale": True}
+        steps = scale["step_seconds"]
+        out.append(_target("scale_paged_vs_uniform", f"{name}: step time, paged / uniform",
+                           steps["paged"] / steps["uniform"], "x", **where))
+        out.append(_target("paged_bytes", f"{name}: paged K/V bytes / kept tokens' bytes - 1",
+                           scale["bytes"]["paged"]["bytes_error"], "%", **where))
+    return out
+
+
+def pool_summary(entry: dict) -> dict:
+    """Decode-time eviction's K/V bytes and pool blocks: after the prompt, the peak within the first
+    `POOL_WARMUP_INTERVALS` intervals, the peak after them, at the end; the growth after them (peak after / peak
+    within - 1) and the last step at which the bytes held reached a new peak."""
+    pool, warm = entry["generation"]["pool"], POOL_WARMUP_INTERVALS * entry["interval"]
+    held, blocks = pool["bytes"], pool["blocks"]  # index 0: after the prompt; i: after step i
+    early, late = held[: warm + 1], held[warm + 1:]
+    last, peak = 0, held[0]
+    for step, value in enumerate(held):
+        if value > peak:
+            last, peak = step, value
+    return {
+        "warmup_steps": warm, "steps": len(held) - 1, "bytes_start": held[0], "bytes_warm": max(early),
+        "bytes_after": max(late) if late else None, "bytes_end": held[-1], "growth": max(late) / max(early) - 1 if late else 0.0,
+        "last_growth_step": last, "blocks_start": blocks[0], "blocks_warm": max(blocks[: warm + 1]),
+        "blocks_max": max(blocks), "blocks_end": blocks[-1],
+    }
+
+
 def check_decode_targets(entry: dict) -> list[dict]:
-    """Decode-time eviction at the main interval: bytes after generation, tokens/s vs static and vs full."""
-    generation, decode, interval = entry["generation"], entry["decode"], entry["interval"]
+    """Decode-time eviction at the main interval: tokens/s vs the static cache of its budget; the pool's growth."""
+    decode, interval = entry["decode"], entry["interval"]
     mine = decode[f"evicting {interval}"]["tokens_per_second"]
     where = {"tokens": entry["new_tokens"]}
     name = f"{entry['policy']} evicting to {entry['budget']} every {interval}"
+    pool = pool_summary(entry)
     return [
-        _target("decode_cache_bytes", f"{name}: cache bytes after {entry['new_tokens']} tokens / {entry['budget']} "
-                "tokens' worth", generation["bytes_error"], "%", **where),
         _target("decode_vs_static", f"{name}: decode, last {entry['timed']} tokens / static {entry['budget']} cache",
                 mine / decode[f"static {interval}"]["tokens_per_second"], "x", **where),
-        _target("decode_vs_full", f"{name}: decode, last {entry['timed']} tokens / full cache",
-                mine / decode["full"]["tokens_per_second"], "x", **where),
+        _target("decode_pool_growth", f"{name}: peak K/V bytes held over steps {pool['warmup_steps'] + 1}-"
+                f"{pool['steps']} / peak over the prompt and steps 1-{pool['warmup_steps']}, - 1", pool["growth"],
+                "%", **where),
     ]
 
 
@@ -271,7 +325,78 @@ def _decoding(entry: dict) -> list[str]:
         f"({generation['bytes_error']:+.2%} vs {budget}), between steps at most {most:g} slots per KV head "
         f"({most / budget - 1:+.2%}); eviction inside the hooks {generation['decode_eviction_seconds']:.2f} s "
         f"({generation['decode_eviction_seconds'] / new * 1e3:.2f} ms per token)",
+        "", _pool_line(entry),
     ]
+
+
+def _pool_line(entry: dict) -> str:
+    """What decode-time eviction's cache held over the generation: bytes and (paged) pool blocks."""
+    pool, token_bytes = pool_summary(entry), entry["generation"]["token_bytes"]
+    warm, layout = pool["warmup_steps"], entry["generation"].get("layout", "uniform")
+    worth = lambda n: f"{_mb(n)} MiB = {n / token_bytes:.0f} tokens' worth"  # noqa: E731
+    blocks = (f"pool blocks (all layers): {pool['blocks_start']} after the prompt, {pool['blocks_warm']} at most over "
+              f"steps 1-{warm}, {pool['blocks_max']} at most over all {pool['steps']} steps, {pool['blocks_end']} "
+              "at the end; " if layout == "paged" else "uniform layout (no pool); ")
+    after = "-" if pool["bytes_after"] is None else worth(pool["bytes_after"])
+    return (f"{layout} layout, K/V bytes held: {blocks}K/V bytes {worth(pool['bytes_start'])} after the prompt, "
+            f"peak {worth(pool['bytes_warm'])} over steps 1-{warm}, peak {after} over steps {warm + 1}-{pool['steps']} "
+            f"({pool['growth']:+.2%}), {worth(pool['bytes_end'])} at the end; last new peak at step "
+            f"{pool['last_growth_step']}")
+
+
+def _ratio(part: float, whole: float) -> str:
+    return f"{part / whole:.3f}x"
+
+
+def _layouts(report: dict) -> list[str]:
+    """`bench --layouts`: decode speed per cell against the limit, the bytes held, the scale cell."""
+    entry = report["layouts"]
+    policies, cells = entry["policies"], entry["cells"]
+    header = (f"layouts vs the limit: decode tok/s over all rows (batch x steps / s), median of {entry['rounds']} "
+              f"interleaved rounds of {entry['steps']} steps after a warm-up step, {report['machine']['torch_threads']} "
+              f"torch threads; kept {entry['budget']}: limit = the model's own DynamicCache holding only the kept "
+              f"tokens; uniform = {policies['uniform']}; paged = {policies['paged']}")
+    speed = []
+    for cell in cells:
+        tps = cell["tokens_per_second"]
+        speed.append((f"{cell['context']}, {cell['batch']}", [
+            f"{tps['full']:.1f}" if "full" in tps else "-", f"{tps['limit']:.1f} ({cell['kept']})",
+            f"{tps['uniform']:.1f} ({_ratio(tps['uniform'], tps['limit'])})",
+            f"{tps['paged']:.1f} ({_ratio(tps['paged'], tps['limit'])})", _ratio(tps["paged"], tps["uniform"]),
+            " / ".join(f"{min(cell['rounds'][k]):.1f}-{max(cell['rounds'][k]):.1f}" for k in ("limit", "uniform", "paged")),
+        ]))
+    lines = [header, "", *_table(["context, batch", "full", "limit (kept tokens)", "uniform (x limit)",
+                                  "paged (x limit)", "paged / uniform", "rounds min-max: limit / uniform / paged"],
+                                 speed)]
+    lines += ["", "bytes held right after eviction (cache.nbytes(), cache.index_nbytes()) vs the kept tokens' bytes "
+              "(the real slots of every KV head, keys and values)", ""]
+    rows = []
+    for cell in [*cells, *([entry["scale"]] if entry.get("scale") else [])]:
+        uniform, paged = cell["bytes"]["uniform"], cell["bytes"]["paged"]
+        label = f"{cell['context']}, {cell['batch']}" + (" (scale)" if "shape" in cell else "")
+        rows.append((label, [
+            f"{_mb(uniform['cache_bytes'])} / {_mb(uniform['kept_bytes'])} ({uniform['bytes_error']:+.2%})",
+            f"{_mb(paged['cache_bytes'])} / {_mb(paged['kept_bytes'])} ({paged['bytes_error']:+.2%})",
+            f"{'-'.join(map(str, paged['head_tokens']))} (mean {paged['mean_tokens']:.0f}), "
+            f"block {'/'.join(map(str, paged['block_sizes']))}",
+            f"{uniform['index_bytes'] / 1024:.1f} ({uniform['index_bytes'] / uniform['cache_bytes']:.2%})",
+            f"{paged['index_bytes'] / 1024:.1f} ({paged['index_bytes'] / paged['cache_bytes']:.2%})",
+        ]))
+    lines += _table(["context, batch", "uniform: MiB held / kept (error)", "paged: MiB held / kept (error)",
+                     "paged tokens per KV head (min-max), block size", "uniform index KiB (% of K/V)",
+                     "paged index KiB (% of K/V)"], rows)
+    scale = entry.get("scale")
+    if scale:
+        shape, steps = scale["shape"], scale["step_seconds"]
+        lines += ["", f"scale: random weights, {scale['shape_name']} ({shape['layers']} layers, {shape['query_heads']} "
+                  f"query and {shape['kv_heads']} KV heads of {shape['head_dim']} dims, hidden size "
+                  f"{shape['hidden_size']}, {shape['dtype']}), pseudo-random prompt; ms per decoding step (all rows), "
+                  f"median of {entry['rounds']} interleaved rounds", "",
+                  *_table(["context, batch", "limit (kept tokens)", "uniform", "paged", "paged / uniform"], [(
+                      f"{scale['context']}, {scale['batch']}", [
+                          f"{steps['limit'] * 1e3:.1f} ({scale['kept']})", f"{steps['uniform'] * 1e3:.1f}",
+                          f"{steps['paged'] * 1e3:.1f}", _ratio(steps["paged"], steps["uniform"])])])]
+    return lines
 
 
 def _targets(title: str, targets: list[dict]) -> list[str]:
@@ -296,15 +421,20 @@ def format_report(report: dict) -> str:
         lines += _table(["measure", *(str(r["length"]) for r in report["lengths"])], _over_lengths(report))
         for row in report["lengths"]:
             lines += ["", *_side_by_side(report, row)]
+    if "layouts" in report:
+        lines += _layouts(report)
     if "decoding" in report:
-        lines += ([""] if report.get("lengths") else []) + _decoding(report["decoding"])
+        lines += ([""] if report.get("lengths") or "layouts" in report else []) + _decoding(report["decoding"])
     if "reconstruction" in report:
         lines += format_reconstruction(report["reconstruction"])
     prefill = [t for t in report["targets"] if t["key"] in TARGETS]
     decode = [t for t in report["targets"] if t["key"] in DECODE_TARGETS]
     reconstruction = [t for t in report["targets"] if t["key"] in RECONSTRUCTION_TARGETS]
+    layouts = [t for t in report["targets"] if t["key"] in LAYOUT_TARGETS]
     if prefill:
         lines += _targets("targets (at the longest length):", prefill)
+    if layouts:
+        lines += _targets("targets (layouts vs the limit, every cell):", layouts)
     if decode:
         lines += _targets("targets (decode-time eviction):", decode)
     if reconstruction:

@@ -19,10 +19,18 @@ RANDOM_SHAPES: dict[str, dict] = {
     "llama-3.1-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                          num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0, max_position_embeddings=131072,
                          tie_word_embeddings=False),
+    # The attention of Llama-3.1-8B (32 layers, 32 query and 8 KV heads of 128 dims) around a small hidden size and
+    # vocabulary: what a decoding step does with the cache is 8B-shaped, the rest is cheap enough for a CPU.
+    "llama-3.1-8b-attention": dict(hidden_size=512, intermediate_size=1024, num_hidden_layers=32,
+                                   num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=32000,
+                                   rope_theta=500000.0, max_position_embeddings=131072, tie_word_embeddings=False),
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=512, rope_theta=10000.0, max_position_embeddings=4096,
                  tie_word_embeddings=False),
 }
+
+#: `bench --layouts`: the shape of the scale cell.
+SCALE_SHAPE = "llama-3.1-8b-attention"
 
 
 def load_benchmark_model(name: str | None, random_weights: str | None, attn: str, dtype: str | None,
