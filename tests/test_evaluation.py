@@ -284,6 +284,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     (["eval", "fidelity", "--policies", "h2o,lru"], "unknown policy 'lru'"),
     (["eval", "fidelity", "--scores", "attention,magic"], "unknown score 'magic'"),
     (["eval", "fidelity", "--budgets", "0.1,abc"], "not a number"),
+    (["eval", "fidelity", "--precision", "16,3"], "unknown precision '3'"),
 ])
 def test_bad_names_fail_in_argument_parsing(argv, message, capsys):
     with pytest.raises(SystemExit):
@@ -303,6 +304,10 @@ def test_bad_names_fail_in_argument_parsing(argv, message, capsys):
     (["--future", "1"], "future must be an int >= 2, got 1"),
     (["--layers", "1,-1"], "layers must be an int >= 0, got -1"),
     (["--attn", "eager", "--device", "gpu"], "unknown device 'gpu'"),
+    (["--precision", "16,4", "--budgets", "256"], "budgets are fractions of the prompt's full cache at 16 bits"),
+    (["--precision", "mixed", "--token-cap", "1.5"], "token cap: budget 1.5 out of range"),
+    (["--precision", "4", "--group-size", "0"], "group_size must be an int >= 1, got 0"),
+    (["--precision", "mixed", "--budgets", "0.005", "--lengths", "1000"], "fewer than the 16 protected ones"),
 ])
 def test_bad_values_fail_before_loading(extra, message, no_model_loading, tmp_path):
     args = parse(["eval", "niah_single_number", "--out", str(tmp_path / "x"), *extra])
@@ -495,3 +500,70 @@ def test_needle_rows_record_the_exact_match_beside_the_string_match(answer, corr
     rows = read_rows(run_eval(small_spec(tmp_path, samples=1), model=model, tokenizer=tokenizer, progress=False))
     assert rows and all(r["prediction"] == answer.format(needle) for r in rows)
     assert {(r["correct"], r["exact"]) for r in rows} == {(correct, exact)}
+
+
+# ---------------------------------------------------------------- eviction and precision together (--precision)
+
+
+def precision_spec(tmp_path: Path, **overrides) -> EvalSpec:
+    fields = dict(task="niah_single_number", policies=("snapkv", "streamingllm"), scores=("attention", "obc-key"),
+                  budgets=(0.1, 0.05), precisions=("16", "8", "4", "2", "mixed"), options={"window": 8, "sinks": 2},
+                  lengths=(LENGTH,), depths=(0.5,), samples=1, out=tmp_path / "precision", max_new_tokens=4,
+                  query_aware=True, group_size=4)
+    return EvalSpec(**{**fields, **overrides})
+
+
+def test_the_precision_axis_compares_configurations_at_equal_bytes(tmp_path):
+    from obcache import MixedPrecision, Quantized
+    from obcache.evaluation.spec import check_spec
+    from obcache.precision import bytes_per_token
+
+    grid = check_spec(precision_spec(tmp_path))
+    labels = sorted({label for label, _, _ in grid})
+    assert labels == ["full", "mixed[cap=0.2,group=4](snapkv[sinks=2,window=8])",
+                      "quantized[bits=2,group=4](snapkv[sinks=2,window=8])",
+                      "quantized[bits=4,group=4](snapkv[sinks=2,window=8])",
+                      "quantized[bits=8,group=4](snapkv[sinks=2,window=8])", "snapkv[sinks=2,window=8]",
+                      "streamingllm[sinks=2]"]
+    assert len(grid) == 1 + 5 * 2 * 2 + 2  # full + precisions x scores x budgets + streamingllm once per budget
+    for (label, score, budget), policy in grid.items():
+        if label.startswith("quantized"):  # the bytes decide: the wrapped policy keeps everything it is offered
+            assert isinstance(policy, Quantized) and policy.byte_budget == budget and policy.policy.budget == 1.0
+            whole, packed = bytes_per_token(16, 8, 4), bytes_per_token(policy.bits, 8, 4)
+            for length in (LENGTH, 2048, 2101):  # the kept tokens fill the byte budget of this prompt length
+                kept = policy.kept_tokens(length)
+                held = 10 * whole + (kept - 10) * packed  # window 8 + sinks 2 at 16 bits
+                assert held <= budget * length * whole < held + packed
+        elif label.startswith("mixed"):
+            assert isinstance(policy, MixedPrecision) and policy.byte_budget == budget and policy.budget == 0.2
+            assert policy.base.score == score
+        elif label.startswith("snapkv"):
+            assert policy.budget == budget and policy.kept_tokens(2000) == round(budget * 2000)
+    cap = check_spec(precision_spec(tmp_path, precisions=("mixed",), token_cap=64))
+    assert [p.budget for p in cap.values() if p is not None and p.name == "mixed"] == [64] * 4
+    plain = check_spec(precision_spec(tmp_path, precisions=("16",), budgets=(0.1, 64)))  # token budgets stay allowed
+    assert {key[2] for key in plain} == {None, 0.1, 64}
+
+
+def test_precision_rows_record_the_bytes_held_against_the_byte_budget(model, tokenizer, tmp_path):
+    spec = precision_spec(tmp_path)
+    rows = read_rows(run_eval(spec, model=model, tokenizer=tokenizer, progress=False))
+    assert len(rows) == 1 + 5 * 2 * 2 + 2
+    from obcache.evaluation.tables import held_fraction
+
+    for row in rows:
+        full = 2 * 2 * row["prompt_tokens"] * 2 * 2 * 8  # (K, V) x 16-bit x tokens x layers x KV heads x head dim
+        assert row["full_bytes_16"] == full and row["cache_bytes"] > 0 and 0 < row["cache_bytes_16"] <= row["cache_bytes"]
+        if row["policy"] == "full":
+            assert row["cache_bytes_16"] == full == row["cache_bytes"] // 2  # float32 counted at 16 bits
+        elif row["policy"].startswith(("quantized", "mixed")):  # within the byte budget, up to partly filled blocks
+            assert held_fraction(row) <= row["budget"] * 1.15
+            assert held_fraction(row) >= row["budget"] * 0.7
+        elif row["policy"].startswith("snapkv"):  # tokens counted at 16 bits: the budget's fraction, + blocks
+            assert abs(held_fraction(row) - row["kept_tokens"] / row["prompt_tokens"]) <= 0.15 * row["budget"]
+    from obcache.evaluation.report import write_report
+
+    text = write_report(spec.out).read_text()
+    assert "**bytes held (% of the prompt's full 16-bit cache)** (lower is better)" in text
+    assert "| quantized[bits=2,group=4](snapkv[sinks=2,window=8]) | obc-key | 0.05 | 1 |" in text  # paired vs attention
+    assert "**bytes held" not in text.split("### Paired comparisons against attention")[1]  # described, not compared

@@ -24,6 +24,11 @@ MODES = {
     "mixed": lambda: MixedPrecision(SnapKV(budget=30, window=4, score="obc-key"), byte_budget=0.25, group_size=GROUP),
     "mixed-adakv-spans": lambda: MixedPrecision(obcache.recommended(budget=0.6, window=4, kernel=3, chunk=4),
                                                 byte_budget=0.35, group_size=GROUP),
+    "quantized-bytes-adakv": lambda: Quantized(obcache.recommended(budget=1.0, window=4, kernel=3, chunk=4), bits=2,
+                                               byte_budget=0.3, group_size=GROUP),
+    "quantized-kvzip-heads": lambda: Quantized(KVzipHeads(budget=0.5, sinks=2, ratings=torch.tensor([[1.0, 3.0],
+                                                                                                     [2.0, 0.5]])),
+                                               bits=4, group_size=GROUP),
     "mixed-kvzip-heads": lambda: MixedPrecision(KVzipHeads(budget=0.6, sinks=2, ratings=torch.tensor([[1.0, 3.0],
                                                                                                       [2.0, 0.5]])),
                                                 byte_budget=0.3, group_size=GROUP),
@@ -116,6 +121,44 @@ def test_mixed_precision_stays_within_its_byte_budget_and_token_cap():
         assert {16}.issubset(layer.parts)  # the protected window stays at 16 bits
 
 
+def test_quantized_at_a_byte_budget_keeps_as_many_tokens_as_the_bytes_hold():
+    model = tiny_model()
+    length, heads = 40, 2
+    for bits in (8, 4, 2, 16):
+        policy = Quantized(SnapKV(budget=1.0, window=4, sinks=2, score="obc-key"), bits=bits, byte_budget=0.3,
+                           group_size=GROUP)
+        whole, packed = 2 * bytes_per_token(16, 8, GROUP), 2 * bytes_per_token(bits, 8, GROUP)  # a key and a value
+        budget = 0.3 * length * whole  # per KV head: 30% of the 16-bit bytes
+        fits = policy.fits(length)  # 6 protected tokens at 16 bits, the rest at `bits`
+        assert 6 * whole + (fits - 6) * packed <= budget < 6 * whole + (fits - 5) * packed
+        cache = obcache.EvictableCache()
+        with policy.attach(model), torch.no_grad():
+            model(input_ids=prompt(length=length), past_key_values=cache)
+        for layer in cache.layers:
+            held = {width: int(part.head_lengths().sum()) for width, part in layer.parts.items()}
+            assert held[16] == heads * (6 if bits != 16 else fits) and sum(held.values()) == heads * fits
+            assert layer.nbytes() >= heads * (6 * whole + (fits - 6) * packed)  # + partly filled last blocks
+    capped = Quantized(SnapKV(budget=10, window=4, score="obc-key"), bits=2, byte_budget=0.3, group_size=GROUP)
+    assert capped.kept_tokens(length) == 10 and capped.label() == "quantized[bits=2,cap=10,group=4](snapkv)"
+
+
+def test_quantized_over_a_pool_of_every_layer_keeps_what_the_pool_keeps():
+    model = tiny_model()
+    ratings = torch.tensor([[1.0, 3.0], [2.0, 0.5]])
+    caches = []
+    for policy in (KVzipHeads(budget=0.5, sinks=2, ratings=ratings),
+                   Quantized(KVzipHeads(budget=0.5, sinks=2, ratings=ratings), bits=4, group_size=GROUP)):
+        caches.append(obcache.EvictableCache())
+        with policy.attach(model), torch.no_grad():
+            model(input_ids=prompt(), past_key_values=caches[-1])
+    plain, quantized = caches
+    for index in range(len(plain.layers)):
+        assert torch.equal(plain.head_lengths(index), quantized.head_lengths(index))
+        assert all(torch.equal(a, b) for row_a, row_b in zip(plain.kept_positions(index), quantized.kept_positions(index))
+                   for a, b in zip(row_a, row_b))
+    assert plain.head_lengths(0).tolist() != [[20, 20]]  # the pool moved budget between heads
+
+
 def test_continuing_in_two_calls_equals_one_call_and_several_tokens_equal_one_at_a_time():
     model = tiny_model()
     ids = prompt()
@@ -148,6 +191,7 @@ def test_decoding_re_allocates_new_tokens_and_keeps_the_cache_bounded():
     (lambda: MixedPrecision(SnapKV(), bits=(16, 6)), "widths must be in {0, 2, 4, 8, 16}"),
     (lambda: MixedPrecision(SnapKV(), byte_budget=1.5), "byte_budget is the fraction"),
     (lambda: Quantized(SnapKV(), bits=0), "bits must be 2, 4, 8 or 16"),
+    (lambda: Quantized(SnapKV(), bits=4, byte_budget=2), "byte_budget is the fraction"),
 ])
 def test_bad_settings_are_refused_at_construction(make, message):
     with pytest.raises(ValueError, match=message):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from obcache.cli_args import EPILOG, add_model_arguments, add_policy_options, comma_list, given_options, parse_budget
 from obcache.evaluation.families import ALL_TASKS
-from obcache.evaluation.spec import EvalSpec
+from obcache.evaluation.spec import PRECISIONS, EvalSpec
 from obcache.evaluation.store import RESULTS_FILE
 from obcache.policies import POLICIES
 from obcache.scores import SCORE_KINDS
@@ -59,6 +59,16 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     mode.add_argument("--query-agnostic", dest="query_aware", action="store_false",
                       help="ask the question after compression (default)")
     add_policy_options(parser, grid=True)
+    precision = parser.add_argument_group("precision (eviction and precision together: compared at equal bytes)")
+    precision.add_argument("--precision", type=comma_list(str, PRECISIONS, "precision"), default=("16",),
+                           help="comma list: how the scored policies' kept tokens are stored (default 16). "
+                           + "; ".join(f"{name}: {text}" for name, text in PRECISIONS.items())
+                           + ". With any but 16, --budgets are byte budgets: fractions of the prompt's full cache at "
+                           "16 bits per element (the 16 rows keep that fraction of the tokens)")
+    precision.add_argument("--token-cap", type=parse_budget, default=0.2,
+                           help="mixed: the wrapped policy's budget, the most tokens kept at any width (default 0.2)")
+    precision.add_argument("--group-size", type=int, default=32,
+                           help="8/4/2 and mixed: channels of a token sharing a scale and a zero (default 32)")
     run = parser.add_argument_group("run")
     run.add_argument("--out", type=Path, default=Path("obcache-eval"), help="results folder (results.jsonl is appended)")
     run.add_argument("--max-new-tokens", type=int, help="answer tokens, >= 1 (default: the expected answer's + 8)")
@@ -80,8 +90,8 @@ def spec_from_args(args: argparse.Namespace) -> EvalSpec:
         out=args.out, options=options, selections=axes.get("selection", ("per-head",)), chunks=axes.get("chunk", (1,)),
         allocations=args.allocation or ("uniform",), alpha=args.alpha, beta=args.beta,
         max_new_tokens=args.max_new_tokens, future=args.future, layers=args.layers, oracle_step=args.oracle_step,
-        stream_chunk=args.stream_chunk,
-        dtype=args.dtype, attn=args.attn, device=args.device,
+        stream_chunk=args.stream_chunk, precisions=args.precision, token_cap=args.token_cap,
+        group_size=args.group_size, dtype=args.dtype, attn=args.attn, device=args.device,
     )
 
 

@@ -37,8 +37,24 @@ def policy_fields(key: tuple, policy: Selector | None) -> dict:
     fields = {"policy": label, "policy_repr": repr(policy) if policy is not None else "full cache", "score": score,
               "budget": budget}
     if policy is not None:
-        fields.update(selection=policy.selection, chunk=policy.chunk, allocation=policy_allocation(policy))
+        fields.update(selection=policy.base.selection, chunk=policy.base.chunk, allocation=policy_allocation(policy))
     return fields
+
+
+def byte_fields(cache, model, prompt_tokens: int) -> dict:
+    """What a cache holds (`nbytes`, as stored; `index_nbytes`, its slot bookkeeping), the keys and values with
+    every float element counted at 16 bits (packed codes, scales and zeros as they are), and the prompt's full
+    cache at 16 bits per element."""
+    from obcache.models import head_dim
+    from obcache.packed import MixedLayer
+
+    at_16 = sum(layer.nbytes() if isinstance(layer, MixedLayer) else layer.nbytes() * 2 // layer.dtype.itemsize
+                for layer in cache.layers)
+    config = model.config
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    full = 2 * 2 * prompt_tokens * config.num_hidden_layers * heads * head_dim(config)  # keys and values, 2 bytes
+    return {"cache_bytes": cache.nbytes(), "index_bytes": cache.index_nbytes(), "cache_bytes_16": at_16,
+            "full_bytes_16": full}
 
 
 class TaskFamily:
@@ -115,8 +131,8 @@ class NeedleFamily(TaskFamily):
 
     tasks = TASKS
     fields = {"prediction": str, "expected": [str], "correct": NUMBER}
-    optional_fields = {"exact": NUMBER}
-    metrics = ("accuracy", "exact", "prefix")
+    optional_fields = {"exact": NUMBER, "cache_bytes_16": int, "full_bytes_16": int}
+    metrics = ("accuracy", "exact", "prefix", "bytes")
     heatmaps = ("accuracy", "prefix")
 
     def check(self, spec: EvalSpec) -> None:
@@ -161,7 +177,7 @@ class NeedleFamily(TaskFamily):
         rows = []
         for key, policy in missing.items():
             compressed = shared.evicted(key)
-            kept, nbytes = compressed.kept_tokens()[0], compressed.nbytes()
+            kept, held = compressed.kept_tokens()[0], byte_fields(compressed, model, len(prefill_ids))
             start = time.perf_counter()
             predictions = []
             with attach(model):
@@ -175,7 +191,7 @@ class NeedleFamily(TaskFamily):
                 "prediction": " | ".join(predictions), "expected": [v for q in asked for v in q.expected],
                 "correct": sum(map(score_prediction, asked, predictions)) / len(asked),
                 "exact": sum(exact_match(spec.task, q.expected, p) for q, p in zip(asked, predictions)) / len(asked),
-                "kept_tokens": kept, "cache_bytes": nbytes, "cache_bytes_full": shared.cache.nbytes(),
+                "kept_tokens": kept, **held, "cache_bytes_full": shared.cache.nbytes(),
                 "prefill_seconds": shared.prefill_seconds, "select_seconds": shared.select_seconds[key],
                 "decode_seconds": decode_seconds,
             })
@@ -188,18 +204,20 @@ class FidelityFamily(TaskFamily):
 
     tasks = {"fidelity": "Perplexity, KL and top-1 agreement vs the full cache on the next tokens of a document."}
     fields = {"perplexity": NUMBER, "kl": NUMBER, "top1": NUMBER, "layer_errors": [NUMBER], "future": int}
-    metrics = ("perplexity", "kl", "top1", "layer_error")
+    optional_fields = {"cache_bytes_16": int, "full_bytes_16": int}
+    metrics = ("perplexity", "kl", "top1", "layer_error", "bytes")
     layer_plot = True
 
     def rows(self, spec: EvalSpec, model, tokenizer, unit: dict, missing: dict, grid: dict,
              advance: Callable[[int], object]) -> list[dict]:
         from obcache.evaluation.fidelity import evaluate_fidelity
 
-        results = evaluate_fidelity(model, _document(spec, tokenizer, unit), unit["length"], missing, tokenizer=tokenizer)
+        results = evaluate_fidelity(model, _document(spec, tokenizer, unit), unit["length"], missing, tokenizer=tokenizer,
+                                    measure=lambda cache: byte_fields(cache, model, unit["length"]))
         return [
             {**policy_fields(key, missing[key]), "future": spec.future, "perplexity": r.perplexity, "kl": r.kl,
-             "top1": r.top1, "layer_errors": r.layer_errors, "kept_tokens": r.kept_tokens,
-             "cache_bytes": r.cache_bytes, "forward_seconds": r.seconds}
+             "top1": r.top1, "layer_errors": r.layer_errors, "kept_tokens": r.kept_tokens, **r.held,
+             "forward_seconds": r.seconds}
             for key, r in results.items()
         ]
 

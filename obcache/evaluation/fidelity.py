@@ -18,7 +18,7 @@ compound through the layers: layer l's output sees the earlier layers' errors.
 from __future__ import annotations
 
 import time
-from collections.abc import Hashable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -46,6 +46,7 @@ class Fidelity:
     kept_tokens: int
     cache_bytes: int
     seconds: float
+    held: dict  # `measure(cache)` of the evicted cache (default: its nbytes as cache_bytes)
 
 
 @dataclass
@@ -87,13 +88,14 @@ def compare(full: _Pass, evicted: _Pass, targets: torch.Tensor) -> tuple[float, 
 
 def evaluate_fidelity(
     model: nn.Module, ids: list[int], prompt_length: int, policies: Mapping[Hashable, Selector | None], *,
-    tokenizer=None,
+    tokenizer=None, measure: Callable[[EvictableCache], dict] | None = None,
 ) -> dict[Hashable, Fidelity]:
     """Prefill ids[:N] once (N = prompt_length), evict with each policy, teacher-force ids[N:-1].
 
     The targets are ids[N+1:], so M = len(ids) - N - 1 >= 1 tokens are scored.
     A None policy is the full cache (KL 0, top-1 1, errors 0 by construction). `tokenizer` writes the
-    reconstruction prompt of KVzip policies (the ids are plain text, no chat template).
+    reconstruction prompt of KVzip policies (the ids are plain text, no chat template). `measure`: what each
+    evicted cache holds, measured before the continuation is fed (`Fidelity.held`).
     """
     if not 0 < prompt_length < len(ids) - 1:
         raise ValueError(f"prompt_length must leave at least 2 tokens of the {len(ids)} ids, got {prompt_length}")
@@ -105,8 +107,10 @@ def evaluate_fidelity(
     for key in policies:
         cache = shared.evicted(key)
         kept, nbytes = cache.kept_tokens()[0], cache.nbytes()
+        held = {"cache_bytes": nbytes} if measure is None else measure(cache)
         start = time.perf_counter()
         evicted = teacher_forced(model, cache, future)
         seconds = time.perf_counter() - start
-        results[key] = Fidelity(*compare(full, evicted, targets), kept_tokens=kept, cache_bytes=nbytes, seconds=seconds)
+        results[key] = Fidelity(*compare(full, evicted, targets), kept_tokens=kept, cache_bytes=nbytes, seconds=seconds,
+                                held=held)
     return results

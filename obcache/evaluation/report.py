@@ -180,7 +180,10 @@ def write_report(folder: str | Path) -> Path:
     for row in rows:
         groups[(row["task"], row["mode"], row["model"], _settings_text(row.get("settings")))].append(row)
     out = [f"# obcache evaluation report: {folder}", "",
-           "Budgets are the fraction of the prompt KEPT per layer and KV head. A cell is `mean [95% interval] "
+           "Budgets are the fraction of the prompt KEPT per layer and KV head; for `quantized[...]` and `mixed[...]` "
+           "policies (`obcache eval --precision`) they are byte budgets, the fraction of the prompt's full cache at "
+           "16 bits per element held, and 'bytes held' counts what each cache holds (float elements at 16 bits). "
+           "A cell is `mean [95% interval] "
            "n=samples`: the Wilson score interval for accuracy when every value is 0 or 1 (single-value needle tasks), "
            "the Student t interval of the mean otherwise, clipped to the metric's range. Paired comparisons put each "
            "OBCache score (and exact-removal) against `attention` of the same policy and budget on the samples "

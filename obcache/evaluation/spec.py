@@ -12,11 +12,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from obcache.evaluation.families import family_of
-from obcache.policies import POLICIES, Selector, build_policy, policy_label, policy_options
+from obcache.policies import POLICIES, MixedPrecision, Quantized, Selector, build_policy, policy_label, policy_options
+from obcache.policies.base import check_budget
 from obcache.scores import check_score_kind
 
 FULL = "full"  # policy name of the full-cache row
 ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager")
+#: How the scored policies' kept tokens are stored (`--precision`): with any but "16", budgets are byte budgets.
+PRECISIONS = {
+    "16": "eviction alone: the policy keeps the budget's fraction of the tokens (bytes counted at 16 bits)",
+    "8": "Quantized(policy, bits=8, byte_budget=budget): as many tokens as the budget's bytes hold at 8 bits",
+    "4": "Quantized(policy, bits=4, byte_budget=budget): the same at 4 bits",
+    "2": "Quantized(policy, bits=2, byte_budget=budget): the same at 2 bits",
+    "mixed": "MixedPrecision(policy at --token-cap, byte_budget=budget): each token 16, 8, 4, 2 bits or evicted",
+}
 
 
 @dataclass(frozen=True)
@@ -38,6 +47,9 @@ class EvalSpec:
     selections: tuple[str, ...] = ("per-head",)  # grid axes of the scored policies
     chunks: tuple[int, ...] = (1,)
     allocations: tuple[str, ...] = ("uniform",)
+    precisions: tuple[str, ...] = ("16",)  # PRECISIONS, a grid axis of the scored policies
+    token_cap: float | int = 0.2  # mixed: the wrapped policy's budget, the most tokens kept at any width
+    group_size: int = 32  # quantized and mixed: channels of a token sharing a scale and a zero
     alpha: float = 0.2  # adakv
     beta: float = 20.0  # pyramid
     max_new_tokens: int | None = None  # default: the expected answer's tokens + 8
@@ -65,7 +77,7 @@ def run_settings(spec: EvalSpec) -> dict:
 def build_grid(spec: EvalSpec) -> dict[tuple[str, str | None, float | int | None], Selector | None]:
     """(policy label, score, budget) -> policy, the full cache first (raises ValueError on bad input).
 
-    Scored policies run in every allocation x selection x chunk of the spec
+    Scored policies run in every allocation x selection x chunk x precision of the spec
     (AdaKV with shared selection excepted: it has no meaning); StreamingLLM once.
     """
     for name in spec.policies:
@@ -76,20 +88,46 @@ def build_grid(spec: EvalSpec) -> dict[tuple[str, str | None, float | int | None
     unused = set(spec.options) - {f for name in spec.policies for f in policy_options(POLICIES[name])}
     if unused:
         raise ValueError(f"no chosen policy has the option(s) {', '.join(sorted(unused))}")
+    _check_precisions(spec)
     grid: dict[tuple[str, str | None, float | int | None], Selector | None] = {(FULL, None, None): None}
     for name in spec.policies:
         scored = POLICIES[name].takes_score
-        modes = itertools.product(spec.allocations, spec.selections, spec.chunks) if scored else [("uniform", "per-head", 1)]
-        for allocation, selection, chunk in modes:
+        modes = (itertools.product(spec.allocations, spec.selections, spec.chunks, spec.precisions) if scored
+                 else [("uniform", "per-head", 1, "16")])
+        for allocation, selection, chunk, precision in modes:
             if "adakv" in allocation.split("+") and selection == "shared":
                 continue
             for score in spec.scores if scored else (None,):
                 for budget in spec.budgets:
                     options = {**spec.options, "selection": selection, "chunk": chunk}
-                    policy = build_policy(name, budget=budget, score=score, options=options, allocation=allocation,
+                    inner = {"16": budget, "mixed": spec.token_cap}.get(precision, 1.0)  # 8/4/2: the bytes decide
+                    policy = build_policy(name, budget=inner, score=score, options=options, allocation=allocation,
                                           alpha=spec.alpha, beta=spec.beta, strict=False)
+                    if precision == "mixed":
+                        policy = MixedPrecision(policy, byte_budget=budget, group_size=spec.group_size)
+                    elif precision != "16":
+                        policy = Quantized(policy, bits=int(precision), byte_budget=budget, group_size=spec.group_size)
                     grid[(policy_label(policy), score, budget)] = policy
     return grid
+
+
+def _check_precisions(spec: EvalSpec) -> None:
+    unknown = [p for p in spec.precisions if p not in PRECISIONS]
+    if unknown or not spec.precisions:
+        raise ValueError(f"unknown precision(s) {unknown}; allowed: {', '.join(PRECISIONS)}")
+    if set(spec.precisions) == {"16"}:
+        return
+    wrong = [b for b in spec.budgets if isinstance(b, bool) or not isinstance(b, float) or not 0 < b <= 1]
+    if wrong:
+        raise ValueError(f"with --precision {','.join(spec.precisions)} the budgets are fractions of the prompt's full "
+                         f"cache at 16 bits per element, floats in (0, 1]; got {wrong}")
+    if "mixed" in spec.precisions:
+        try:
+            check_budget(spec.token_cap)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"token cap: {error}") from None
+    if isinstance(spec.group_size, bool) or not isinstance(spec.group_size, int) or spec.group_size < 1:
+        raise ValueError(f"group_size must be an int >= 1, got {spec.group_size!r}")
 
 
 def _check_int(name: str, value, minimum: int = 1) -> None:

@@ -40,6 +40,15 @@ class Metric(NamedTuple):
     better: str  # "higher" | "lower": the direction that counts as a win
     bounds: tuple[float, float]  # range of a row's value: intervals are clipped to it
     proportion: bool = False  # rows are 0/1 outcomes where every value is 0 or 1 (Wilson interval, McNemar)
+    compared: bool = True  # paired against attention and ranked in the summary (not a description of the cache)
+
+
+def held_fraction(row: dict) -> float | None:
+    """Bytes the evicted cache holds, float elements counted at 16 bits, over the prompt's full cache at 16 bits
+    (None for rows written before they were recorded)."""
+    if row.get("cache_bytes_16") is None or not row.get("full_bytes_16"):
+        return None
+    return row["cache_bytes_16"] / row["full_bytes_16"]
 
 
 METRICS = {
@@ -54,6 +63,8 @@ METRICS = {
     "layer_error": Metric(lambda r: mean(r["layer_errors"]), 1.0, "{:.3f}", "attention-output error, mean over layers",
                           "lower", (0, math.inf)),
     # needle rows: prefill + choice (KVzip: + its reconstruction) over the plain prefill, as timed inside the eval
+    "bytes": Metric(held_fraction, 100.0, "{:.2f}", "bytes held (% of the prompt's full 16-bit cache)", "lower",
+                    (0, math.inf), compared=False),
     "cost": Metric(lambda r: (r["prefill_seconds"] + r["select_seconds"]) / r["prefill_seconds"], 1.0, "{:.2f}",
                    "compression cost (x the plain prefill)", "lower", (1, math.inf)),
 }
@@ -162,6 +173,8 @@ class Group:
         if metric in self._comparisons:
             return self._comparisons[metric]
         found, info = [], METRICS[metric]
+        if not info.compared:
+            return found
         for policy in self.policies:
             if BASELINE not in self.scores[policy]:
                 continue
@@ -203,7 +216,7 @@ class Group:
     def summary(self, metrics) -> str:
         """One factual paragraph: the best (policy, score) per budget and metric, and the significant comparisons."""
         parts = []
-        for metric in metrics:
+        for metric in (m for m in metrics if METRICS[m].compared):
             best = []
             for budget in self.budgets:
                 if (found := self.best(metric, budget)) is not None:

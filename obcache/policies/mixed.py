@@ -1,12 +1,15 @@
 """Eviction and precision together: what a policy keeps, stored in fewer bits (`obcache.layouts.mixed`).
 
     Quantized(policy, bits=4)                                    # the policy evicts; the rest at 4 bits
+    Quantized(recommended(budget=1.0), bits=4, byte_budget=0.025)  # as many tokens as 2.5% of the bytes hold
     MixedPrecision(recommended(budget=0.2), byte_budget=0.025)   # <= 20% of the tokens in 2.5% of the bytes
 
 `Quantized` stores every token the wrapped policy keeps at `bits` (its protected tokens, sinks and window,
-at 16): the uniform baseline. `MixedPrecision` gives each (row, KV head, token) a width in `bits` or 0
-(evicted), per layer and batch row, minimising the summed output distortion under a byte budget
-(`obcache.precision.allocate_widths`, exact):
+at 16): the uniform baseline. With a `byte_budget` it keeps, per layer, as many tokens as that fraction of the
+row's full 16-bit cache holds at these widths (`Quantized.fits`), at most the wrapped policy's budget: the
+same bytes as `MixedPrecision(policy, byte_budget)`, for comparisons at equal bytes. `MixedPrecision` gives
+each (row, KV head, token) a width in `bits` or 0 (evicted), per layer and batch row, minimising the summed
+output distortion under a byte budget (`obcache.precision.allocate_widths`, exact):
 
 - distortion of token p at width b: D_p(b) = w_p eps(b), w_p the wrapped policy's score of p (OBCache's: the
   output error of zeroing p, `precision`'s docstring derives the rest) and eps(b) the relative squared error
@@ -31,8 +34,8 @@ import torch
 
 from obcache.layer_state import LayerState
 from obcache.models import head_dim
-from obcache.policies.allocation import Wrapper
-from obcache.policies.base import check_count
+from obcache.policies.allocation import GlobalKV, Wrapper, pooled_select
+from obcache.policies.base import Policy, check_count
 from obcache.precision import allocate_widths, bytes_per_token, check_widths, measured_error
 from obcache.selector import Selector, Widths
 
@@ -59,6 +62,26 @@ class Precision(Wrapper):
                              f"{divisors}")
         return super().prepare(model, tokenizer, chat_template=chat_template)
 
+    def _label(self, **shown) -> str:
+        """name[options](inner): `shown` options that are not None, and group_size when not 32."""
+        shown = {**shown, "group": self.group_size if self.group_size != 32 else None}
+        options = ",".join(f"{name}={value}" for name, value in shown.items() if value is not None)
+        return f"{self.name}[{options}]({self.policy.label()})"
+
+    def _check_byte_budget(self, byte_budget) -> None:
+        if isinstance(byte_budget, bool) or not isinstance(byte_budget, float) or not 0 < byte_budget <= 1:
+            raise ValueError(f"byte_budget is the fraction of the full 16-bit cache's bytes held, a float in (0, 1]; "
+                             f"got {byte_budget!r}")
+
+    def _check_protected_fit(self, byte_budget: float, prompt_lengths: list[int]) -> None:
+        protected = self.base.window_protected + self.base.sinks
+        for length in sorted(set(prompt_lengths)):
+            if protected > byte_budget * length:
+                raise ValueError(
+                    f"byte budget {byte_budget} of a {length}-token prompt holds {byte_budget * length:.1f} "
+                    f"tokens at 16 bits per KV head, fewer than the {protected} protected ones (window "
+                    f"{self.base.window_protected} + sinks {self.base.sinks}); raise it or protect fewer tokens")
+
     def _protected(self, layer: LayerState) -> torch.Tensor:
         protected = self.base.protected_mask(layer)
         return (protected.unsqueeze(1) if protected.dim() == 2 else protected).expand(-1, layer.kv_heads, -1)
@@ -77,12 +100,57 @@ class Quantized(Precision):
 
     name: ClassVar[str] = "quantized"
     bits: int = 4
+    #: None: the wrapped policy's budget decides what is kept. A float in (0, 1]: per layer, as many tokens as
+    #: this fraction of the row's full 16-bit cache holds (`fits`), at most the wrapped policy's budget.
+    byte_budget: float | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_widths([self.bits])
         if self.bits == 0:
             raise ValueError("Quantized stores what the policy keeps: bits must be 2, 4, 8 or 16, not 0")
+        if self.byte_budget is not None:
+            self._check_byte_budget(self.byte_budget)
+
+    def label(self) -> str:
+        cap = self.budget if self.byte_budget is not None and self.budget != 1.0 else None
+        return self._label(bits=self.bits, cap=cap)
+
+    def fits(self, prompt_length: int) -> int:
+        """Tokens per KV head that byte_budget x the row's 16-bit bytes hold: the protected ones (window + sinks) at
+        16 bits, the rest at `bits` (codes, scales, zeros: `bytes_per_token`; the ratio of a 16-bit token's bytes
+        to a packed one's, 16 g / (bits g + 32), does not depend on the head dim)."""
+        protected = min(prompt_length, self.base.window_protected + self.base.sinks)
+        whole, packed = (bytes_per_token(width, 8 * self.group_size, self.group_size) for width in (16, self.bits))
+        spare = int(self.byte_budget * prompt_length * whole) - protected * whole  # bytes, floor as MixedPrecision
+        return min(prompt_length, protected + max(0, spare) // packed)
+
+    def kept_tokens(self, prompt_length: int) -> int:
+        kept = self.policy.kept_tokens(prompt_length)
+        return kept if self.byte_budget is None else min(kept, self.fits(prompt_length))
+
+    def layer_budget(self, layer: LayerState) -> torch.Tensor:
+        kept = self.policy.layer_budget(layer)
+        if self.byte_budget is None:
+            return kept
+        fits = torch.tensor([self.fits(int(n)) for n in layer.real_lengths().tolist()], device=kept.device)
+        return torch.minimum(kept, fits)
+
+    def check_prompt(self, prompt_lengths: list[int]) -> None:
+        super().check_prompt(prompt_lengths)
+        if self.byte_budget is not None:
+            self._check_protected_fit(self.byte_budget, prompt_lengths)
+
+    def select_layers(self, layers: list[LayerState], scores: list[torch.Tensor]) -> list[Widths]:
+        """A policy that pools every layer's heads (GlobalKV, the KVzip family's global allocation) chooses so
+        here too, from this selector's budget; any other chooses one layer at a time."""
+        pooled = self.policy if isinstance(self.policy, GlobalKV) else None
+        if isinstance(self.policy, Policy) and self.policy.allocation == "global":
+            pooled = self.policy
+        if pooled is None:
+            return super().select_layers(layers, scores)
+        masks = pooled_select(self, layers, scores, pooled.alpha)
+        return [self.precision(layer, mask, s) for layer, mask, s in zip(layers, masks, scores)]
 
     def precision(self, layer: LayerState, mask: torch.Tensor | None, scores: torch.Tensor | None) -> Widths:
         kept = self._real(layer) if mask is None else mask & self._real(layer)
@@ -105,19 +173,15 @@ class MixedPrecision(Precision):
         if 0 in check_widths(self.bits) or not self.bits:
             raise ValueError(f"bits lists the widths a kept token may take, from (16, 8, 4, 2); 0 (evicted) is "
                              f"always allowed; got {self.bits}")
-        if isinstance(self.byte_budget, bool) or not isinstance(self.byte_budget, float) or not 0 < self.byte_budget <= 1:
-            raise ValueError(f"byte_budget is the fraction of the full 16-bit cache's bytes held, a float in (0, 1]; "
-                             f"got {self.byte_budget!r}")
+        self._check_byte_budget(self.byte_budget)
+
+    def label(self) -> str:
+        bits = ",".join(map(str, self.bits)) if self.bits != (16, 8, 4, 2) else None
+        return self._label(bits=bits, cap=self.budget)
 
     def check_prompt(self, prompt_lengths: list[int]) -> None:
         super().check_prompt(prompt_lengths)
-        protected = self.base.window_protected + self.base.sinks
-        for length in sorted(set(prompt_lengths)):
-            if protected > self.byte_budget * length:
-                raise ValueError(
-                    f"byte budget {self.byte_budget} of a {length}-token prompt holds {self.byte_budget * length:.1f} "
-                    f"tokens at 16 bits per KV head, fewer than the {protected} protected ones (window "
-                    f"{self.base.window_protected} + sinks {self.base.sinks}); raise it or protect fewer tokens")
+        self._check_protected_fit(self.byte_budget, prompt_lengths)
 
     # -- the choice: the allocation replaces the policy's top-k, capped by its budget --
 
