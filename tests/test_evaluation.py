@@ -556,8 +556,8 @@ def test_precision_rows_record_the_bytes_held_against_the_byte_budget(model, tok
         assert row["full_bytes_16"] == full and row["cache_bytes"] > 0 and 0 < row["cache_bytes_16"] <= row["cache_bytes"]
         if row["policy"] == "full":
             assert row["cache_bytes_16"] == full == row["cache_bytes"] // 2  # float32 counted at 16 bits
-        elif row["policy"].startswith(("quantized", "mixed")):  # within the byte budget, up to partly filled blocks
-            assert held_fraction(row) <= row["budget"] * 1.15
+        elif row["policy"].startswith(("quantized", "mixed")):  # within the byte budget, + partly filled last blocks
+            assert held_fraction(row) <= row["budget"] * 1.25  # (4-slot blocks: 1.3% of a 300-token head each)
             assert held_fraction(row) >= row["budget"] * 0.7
         elif row["policy"].startswith("snapkv"):  # tokens counted at 16 bits: the budget's fraction, + blocks
             assert abs(held_fraction(row) - row["kept_tokens"] / row["prompt_tokens"]) <= 0.15 * row["budget"]

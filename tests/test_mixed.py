@@ -139,7 +139,7 @@ def test_quantized_at_a_byte_budget_keeps_as_many_tokens_as_the_bytes_hold():
             assert held[16] == heads * (6 if bits != 16 else fits) and sum(held.values()) == heads * fits
             assert layer.nbytes() >= heads * (6 * whole + (fits - 6) * packed)  # + partly filled last blocks
     capped = Quantized(SnapKV(budget=10, window=4, score="obc-key"), bits=2, byte_budget=0.3, group_size=GROUP)
-    assert capped.kept_tokens(length) == 10 and capped.label() == "quantized[bits=2,cap=10,group=4](snapkv)"
+    assert capped.kept_tokens(length) == 10 and capped.label() == "quantized[bits=2,cap=10,group=4](snapkv[window=4])"
 
 
 def test_quantized_over_a_pool_of_every_layer_keeps_what_the_pool_keeps():

@@ -41,7 +41,7 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
-from obcache.bench.measure import sync
+from obcache.bench.measure import slot_bytes, sync
 from obcache.bench.shapes import forward, prompt
 from obcache.cache import EvictableCache
 from obcache.hooks import attach
@@ -89,16 +89,12 @@ def kv_bytes(cache) -> int:
 
 def pool_blocks(cache: EvictableCache) -> int:
     """Blocks in the pools of the cache's paged layers (0 when every layer is uniform)."""
-    return sum(layer.keys.shape[0] for index, layer in enumerate(cache.layers) if cache.is_ragged(index))
+    return sum(len(layer.owner) for index, layer in enumerate(cache.layers) if cache.is_ragged(index))
 
 
 def token_bytes(cache: EvictableCache) -> int:
     """K/V bytes of one token in every KV head of every layer (of every row)."""
-    return sum(
-        cache.head_lengths(i).numel() * (layer.keys.shape[-1] * layer.keys.element_size()
-                                        + layer.values.shape[-1] * layer.values.element_size())
-        for i, layer in enumerate(cache.layers)
-    )
+    return sum(cache.head_lengths(i).numel() * slot_bytes(layer) for i, layer in enumerate(cache.layers))
 
 
 @torch.no_grad()

@@ -49,7 +49,7 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
-from obcache.bench.measure import sync
+from obcache.bench.measure import slot_bytes, sync
 from obcache.bench.shapes import forward, prompt
 from obcache.cache import EvictableCache
 from obcache.fanout import shared_prefill
@@ -129,8 +129,7 @@ def kept_bytes(cache: EvictableCache) -> int:
     """Bytes of the keys and values of the real slots every KV head holds (what eviction kept)."""
     total = 0
     for index, layer in enumerate(cache.layers):
-        slot = layer.keys.shape[-1] * layer.keys.element_size() + layer.values.shape[-1] * layer.values.element_size()
-        total += int(cache.head_lengths(index).sum()) * slot
+        total += int(cache.head_lengths(index).sum()) * slot_bytes(layer)
     return total
 
 

@@ -41,6 +41,13 @@ DecodeConfig = Callable[[], tuple[object, AbstractContextManager]]
 RECOMPUTED = ("obc-key", "obc-joint", "exact-removal")
 
 
+
+def slot_bytes(layer) -> int:
+    """Bytes of one slot's key and value in a float layer (uniform: tensors; paged: its pool's FloatStore)."""
+    dim = layer.keys.shape[-1] if layer.uniform else layer.keys.dim
+    return 2 * dim * layer.dtype.itemsize
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

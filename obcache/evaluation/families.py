@@ -46,7 +46,7 @@ def byte_fields(cache, model, prompt_tokens: int) -> dict:
     every float element counted at 16 bits (packed codes, scales and zeros as they are), and the prompt's full
     cache at 16 bits per element."""
     from obcache.models import head_dim
-    from obcache.packed import MixedLayer
+    from obcache.layouts.mixed import MixedLayer
 
     at_16 = sum(layer.nbytes() if isinstance(layer, MixedLayer) else layer.nbytes() * 2 // layer.dtype.itemsize
                 for layer in cache.layers)

@@ -30,6 +30,10 @@ class FloatStore:
     def dtype(self) -> torch.dtype:
         return self.data.dtype
 
+    @property
+    def dim(self) -> int:
+        return self.data.shape[-1]
+
     def read(self, flat: torch.Tensor) -> torch.Tensor:
         """Rows [n, d] of the pool slots `flat` [n]."""
         return self.data.view(-1, self.data.shape[-1])[flat]
