@@ -285,6 +285,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     (["eval", "fidelity", "--scores", "attention,magic"], "unknown score 'magic'"),
     (["eval", "fidelity", "--budgets", "0.1,abc"], "not a number"),
     (["eval", "fidelity", "--precision", "16,3"], "unknown precision '3'"),
+    (["eval", "fidelity", "--precision", "mixed", "--mixed-bits", "16,3"], "unknown width '3'"),
 ])
 def test_bad_names_fail_in_argument_parsing(argv, message, capsys):
     with pytest.raises(SystemExit):
@@ -539,8 +540,8 @@ def test_the_precision_axis_compares_configurations_at_equal_bytes(tmp_path):
             assert policy.base.score == score
         elif label.startswith("snapkv"):
             assert policy.budget == budget and policy.kept_tokens(2000) == round(budget * 2000)
-    cap = check_spec(precision_spec(tmp_path, precisions=("mixed",), token_cap=64))
-    assert [p.budget for p in cap.values() if p is not None and p.name == "mixed"] == [64] * 4
+    cap = check_spec(precision_spec(tmp_path, precisions=("mixed",), token_cap=64, mixed_bits=(16, 4)))
+    assert [(p.budget, p.bits) for p in cap.values() if p is not None and p.name == "mixed"] == [(64, (16, 4))] * 4
     plain = check_spec(precision_spec(tmp_path, precisions=("16",), budgets=(0.1, 64)))  # token budgets stay allowed
     assert {key[2] for key in plain} == {None, 0.1, 64}
 

@@ -67,6 +67,8 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
                            "16 bits per element (the 16 rows keep that fraction of the tokens)")
     precision.add_argument("--token-cap", type=parse_budget, default=0.2,
                            help="mixed: the wrapped policy's budget, the most tokens kept at any width (default 0.2)")
+    precision.add_argument("--mixed-bits", type=comma_list(int, ("16", "8", "4", "2"), "width"), default=(16, 8, 4, 2),
+                           help="mixed: the widths a kept token may take (default 16,8,4,2; 0, evicted, always)")
     precision.add_argument("--group-size", type=int, default=32,
                            help="8/4/2 and mixed: channels of a token sharing a scale and a zero (default 32)")
     run = parser.add_argument_group("run")
@@ -91,7 +93,7 @@ def spec_from_args(args: argparse.Namespace) -> EvalSpec:
         allocations=args.allocation or ("uniform",), alpha=args.alpha, beta=args.beta,
         max_new_tokens=args.max_new_tokens, future=args.future, layers=args.layers, oracle_step=args.oracle_step,
         stream_chunk=args.stream_chunk, precisions=args.precision, token_cap=args.token_cap,
-        group_size=args.group_size, dtype=args.dtype, attn=args.attn, device=args.device,
+        mixed_bits=args.mixed_bits, group_size=args.group_size, dtype=args.dtype, attn=args.attn, device=args.device,
     )
 
 

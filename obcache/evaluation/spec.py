@@ -24,7 +24,7 @@ PRECISIONS = {
     "8": "Quantized(policy, bits=8, byte_budget=budget): as many tokens as the budget's bytes hold at 8 bits",
     "4": "Quantized(policy, bits=4, byte_budget=budget): the same at 4 bits",
     "2": "Quantized(policy, bits=2, byte_budget=budget): the same at 2 bits",
-    "mixed": "MixedPrecision(policy at --token-cap, byte_budget=budget): each token 16, 8, 4, 2 bits or evicted",
+    "mixed": "MixedPrecision(policy at --token-cap, byte_budget=budget): each token one of --mixed-bits or evicted",
 }
 
 
@@ -49,6 +49,7 @@ class EvalSpec:
     allocations: tuple[str, ...] = ("uniform",)
     precisions: tuple[str, ...] = ("16",)  # PRECISIONS, a grid axis of the scored policies
     token_cap: float | int = 0.2  # mixed: the wrapped policy's budget, the most tokens kept at any width
+    mixed_bits: tuple[int, ...] = (16, 8, 4, 2)  # mixed: the widths a kept token may take
     group_size: int = 32  # quantized and mixed: channels of a token sharing a scale and a zero
     alpha: float = 0.2  # adakv
     beta: float = 20.0  # pyramid
@@ -104,7 +105,8 @@ def build_grid(spec: EvalSpec) -> dict[tuple[str, str | None, float | int | None
                     policy = build_policy(name, budget=inner, score=score, options=options, allocation=allocation,
                                           alpha=spec.alpha, beta=spec.beta, strict=False)
                     if precision == "mixed":
-                        policy = MixedPrecision(policy, byte_budget=budget, group_size=spec.group_size)
+                        policy = MixedPrecision(policy, byte_budget=budget, bits=spec.mixed_bits,
+                                                group_size=spec.group_size)
                     elif precision != "16":
                         policy = Quantized(policy, bits=int(precision), byte_budget=budget, group_size=spec.group_size)
                     grid[(policy_label(policy), score, budget)] = policy
