@@ -176,8 +176,7 @@ class MixedPrecision(Precision):
         self._check_byte_budget(self.byte_budget)
 
     def label(self) -> str:
-        bits = ",".join(map(str, self.bits)) if self.bits != (16, 8, 4, 2) else None
-        return self._label(bits=bits, cap=self.budget)
+        return self._label(bits=",".join(map(str, self.bits)), cap=self.budget)  # the widths always: defaults change
 
     def check_prompt(self, prompt_lengths: list[int]) -> None:
         super().check_prompt(prompt_lengths)
