@@ -10,7 +10,8 @@ import argparse
 from typing import Callable
 
 from obcache.policies import (
-    ALLOCATIONS, POLICIES, RECOMMENDED, REGISTRY, Decoding, MixedPrecision, Quantized, build_policy, policy_options,
+    ALLOCATIONS, DEFAULT_BITS, POLICIES, RECOMMENDED, REGISTRY, Decoding, MixedPrecision, Quantized, build_policy,
+    policy_options,
 )
 from obcache.scores import GQA_REDUCTIONS, SCORE_KINDS
 
@@ -122,7 +123,7 @@ def add_policy_arguments(parser: argparse.ArgumentParser, *, default_policy: str
                        help="with --decode-budget: evict every this many new tokens (default 16)")
     group.add_argument("--bits", type=comma_list(int, what="width"), default=None,
                        help="store what the policy keeps at these bits (obcache.Quantized: one of 16, 8, 4, 2; with "
-                       "--byte-budget, the widths a token may take, e.g. 16,8,4,2)")
+                       "--byte-budget, the widths a token may take, default 16,8,4)")
     group.add_argument("--byte-budget", type=float, default=None,
                        help="widths per token under this fraction of the full 16-bit cache's bytes "
                        "(obcache.MixedPrecision; the budget then caps the tokens kept at any width)")
@@ -149,7 +150,7 @@ def policy_from_args(args: argparse.Namespace):
     policy = build_policy(name, budget=args.budget, score=args.score, options=options,
                           allocation=allocation, alpha=args.alpha, beta=args.beta)
     if args.byte_budget is not None:
-        policy = MixedPrecision(policy, byte_budget=args.byte_budget, bits=args.bits or (16, 8, 4, 2),
+        policy = MixedPrecision(policy, byte_budget=args.byte_budget, bits=args.bits or DEFAULT_BITS,
                                 group_size=args.group_size)
     elif args.bits is not None:
         if len(args.bits) != 1:

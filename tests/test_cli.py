@@ -358,4 +358,4 @@ def test_bits_and_byte_budget_wrap_the_policy_for_its_precision():
     assert isinstance(quantized, obcache.Quantized) and quantized.bits == 4 and quantized.group_size == 16
     mixed = policy("--byte-budget", "0.05", "--decode-budget", "256")
     assert isinstance(mixed, obcache.Decoding) and isinstance(mixed.policy, obcache.MixedPrecision)
-    assert mixed.policy.bits == (16, 8, 4, 2) and mixed.policy.byte_budget == 0.05
+    assert mixed.policy.bits == (16, 8, 4) and mixed.policy.byte_budget == 0.05

@@ -521,7 +521,7 @@ def test_the_precision_axis_compares_configurations_at_equal_bytes(tmp_path):
 
     grid = check_spec(precision_spec(tmp_path))
     labels = sorted({label for label, _, _ in grid})
-    assert labels == ["full", "mixed[bits=16,8,4,2,cap=0.2,group=4](snapkv[sinks=2,window=8])",
+    assert labels == ["full", "mixed[bits=16,8,4,cap=0.2,group=4](snapkv[sinks=2,window=8])",
                       "quantized[bits=2,group=4](snapkv[sinks=2,window=8])",
                       "quantized[bits=4,group=4](snapkv[sinks=2,window=8])",
                       "quantized[bits=8,group=4](snapkv[sinks=2,window=8])", "snapkv[sinks=2,window=8]",

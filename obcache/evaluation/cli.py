@@ -9,7 +9,7 @@ from obcache.cli_args import EPILOG, add_model_arguments, add_policy_options, co
 from obcache.evaluation.families import ALL_TASKS
 from obcache.evaluation.spec import PRECISIONS, EvalSpec
 from obcache.evaluation.store import RESULTS_FILE
-from obcache.policies import POLICIES
+from obcache.policies import DEFAULT_BITS, POLICIES
 from obcache.scores import SCORE_KINDS
 
 TASK_HELP = "tasks:\n" + "\n".join(f"  {name:19s} {text}" for name, text in ALL_TASKS.items())
@@ -67,8 +67,8 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
                            "16 bits per element (the 16 rows keep that fraction of the tokens)")
     precision.add_argument("--token-cap", type=parse_budget, default=0.2,
                            help="mixed: the wrapped policy's budget, the most tokens kept at any width (default 0.2)")
-    precision.add_argument("--mixed-bits", type=comma_list(int, ("16", "8", "4", "2"), "width"), default=(16, 8, 4, 2),
-                           help="mixed: the widths a kept token may take (default 16,8,4,2; 0, evicted, always)")
+    precision.add_argument("--mixed-bits", type=comma_list(int, ("16", "8", "4", "2"), "width"), default=DEFAULT_BITS,
+                           help="mixed: the widths a kept token may take (default 16,8,4; 0, evicted, always)")
     precision.add_argument("--group-size", type=int, default=32,
                            help="8/4/2 and mixed: channels of a token sharing a scale and a zero (default 32)")
     run = parser.add_argument_group("run")

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from obcache.evaluation.families import family_of
-from obcache.policies import POLICIES, MixedPrecision, Quantized, Selector, build_policy, policy_label, policy_options
+from obcache.policies import DEFAULT_BITS, POLICIES, MixedPrecision, Quantized, Selector, build_policy, policy_label, policy_options
 from obcache.policies.base import check_budget
 from obcache.scores import check_score_kind
 
@@ -49,7 +49,7 @@ class EvalSpec:
     allocations: tuple[str, ...] = ("uniform",)
     precisions: tuple[str, ...] = ("16",)  # PRECISIONS, a grid axis of the scored policies
     token_cap: float | int = 0.2  # mixed: the wrapped policy's budget, the most tokens kept at any width
-    mixed_bits: tuple[int, ...] = (16, 8, 4, 2)  # mixed: the widths a kept token may take
+    mixed_bits: tuple[int, ...] = DEFAULT_BITS  # mixed: the widths a kept token may take
     group_size: int = 32  # quantized and mixed: channels of a token sharing a scale and a zero
     alpha: float = 0.2  # adakv
     beta: float = 20.0  # pyramid

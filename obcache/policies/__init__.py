@@ -15,7 +15,7 @@ from obcache.policies.allocation import AdaKV, GlobalKV, PyramidKV, Wrapper
 from obcache.policies.base import Policy, ScoredPolicy
 from obcache.policies.decoding import Decoding
 from obcache.policies.h2o import H2O
-from obcache.policies.mixed import MixedPrecision, Quantized
+from obcache.policies.mixed import DEFAULT_BITS, MixedPrecision, Quantized
 from obcache.selector import Selector
 from obcache.policies.snapkv import SnapKV
 from obcache.policies.streaming import StreamingLLM
@@ -145,7 +145,7 @@ def paper_preset(setting: str, policy: str, *, budget: float | int, score: str |
 
 
 __all__ = [
-    "ALLOCATIONS", "AdaKV", "Decoding", "GlobalKV", "H2O", "KVzip", "KVzipHeads", "KVzipReplay", "LayerState",
+    "ALLOCATIONS", "AdaKV", "DEFAULT_BITS", "Decoding", "GlobalKV", "H2O", "KVzip", "KVzipHeads", "KVzipReplay", "LayerState",
     "MixedPrecision", "POLICIES", "PRESETS", "Policy", "PyramidKV", "Quantized", "REGISTRY", "ScoredPolicy", "Selector", "SnapKV", "StreamingLLM",
     "TOVA", "Wrapper", "allocate", "build_policy", "make_policy", "paper_preset", "policy_allocation", "policy_label",
     "policy_options", "RECOMMENDED", "recommended",
