@@ -10,6 +10,7 @@ from transformers import AttentionInterface, DynamicCache
 
 import obcache
 from obcache import H2O, AdaKV, Decoding, KVzipHeads, MixedPrecision, Quantized, SnapKV
+from obcache.layer_state import LayerState
 from obcache.precision import bytes_per_token
 from tests.conftest import tiny_model
 from tests.test_eviction import left_padded_pair, prompt
@@ -208,3 +209,32 @@ def test_a_group_that_does_not_divide_the_head_dim_and_a_budget_below_the_protec
     with tight.attach(model), pytest.raises(ValueError, match="fewer than the 12 protected ones"):
         model(input_ids=prompt())
     assert not forwards
+
+
+def outlier_state(outlier: float) -> LayerState:
+    """One row, 2 KV heads of 64 tokens (head dim 8, 2 query heads each) whose channel 0 is `outlier` times the
+    others in keys and queries (a huge-logit layer, as Qwen2.5's first ones, when large)."""
+    generator = torch.Generator().manual_seed(9)
+    keys, values = torch.randn(1, 2, 64, 8, generator=generator), torch.randn(1, 2, 64, 8, generator=generator)
+    queries = torch.randn(1, 4, 8, 8, generator=generator)
+    keys[..., 0] *= outlier
+    queries[..., 0] *= outlier
+    return LayerState(keys=keys, values=values, scaling=8 ** -0.5, query_heads=4, key_mask=None,
+                      queries=lambda start, end: queries[:, :, start - 56:end - 56], new_queries=lambda: queries)
+
+
+def test_a_width_whose_key_error_moves_the_logits_by_over_a_nat_is_priced_as_eviction():
+    """The model's linearisation holds for small logit errors: where 4 bits moves them by more than LOGIT_TRUST
+    (measured by hand here), MixedPrecision keeps 16/8 bits or evicts, never 4; where it does not, 4 bits is used."""
+    from obcache.policies.mixed import LOGIT_TRUST
+    from obcache.precision import logit_noise
+
+    policy = MixedPrecision(SnapKV(budget=1.0, window=4, score="obc-key"), byte_budget=0.3, group_size=GROUP)
+    for outlier, trusted in ((1.0, True), (400.0, False)):
+        state = outlier_state(outlier)
+        worst = max(logit_noise(state.new_queries()[0, 2 * h:2 * h + 2, -16:].reshape(-1, 8), state.keys[0, h], 4,
+                                GROUP, state.scaling) for h in range(2))
+        assert (worst <= LOGIT_TRUST) == trusted
+        widths = policy.select(state, torch.rand(1, 2, 64, generator=torch.Generator().manual_seed(1))).bits
+        assert bool((widths == 4).any()) == trusted
+        assert bool((widths > 0).any())

@@ -282,3 +282,17 @@ def test_distortion_model_value_exact_and_key_first_order():
         shrunk[0, 0, p] *= 1 - 1e-4
         change = (outputs(shrunk, v) - base).square().sum()
         assert float(change) == pytest.approx(float(score_k[p]) * 1e-8, rel=1e-3)
+
+
+def test_logit_noise_is_the_rms_logit_error_of_the_stored_keys():
+    from obcache.precision import logit_noise
+    from obcache.quantization import quantize
+
+    generator = torch.Generator().manual_seed(5)
+    queries, keys = torch.randn(6, 16, generator=generator), torch.randn(40, 16, generator=generator)
+    stored = quantize(keys, 4, 8).dequantize().double()
+    by_hand = [(0.25 * float(q.double() @ (k_hat - k.double()))) ** 2 for q in queries for k, k_hat in zip(keys, stored)]
+    assert logit_noise(queries, keys, 4, 8, 0.25) == pytest.approx(math.sqrt(sum(by_hand) / len(by_hand)), rel=1e-9)
+    assert logit_noise(queries, keys, 8, 8, 0.25) < logit_noise(queries, keys, 4, 8, 0.25)
+    with pytest.raises(ValueError, match="quantized width"):
+        logit_noise(queries, keys, 16, 8, 0.25)

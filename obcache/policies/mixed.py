@@ -18,7 +18,10 @@ output distortion under a byte budget (`obcache.precision.allocate_widths`, exac
 - `byte_budget`: a fraction of the row's full cache at 16 bits per element (whatever dtype runs), everything
   held right after compression counted (codes, scales, zeros, the protected tokens at 16 bits);
 - the wrapped policy's budget caps how many tokens stay, at any width (its per-layer budget x Hkv, pooled
-  over the heads as AdaKV pools them); protected tokens stay at 16 bits.
+  over the heads as AdaKV pools them); protected tokens stay at 16 bits;
+- trust: the model linearises the softmax in the logit error, so a width whose key error moves this
+  forward's logits by more than LOGIT_TRUST = 1 nat (rms, worst KV head, `precision.logit_noise`) is priced
+  as eviction, eps(b) = 1, and never chosen (Qwen2.5's first layers at 4 bits: 1-22 nats).
 
 Under `Decoding`, new tokens enter at 16 bits and each eviction re-allocates the widths of what Decoding keeps,
 within `byte_budget` of the 16-bit bytes of the slots the row held before the eviction (Decoding's capacity
@@ -36,13 +39,16 @@ from obcache.layer_state import LayerState
 from obcache.models import head_dim
 from obcache.policies.allocation import GlobalKV, Wrapper, pooled_select
 from obcache.policies.base import Policy, check_count
-from obcache.precision import allocate_widths, bytes_per_token, check_widths, measured_error
+from obcache.precision import allocate_widths, bytes_per_token, check_widths, logit_noise, measured_error
 from obcache.selector import Selector, Widths
 
 DEFAULT_BITS = (16, 8, 4)  # MixedPrecision's widths of a kept token (and 0: evicted)
 
 #: Tokens of a layer (per row) on which eps(b) is measured: enough for a stable mean, cheap to quantize.
 ERROR_SAMPLE = 2048
+QUERY_SAMPLE, LOGIT_SAMPLE = 16, 512  # the latest queries and the keys per KV head the logit check reads
+#: nats: a width whose key error moves the logits by more (rms, worst KV head) is priced as eviction (1).
+LOGIT_TRUST = 1.0
 
 
 @dataclass
@@ -225,9 +231,28 @@ class MixedPrecision(Precision):
         return Widths(bits, self.group_size)
 
     def _errors(self, layer: LayerState, row: int, candidates: torch.Tensor) -> dict[int, float]:
-        """eps(b) of each width on this row's keys and values (their mean), measured on the actual quantizer."""
+        """eps(b) of each width on this row's keys and values (their mean), measured on the actual quantizer; 1
+        (no better than eviction) for a width whose key error moves this forward's attention logits by more
+        than LOGIT_TRUST nats (rms, in the worst KV head): there the model's linearisation fails."""
         keys, values = layer.keys[row][candidates], layer.values[row][candidates]  # [n, d]
-        sample = torch.linspace(0, len(keys) - 1, min(len(keys), ERROR_SAMPLE), device=keys.device).round().long()
-        return {width: 0.5 * (measured_error(keys[sample], width, self.group_size) + measured_error(values[sample], width,
-                                                                                                 self.group_size))
-                for width in self.bits}
+        sample = _sample(len(keys), ERROR_SAMPLE, keys.device)
+        errors = {width: 0.5 * (measured_error(keys[sample], width, self.group_size)
+                                + measured_error(values[sample], width, self.group_size)) for width in self.bits}
+        if layer.new_queries is None:  # a state without queries (built by hand): no logits to check
+            return errors
+        queries = layer.new_queries()[row, :, -QUERY_SAMPLE:]  # [Hq, q, d]
+        group = queries.shape[0] // layer.kv_heads
+        heads = [layer.keys[row, h][candidates[h]] for h in range(layer.kv_heads)]  # [n_h, d] each
+        for width in (w for w in self.bits if w != 16):
+            noise = max((logit_noise(queries[h * group:(h + 1) * group].reshape(-1, queries.shape[-1]),
+                                     keys_h[_sample(len(keys_h), LOGIT_SAMPLE, keys.device)], width, self.group_size,
+                                     layer.scaling)
+                         for h, keys_h in enumerate(heads) if len(keys_h)), default=0.0)
+            if noise > LOGIT_TRUST:
+                errors[width] = 1.0
+        return errors
+
+
+def _sample(count: int, most: int, device) -> torch.Tensor:
+    """Indices of at most `most` of `count` items, evenly spread."""
+    return torch.linspace(0, count - 1, min(count, most), device=device).round().long()
