@@ -163,7 +163,7 @@ def test_holm_by_hand():
 def test_every_metric_has_a_direction():
     assert {name: m.better for name, m in METRICS.items()} == {
         "accuracy": "higher", "exact": "higher", "prefix": "higher", "top1": "higher",
-        "perplexity": "lower", "kl": "lower", "error": "lower", "layer_error": "lower", "cost": "lower"}
+        "perplexity": "lower", "kl": "lower", "error": "lower", "layer_error": "lower", "cost": "lower", "bytes": "lower"}
 
 
 def test_cost_is_the_compressing_prefill_over_the_plain_one():
