@@ -114,7 +114,7 @@ def plot(args, info, values: dict, held: dict, lines: list, budgets: list, full:
 
     styles = {"attention": "k", "obc-value": "tab:blue", "obc-key": "tab:orange", "obc-joint": "tab:green"}
     markers = ["o", "s", "^", "v", "D", "P", "X", "*"]
-    fig, ax = plt.subplots(figsize=(7.5, 4.6))
+    fig, ax = plt.subplots(figsize=(9.5, 4.6))
     for index, (label, score) in enumerate(lines):
         xs, ys, lows, highs = [], [], [], []
         for budget in sorted(budgets):
@@ -128,19 +128,21 @@ def plot(args, info, values: dict, held: dict, lines: list, budgets: list, full:
             highs.append(e.high * info.scale)
         mixed = label.startswith("mixed")
         color = styles.get(score, "tab:gray") if mixed else f"C{index % 10}"
-        name = f"{label} {score or ''}".strip()
+        short = label.split("(", 1)[0] if label.startswith(("quantized", "mixed")) else label  # the wrapped policy apart
+        name = f"{short} {score or ''}".strip()
         ax.plot(xs, ys, marker=markers[index % len(markers)], ls="-" if mixed else "--", color=color, label=name, ms=4)
         ax.fill_between(xs, lows, highs, color=color, alpha=0.07, lw=0)
     if full:
         ax.axhline(sum(full) / len(full) * info.scale, color="gray", ls=":", label="full cache")
     ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xticks([100 * b for b in budgets], [f"{100 * b:g}%" for b in budgets])
     ax.set_xlabel("bytes held (% of the prompt's full cache at 16 bits; measured nbytes, mean)")
     ax.set_ylabel(info.label + (" over the full cache's correct samples" if args.over_full_correct else ""))
     if args.metric == "kl":
         ax.set_yscale("log")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=6, loc="best")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     ax.set_title(args.title or args.results.parent.name, fontsize=9)
     fig.tight_layout()
     args.plot.parent.mkdir(parents=True, exist_ok=True)
