@@ -136,3 +136,22 @@ def test_the_bytes_held_after_eviction_stay_within_3_percent_of_the_kept_tokens(
     slot_bytes = 2 * 4 * 4  # K and V, 4 dims, float32
     assert paged.block == block_size(float(lengths.float().mean()))
     assert paged.nbytes() <= 1.03 * int(lengths.sum()) * slot_bytes
+
+
+def test_an_eviction_that_frees_most_of_the_pool_returns_the_memory():
+    """Keeping a tenth of the slots leaves more than half the pool free: the pool shrinks to the blocks the heads
+    need (bytes counted from the kept lengths by hand), and a decoding step still equals softmax per segment."""
+    layer = uniform_layer(80)
+    paged = PagedLayer.from_grid(layer.grid(), random_kept(80, seed=4) | True, {}, block=4)  # every slot kept
+    full_blocks = len(paged.owner)
+    generator = torch.Generator().manual_seed(6)
+    mask = paged.valid() & (torch.rand(B, HKV, paged.get_seq_length(), generator=generator) < 0.1)
+    mask[..., -1] = True
+    paged.keep(mask)
+    need = int((-(-paged.lengths // 4)).sum())
+    assert len(paged.owner) == need < full_blocks // 2 and len(paged.free) == 0
+    assert paged.nbytes() == need * 4 * D * 2 * 4  # blocks x slots x dims x (key, value) x float32
+    paged.update(torch.randn(B, HKV, 1, D), torch.randn(B, HKV, 1, D), torch.full((B, 1), 80, dtype=torch.int32))
+    query = torch.randn(B, HKV * G, 1, D)
+    torch.testing.assert_close(decode_blocks(query, paged.block_sets(query.dtype), HKV, 0.3).double(),
+                               reference(query, paged, torch.tensor([80]), 0.3), rtol=1e-5, atol=1e-6)

@@ -59,6 +59,11 @@ class PackedStore:
         self.scales = torch.cat([self.scales, self.scales.new_zeros(extra, self.scales.shape[1])])
         self.zeros = torch.cat([self.zeros, self.zeros.new_zeros(extra, self.zeros.shape[1])])
 
+    def take(self, blocks: torch.Tensor) -> None:
+        """Keep only `blocks` [n] (block ids), in that order: the pool shrinks to n blocks."""
+        rows = (blocks[:, None] * self.block + torch.arange(self.block, device=blocks.device)).flatten()
+        self.codes, self.scales, self.zeros = self.codes[rows], self.scales[rows], self.zeros[rows]
+
     def clone(self) -> PackedStore:
         twin = object.__new__(PackedStore)
         twin.__dict__.update(self.__dict__)

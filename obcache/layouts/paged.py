@@ -51,6 +51,10 @@ class FloatStore:
     def clone(self) -> FloatStore:
         return FloatStore(self.data.clone())
 
+    def take(self, blocks: torch.Tensor) -> None:
+        """Keep only `blocks` [n] (block ids), in that order: the pool shrinks to n blocks."""
+        self.data = self.data[blocks]
+
     def nbytes(self) -> int:
         return self.data.nbytes
 
@@ -285,8 +289,25 @@ class PagedLayer(Layer):
         self.lengths = lengths
         self._write(self._slots(lengths), *moved)
         self.padded = self.padded and bool((moved[2] < 0).any())
+        if 2 * len(self.free) > len(self.owner):
+            self._trim()
         self._plan()
         return self
+
+    def _trim(self) -> None:
+        """Return the free blocks' memory when they are more than half the pool (an eviction that dropped most
+        of what the pool held: the prompt's, under a smaller decode capacity): the owned blocks move, in order,
+        to a pool of just them."""
+        owned = (self.owner >= 0).nonzero().squeeze(1)
+        new_id = torch.full_like(self.owner, -1)
+        new_id[owned] = torch.arange(len(owned), device=owned.device)
+        self.keys.take(owned)
+        self.values.take(owned)
+        self.positions, self.owner = self.positions[owned], self.owner[owned]
+        self.bias = self.bias[owned] if self.bias is not None else None
+        self.riders = {name: rider[owned] for name, rider in self.riders.items()}
+        self.table = torch.where(self.table >= 0, new_id[self.table.clamp_min(0)], -1)
+        self.free = self.free[:0]
 
     # -- reading --
 
