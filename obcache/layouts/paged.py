@@ -289,15 +289,15 @@ class PagedLayer(Layer):
         self.lengths = lengths
         self._write(self._slots(lengths), *moved)
         self.padded = self.padded and bool((moved[2] < 0).any())
-        if 2 * len(self.free) > len(self.owner):
+        if 4 * len(self.free) > len(self.owner):
             self._trim()
         self._plan()
         return self
 
     def _trim(self) -> None:
-        """Return the free blocks' memory when they are more than half the pool (an eviction that dropped most
-        of what the pool held: the prompt's, under a smaller decode capacity): the owned blocks move, in order,
-        to a pool of just them."""
+        """Return the free blocks' memory when they are more than a quarter of the pool (an eviction that dropped
+        much of what the pool held, e.g. the prompt's under a smaller decode capacity; a decoding interval frees
+        far less): the owned blocks move, in order, to a pool of just them."""
         owned = (self.owner >= 0).nonzero().squeeze(1)
         new_id = torch.full_like(self.owner, -1)
         new_id[owned] = torch.arange(len(owned), device=owned.device)
