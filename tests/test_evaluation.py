@@ -568,3 +568,14 @@ def test_precision_rows_record_the_bytes_held_against_the_byte_budget(model, tok
     assert "**bytes held (% of the prompt's full 16-bit cache)** (lower is better)" in text
     assert "| quantized[bits=2,group=4](snapkv[sinks=2,window=8]) | obc-key | 0.05 | 1 |" in text  # paired vs attention
     assert "**bytes held" not in text.split("### Paired comparisons against attention")[1]  # described, not compared
+
+
+def test_without_an_allocation_each_policy_keeps_its_own(tmp_path):
+    """The KVzip family's own allocation is the paper's global pool: `eval --policies kvzip-heads` needs no flag."""
+    from obcache.evaluation.spec import check_spec
+
+    grid = check_spec(EvalSpec(task="niah_single_number", policies=("kvzip-heads", "snapkv"), scores=("attention",),
+                               budgets=(0.2,), lengths=(LENGTH,), samples=1, out=tmp_path / "own",
+                               query_aware=False))
+    allocations = {key[0]: policy.allocation_label() for key, policy in grid.items() if policy is not None}
+    assert allocations == {"kvzip-heads": "global", "snapkv": "uniform"}

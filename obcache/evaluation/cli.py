@@ -7,7 +7,7 @@ from pathlib import Path
 
 from obcache.cli_args import EPILOG, add_model_arguments, add_policy_options, comma_list, given_options, parse_budget
 from obcache.evaluation.families import ALL_TASKS
-from obcache.evaluation.spec import PRECISIONS, EvalSpec
+from obcache.evaluation.spec import OWN, PRECISIONS, EvalSpec
 from obcache.evaluation.store import RESULTS_FILE
 from obcache.policies import DEFAULT_BITS, POLICIES
 from obcache.scores import SCORE_KINDS
@@ -90,7 +90,7 @@ def spec_from_args(args: argparse.Namespace) -> EvalSpec:
         task=args.task, policies=args.policies, scores=args.scores, budgets=args.budgets, lengths=args.lengths,
         depths=args.depths, samples=args.samples, seed=args.seed, query_aware=args.query_aware, model=args.model,
         out=args.out, options=options, selections=axes.get("selection", ("per-head",)), chunks=axes.get("chunk", (1,)),
-        allocations=args.allocation or ("uniform",), alpha=args.alpha, beta=args.beta,
+        allocations=args.allocation or (OWN,), alpha=args.alpha, beta=args.beta,
         max_new_tokens=args.max_new_tokens, future=args.future, layers=args.layers, oracle_step=args.oracle_step,
         stream_chunk=args.stream_chunk, precisions=args.precision, token_cap=args.token_cap,
         mixed_bits=args.mixed_bits, group_size=args.group_size, dtype=args.dtype, attn=args.attn, device=args.device,

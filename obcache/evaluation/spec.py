@@ -17,6 +17,7 @@ from obcache.policies.base import check_budget
 from obcache.scores import check_score_kind
 
 FULL = "full"  # policy name of the full-cache row
+OWN = "own"  # allocation axis value: each policy's default allocation
 ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager")
 #: How the scored policies' kept tokens are stored (`--precision`): with any but "16", budgets are byte budgets.
 PRECISIONS = {
@@ -46,7 +47,7 @@ class EvalSpec:
     options: dict = field(default_factory=dict)  # policy fields (window, kernel, ...), where a policy has them
     selections: tuple[str, ...] = ("per-head",)  # grid axes of the scored policies
     chunks: tuple[int, ...] = (1,)
-    allocations: tuple[str, ...] = ("uniform",)
+    allocations: tuple[str, ...] = (OWN,)  # OWN: each policy's own (uniform; the KVzip family: global)
     precisions: tuple[str, ...] = ("16",)  # PRECISIONS, a grid axis of the scored policies
     token_cap: float | int = 0.2  # mixed: the wrapped policy's budget, the most tokens kept at any width
     mixed_bits: tuple[int, ...] = DEFAULT_BITS  # mixed: the widths a kept token may take
@@ -102,7 +103,8 @@ def build_grid(spec: EvalSpec) -> dict[tuple[str, str | None, float | int | None
                 for budget in spec.budgets:
                     options = {**spec.options, "selection": selection, "chunk": chunk}
                     inner = {"16": budget, "mixed": spec.token_cap}.get(precision, 1.0)  # 8/4/2: the bytes decide
-                    policy = build_policy(name, budget=inner, score=score, options=options, allocation=allocation,
+                    policy = build_policy(name, budget=inner, score=score, options=options,
+                                          allocation=None if allocation == OWN else allocation,
                                           alpha=spec.alpha, beta=spec.beta, strict=False)
                     if precision == "mixed":
                         policy = MixedPrecision(policy, byte_budget=budget, bits=spec.mixed_bits,
