@@ -93,12 +93,18 @@ def test_tokens_and_logits_equal_the_full_cache_reading_the_stored_keys_and_valu
     torch.testing.assert_close(torch.stack(out.logits, 1), logits, rtol=1e-4, atol=1e-4)
 
 
+def prefilled(model, policy, ids: torch.Tensor) -> obcache.EvictableCache:
+    """The cache `policy` leaves after the prompt `ids`."""
+    cache = obcache.EvictableCache()
+    with policy.attach(model), torch.no_grad():
+        model(input_ids=ids, past_key_values=cache)
+    return cache
+
+
 def test_quantized_bytes_are_the_codes_scales_zeros_and_16_bit_tokens_held():
     model = tiny_model()
     policy = Quantized(SnapKV(budget=24, window=4, score="obc-key"), bits=4, group_size=GROUP)
-    cache = obcache.EvictableCache()
-    with policy.attach(model), torch.no_grad():
-        model(input_ids=prompt(), past_key_values=cache)
+    cache = prefilled(model, policy, prompt())
     layer = cache.layers[0]
     assert layer.parts[4].head_lengths().tolist() == [[20, 20]] and layer.parts[16].head_lengths().tolist() == [[4, 4]]
     # slots of each part's blocks (partly filled last blocks included) x bytes of a key and a value at its width
@@ -111,9 +117,7 @@ def test_quantized_bytes_are_the_codes_scales_zeros_and_16_bit_tokens_held():
 def test_mixed_precision_stays_within_its_byte_budget_and_token_cap():
     model = tiny_model()
     policy = MixedPrecision(SnapKV(budget=30, window=4, score="obc-key"), byte_budget=0.25, group_size=GROUP)
-    cache = obcache.EvictableCache()
-    with policy.attach(model), torch.no_grad():
-        model(input_ids=prompt(), past_key_values=cache)
+    cache = prefilled(model, policy, prompt())
     for layer in cache.layers:
         held = sum(int(part.head_lengths().sum()) * 2 * bytes_per_token(width, 8, GROUP)
                    for width, part in layer.parts.items())
@@ -132,9 +136,7 @@ def test_quantized_at_a_byte_budget_keeps_as_many_tokens_as_the_bytes_hold():
         budget = 0.3 * length * whole  # per KV head: 30% of the 16-bit bytes
         fits = policy.fits(length)  # 6 protected tokens at 16 bits, the rest at `bits`
         assert 6 * whole + (fits - 6) * packed <= budget < 6 * whole + (fits - 5) * packed
-        cache = obcache.EvictableCache()
-        with policy.attach(model), torch.no_grad():
-            model(input_ids=prompt(length=length), past_key_values=cache)
+        cache = prefilled(model, policy, prompt(length=length))
         for layer in cache.layers:
             held = {width: int(part.head_lengths().sum()) for width, part in layer.parts.items()}
             assert held[16] == heads * (6 if bits != 16 else fits) and sum(held.values()) == heads * fits
@@ -146,13 +148,9 @@ def test_quantized_at_a_byte_budget_keeps_as_many_tokens_as_the_bytes_hold():
 def test_quantized_over_a_pool_of_every_layer_keeps_what_the_pool_keeps():
     model = tiny_model()
     ratings = torch.tensor([[1.0, 3.0], [2.0, 0.5]])
-    caches = []
-    for policy in (KVzipHeads(budget=0.5, sinks=2, ratings=ratings),
-                   Quantized(KVzipHeads(budget=0.5, sinks=2, ratings=ratings), bits=4, group_size=GROUP)):
-        caches.append(obcache.EvictableCache())
-        with policy.attach(model), torch.no_grad():
-            model(input_ids=prompt(), past_key_values=caches[-1])
-    plain, quantized = caches
+    plain, quantized = (prefilled(model, policy, prompt()) for policy in (
+        KVzipHeads(budget=0.5, sinks=2, ratings=ratings),
+        Quantized(KVzipHeads(budget=0.5, sinks=2, ratings=ratings), bits=4, group_size=GROUP)))
     for index in range(len(plain.layers)):
         assert torch.equal(plain.head_lengths(index), quantized.head_lengths(index))
         assert all(torch.equal(a, b) for row_a, row_b in zip(plain.kept_positions(index), quantized.kept_positions(index))

@@ -45,14 +45,13 @@ def byte_fields(cache, model, prompt_tokens: int) -> dict:
     """What a cache holds (`nbytes`, as stored; `index_nbytes`, its slot bookkeeping), the keys and values with
     every float element counted at 16 bits (packed codes, scales and zeros as they are), and the prompt's full
     cache at 16 bits per element."""
-    from obcache.models import head_dim
     from obcache.layouts.mixed import MixedLayer
+    from obcache.models import head_dim, layers_and_kv_heads
 
     at_16 = sum(layer.nbytes() if isinstance(layer, MixedLayer) else layer.nbytes() * 2 // layer.dtype.itemsize
                 for layer in cache.layers)
-    config = model.config
-    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    full = 2 * 2 * prompt_tokens * config.num_hidden_layers * heads * head_dim(config)  # keys and values, 2 bytes
+    layers, heads = layers_and_kv_heads(model)  # this rank's heads, as the cache holds them
+    full = 2 * 2 * prompt_tokens * layers * heads * head_dim(model.config)  # keys and values, 2 bytes an element
     return {"cache_bytes": cache.nbytes(), "index_bytes": cache.index_nbytes(), "cache_bytes_16": at_16,
             "full_bytes_16": full}
 

@@ -303,8 +303,7 @@ class PagedLayer(Layer):
         new_id[owned] = torch.arange(len(owned), device=owned.device)
         self.keys.take(owned)
         self.values.take(owned)
-        self.positions, self.owner = self.positions[owned], self.owner[owned]
-        self.bias = self.bias[owned] if self.bias is not None else None
+        self.positions, self.owner = self.positions[owned], self.owner[owned]  # bias and route: `_plan` next
         self.riders = {name: rider[owned] for name, rider in self.riders.items()}
         self.table = torch.where(self.table >= 0, new_id[self.table.clamp_min(0)], -1)
         self.free = self.free[:0]
