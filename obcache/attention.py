@@ -31,6 +31,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask, sdpa_mask
 
+from obcache.kernels import paged_decode
 from obcache.layouts import Blocks
 
 IMPLEMENTATIONS = {"sdpa": "obcache-sdpa", "eager": "obcache-eager"}
@@ -111,7 +112,9 @@ def paged_attention(query: torch.Tensor, layer, positions: torch.Tensor, scaling
     [B, q, Hq, d]. One new token per row (decoding): `decode_blocks` over the layer's block sets; several: one
     masked SDPA over the layer's grid."""
     if query.shape[2] == 1:
-        return decode_blocks(query, layer.block_sets(query.dtype), layer.heads, scaling)
+        sets = layer.block_sets(query.dtype)
+        fused = paged_decode(query, sets, layer.heads, scaling)  # the CPU's fused kernel, where it applies
+        return decode_blocks(query, sets, layer.heads, scaling) if fused is None else fused
     batch, query_heads, length, dim = query.shape
     group = query_heads // layer.heads
     grid = layer.grid()
@@ -124,15 +127,17 @@ def paged_attention(query: torch.Tensor, layer, positions: torch.Tensor, scaling
 
 def decode_blocks(query: torch.Tensor, sets: list[Blocks], heads: int, scaling: float) -> torch.Tensor:
     """One decoding step over every block of a pool (of each of its `sets`, e.g. one per stored width) at once,
-    no copy of keys or values: each block's scores from its segment's G queries (z = s q k^T + the block's bias:
-    -inf on empty slots), the segment's max M over its blocks' maxima, then
+    no copy of keys or values: each block's scores from its segment's G queries (z = s q k^T, -inf on a slot
+    whose position is -1: empty, planned or padding), the segment's max M over its blocks' maxima, then
     out = sum_b sum_p e^(z_bp - M) v_bp / sum_b sum_p e^(z_bp - M), the sums over a segment's blocks by
     index_add. A free block (routed to segment 0) or one taken ahead of appends adds e^-inf = 0.
     query [B, Hq, 1, d] -> [B, 1, Hq, dv]."""
     batch, query_heads, _, dim = query.shape
     segments, group = batch * heads, query_heads // heads
     rows = query.reshape(segments, group, dim)
-    scores = [torch.baddbmm(s.bias[:, None, :], rows[s.route], s.keys.transpose(1, 2), alpha=scaling) for s in sets]
+    bias = [torch.where(s.positions >= 0, 0.0, float("-inf")).to(query.dtype) for s in sets]  # [N, block]
+    scores = [torch.baddbmm(b[:, None, :], rows[s.route], s.keys.transpose(1, 2), alpha=scaling)
+              for s, b in zip(sets, bias)]
     top = scores[0].new_full((segments, group), float("-inf"))  # [S, G]
     for s, z in zip(sets, scores):
         top.scatter_reduce_(0, s.route[:, None].expand(-1, group), z.amax(-1), "amax")

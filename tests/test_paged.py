@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from obcache import kernels
 from obcache.attention import decode_blocks, paged_attention
-from obcache.layouts import Grid, PagedLayer, UniformLayer, block_size
+from obcache.layouts import Blocks, Grid, PagedLayer, UniformLayer, block_size
 
 B, HKV, G, D = 2, 3, 2, 8
 
@@ -155,3 +156,55 @@ def test_an_eviction_that_frees_most_of_the_pool_returns_the_memory():
     query = torch.randn(B, HKV * G, 1, D)
     torch.testing.assert_close(decode_blocks(query, paged.block_sets(query.dtype), HKV, 0.3).double(),
                                reference(query, paged, torch.tensor([80]), 0.3), rtol=1e-5, atol=1e-6)
+
+
+def pool_reference(query, blocks, heads: int, scaling: float) -> torch.Tensor:
+    """softmax(s q k^T) v of each segment over its blocks' slots with a position >= 0, in float64, one segment at a
+    time; query [B, Hq, 1, d] -> [B, 1, Hq, dv]."""
+    batch, query_heads, _, dim = query.shape
+    group = query_heads // heads
+    out = torch.zeros(batch * heads, group, blocks.values.shape[-1], dtype=torch.float64)
+    for segment in range(batch * heads):
+        mine = blocks.route == segment
+        real = blocks.positions[mine].reshape(-1) >= 0
+        keys = blocks.keys[mine].reshape(-1, dim)[real].double()
+        values = blocks.values[mine].reshape(-1, blocks.values.shape[-1])[real].double()
+        q = query.reshape(batch * heads, group, dim)[segment].double()
+        out[segment] = (scaling * q @ keys.T).softmax(-1) @ values
+    return out.view(batch, 1, query_heads, -1)
+
+
+@pytest.mark.skipif(not kernels.available(), reason="no C compiler for the fused CPU kernel")
+@pytest.mark.parametrize("group, dim, block", [(1, 8, 1), (3, 64, 8), (7, 64, 16), (5, 24, 3), (8, 128, 32)])
+def test_the_fused_cpu_kernel_equals_softmax_per_segment(group, dim, block):
+    """Blocks in any order, free ones (every position -1), padding slots, and logits of very different scales per
+    segment (the running max must rescale: a segment's first blocks far below its later ones)."""
+    generator = torch.Generator().manual_seed(group * dim + block)
+    heads, batch, count = 3, 2, 40
+    route = torch.randint(0, batch * heads, (count,), generator=generator)
+    route[: batch * heads] = torch.arange(batch * heads)  # every segment has a block
+    positions = torch.randint(0, 1000, (count, block), generator=generator, dtype=torch.int32)
+    positions[torch.rand(count, block, generator=generator) < 0.2] = -1
+    positions[: batch * heads, 0] = 5  # at least one real slot each
+    positions[-3:] = -1  # free blocks
+    keys = torch.randn(count, block, dim, generator=generator)
+    keys *= torch.linspace(0.1, 30.0, count)[:, None, None]  # logits from ~1 to ~500 nats apart
+    values = torch.randn(count, block, dim, generator=generator)
+    query = torch.randn(batch, heads * group, 1, dim, generator=generator)
+    blocks = Blocks(keys, values, positions, route)
+    fused = kernels.paged_decode(query, [blocks], heads, 0.3)
+    expected = pool_reference(query, blocks, heads, 0.3)
+    # float32 logits of ~500 nats carry ~1e-4 of rounding: both kernels are held to it
+    torch.testing.assert_close(fused.double(), expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(decode_blocks(query, [blocks], heads, 0.3).double(), expected, rtol=1e-4, atol=1e-4)
+    halves = [Blocks(keys[part], values[part], positions[part], route[part]) for part in (slice(0, 17), slice(17, None))]
+    torch.testing.assert_close(kernels.paged_decode(query, halves, heads, 0.3).double(), expected,  # sets accumulate
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_the_fused_kernel_applies_to_float32_on_the_cpu_only(monkeypatch):
+    blocks = Blocks(torch.randn(4, 2, 8), torch.randn(4, 2, 8), torch.zeros(4, 2, dtype=torch.int32), torch.arange(4))
+    query = torch.randn(1, 4, 1, 8)
+    assert kernels.paged_decode(query.double(), [blocks], 4, 1.0) is None
+    monkeypatch.setenv("OBCACHE_CPU_KERNEL", "0")
+    assert kernels.paged_decode(query, [blocks], 4, 1.0) is None

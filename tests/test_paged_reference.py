@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from obcache import H2O, TOVA, AdaKV, Decoding, GlobalKV, KVzipHeads, PyramidKV, SnapKV
+from obcache import H2O, TOVA, AdaKV, Decoding, GlobalKV, KVzipHeads, PyramidKV, SnapKV, kernels
 from tests.conftest import tiny_model
 from tests.reference import keep_masks_dropped, masked_reference
 from tests.test_decoding import decode_by_hand, dropped_as_recorded
@@ -55,8 +55,13 @@ def test_three_generate_calls_on_the_paged_layout_match_the_masked_reference(fam
         assert not cache.layers[0].uniform  # the paged layout: heads of unequal length
 
 
-def test_500_decode_steps_evicting_every_interval_match_the_masked_reference():
-    """Decoding over AdaKV (paged): at every one of 500 steps, the full cache hiding what each head held not."""
+@pytest.mark.parametrize("fused", [True, False], ids=["fused CPU kernel", "torch"])
+def test_500_decode_steps_evicting_every_interval_match_the_masked_reference(fused, monkeypatch):
+    """Decoding over AdaKV (paged): at every one of 500 steps, the full cache hiding what each head held not;
+    with the fused CPU decoding kernel (`obcache.kernels`, the default where it builds) and the torch one."""
+    if fused and not kernels.available():
+        pytest.skip("no C compiler for the fused CPU kernel")
+    monkeypatch.setenv("OBCACHE_CPU_KERNEL", "1" if fused else "0")
     model = tiny_model("qwen3")
     ids, mask = padded_three()
     policy = Decoding(AdaKV(SnapKV(budget=16, window=4, score="obc-key"), alpha=0.3), capacity=16, interval=8)

@@ -74,6 +74,12 @@ class PackedStore:
         return sum(t.numel() * t.element_size() for t in (self.codes, self.scales, self.zeros))
 
 
+#: Slots per block of a packed part. Packed parts never grow (new tokens enter the 16-bit part) and their
+#: per-segment counts are what the allocator chose, so small blocks keep the last, partly filled block of each
+#: (segment, width) from adding bytes the byte budget did not price (16-slot blocks: +1.2% at 5% of the bytes).
+PACKED_BLOCK = 4
+
+
 def storage_dtype(dtype: torch.dtype) -> torch.dtype:
     """How 16-bit tokens are held for a model computing in `dtype`: as it is when 16-bit, else float16."""
     return dtype if dtype.itemsize == 2 else torch.float16
@@ -104,6 +110,7 @@ class MixedLayer(Layer):
         for width in sorted({16, *bits.unique().tolist()} - {0}, reverse=True):
             store = FloatStore if width == 16 else partial(PackedStore, bits=width, group_size=widths.group_size)
             layer.parts[width] = PagedLayer.from_grid(grid, bits == width, riders, make_store=store,
+                                                      block=None if width == 16 else PACKED_BLOCK,
                                                       dtype=storage_dtype(grid.keys.dtype) if width == 16 else None)
         return layer
 

@@ -11,12 +11,13 @@ from obcache.layouts.base import Grid, Layer
 
 
 class Blocks(NamedTuple):
-    """What the decoding kernel reads of a paged pool: keys/values [N, block, d] in the query's dtype, bias
-    [N, block] (0 on a real slot, -inf elsewhere) and route [N] (each block's segment)."""
+    """What the decoding kernel reads of a paged pool: keys/values [N, block, d] in the query's dtype, positions
+    [N, block] int32 (a slot is attended iff its position is >= 0: empty, planned and padding slots hold -1) and
+    route [N] (each block's segment)."""
 
     keys: torch.Tensor
     values: torch.Tensor
-    bias: torch.Tensor
+    positions: torch.Tensor
     route: torch.Tensor
 
 
@@ -70,10 +71,10 @@ class PagedLayer(Layer):
 
     keys/values: stores of [N, block, d] (`FloatStore`, or packed codes); positions [N, block] int32 (-1 = empty); owner [N] (the block's segment,
     -1 free); table [S, M] (each segment's blocks in order, -1 past its last); lengths [S]; segment
-    s = row s // Hkv, head s % Hkv. For the decoding kernel (`attention.decode_blocks`): bias [N, block], 0 on a
-    real slot and -inf elsewhere; route [N], the owner (free blocks: segment 0, to which they add nothing).
-    Appends are planned `block` steps ahead (`plan` [S, block]: the pool slot of each segment's next slots,
-    their blocks taken already), so a decoding step is three copies.
+    s = row s // Hkv, head s % Hkv. For the decoding kernel (`attention.decode_blocks`, `kernels.paged_decode`):
+    route [N], the owner (free blocks: segment 0, to which they add nothing: their positions are -1).
+    Appends are planned `block` steps ahead (`plan`: for each of the next `block` steps, the pool slot [S] of
+    each segment's next slot, their blocks taken already), so a decoding step is three copies.
     """
 
     uniform = False
@@ -82,7 +83,7 @@ class PagedLayer(Layer):
         super().__init__()
         self.block = 16
         self.batch = self.heads = 0
-        self.bias = self.route = self.plan = None
+        self.route = self.plan = None
         self.planned = 0
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -134,24 +135,20 @@ class PagedLayer(Layer):
         self.keys.write(flat, keys)
         self.values.write(flat, values)
         self.positions.view(-1).index_copy_(0, flat, positions.to(torch.int32))
-        if self.bias is not None:  # a real slot is attended, a padding one is not
-            self.bias.view(-1).index_copy_(0, flat, torch.where(positions >= 0, 0.0, float("-inf")).to(self.dtype))
         for name, rider in self.riders.items():
             rider.view(-1).index_copy_(0, flat, riders[name].to(rider.dtype) if name in riders else
                                        rider.new_zeros(len(flat)))
 
     def _plan(self) -> None:
-        """After the blocks changed hands: the decoding kernel's bias and route; the next appends unplanned."""
-        self.bias = torch.zeros(self.positions.shape, dtype=self.dtype, device=self.device)
-        self.bias.masked_fill_(self.positions < 0, float("-inf"))
+        """After the blocks changed hands: the decoding kernel's route; the next appends unplanned."""
         self.route = self.owner.clamp_min(0)
         self.plan, self.planned = None, 0
 
     def _plan_appends(self) -> None:
-        """Take the blocks the next `block` slots of every segment need; `plan` [S, block] their pool slots."""
+        """Take the blocks the next `block` slots of every segment need; `plan` their pool slots, step by step."""
         self._take_blocks(self.lengths + self.block)
-        ahead = torch.full_like(self.lengths, self.block)
-        self.plan = self._slots(ahead, start=self.lengths).view(len(self.lengths), self.block)
+        slot = self.lengths + torch.arange(self.block, device=self.device)[:, None]  # [block, S]: each step's slot
+        self.plan = self.table.gather(1, (slot // self.block).t()).t() * self.block + slot % self.block
         self.planned = 0
 
     def _take_blocks(self, lengths: torch.Tensor) -> None:
@@ -165,14 +162,17 @@ class PagedLayer(Layer):
         if int(need.max()) > self.table.shape[1]:
             self.table = torch.cat([self.table, self.table.new_full((len(need), int(need.max()) - self.table.shape[1]), -1)], 1)
         ids = self._allocate(count)
-        segment = torch.arange(len(extra), device=extra.device).repeat_interleave(extra)
-        column = have[segment] + torch.arange(count, device=extra.device) - (torch.cumsum(extra, 0) - extra)[segment]
+        if count == len(extra) and int(extra.max()) == 1:  # one block each: a decoding plan
+            segment, column = torch.arange(count, device=extra.device), have
+        else:
+            segment = torch.arange(len(extra), device=extra.device).repeat_interleave(extra)
+            column = have[segment] + torch.arange(count, device=extra.device) - (torch.cumsum(extra, 0) - extra)[segment]
         self.table[segment, column] = ids
         self.owner[ids] = segment
         self.route = self.owner.clamp_min(0)
 
     def _copy_storage(self) -> None:
-        for name in ("keys", "values", "positions", "owner", "table", "lengths", "free", "bias", "route"):
+        for name in ("keys", "values", "positions", "owner", "table", "lengths", "free", "route"):
             setattr(self, name, getattr(self, name).clone())  # tensors, and the key and value stores
         if self.plan is not None:
             self.plan = self.plan.clone()
@@ -224,7 +224,6 @@ class PagedLayer(Layer):
             self.keys.grow(grow)
             self.values.grow(grow)
             self.positions = extend(self.positions, -1)
-            self.bias = extend(self.bias, float("-inf"))
             self.riders = {name: extend(rider, 0) for name, rider in self.riders.items()}
             self.owner = extend(self.owner, -1)
             self.free = torch.cat([self.free, torch.arange(start, start + grow, device=self.free.device)])
@@ -245,13 +244,12 @@ class PagedLayer(Layer):
         if q == 1:  # a decoding step: planned slots
             if self.plan is None or self.planned == self.block:
                 self._plan_appends()
-            flat = self.plan[:, self.planned]
+            flat = self.plan[self.planned]
             self.planned += 1
-            if not padded and not self.riders:  # four copies
+            if not padded and not self.riders:  # three copies
                 self.keys.write(flat, key_states)
                 self.values.write(flat, value_states)
                 self.positions.view(-1).index_copy_(0, flat, positions.to(torch.int32).expand(-1, heads).reshape(-1))
-                self.bias.view(-1).index_fill_(0, flat, 0.0)
                 self.lengths += 1
                 return key_states, value_states  # not read: obcache's attention reads the pool
         else:
@@ -303,7 +301,7 @@ class PagedLayer(Layer):
         new_id[owned] = torch.arange(len(owned), device=owned.device)
         self.keys.take(owned)
         self.values.take(owned)
-        self.positions, self.owner = self.positions[owned], self.owner[owned]  # bias and route: `_plan` next
+        self.positions, self.owner = self.positions[owned], self.owner[owned]  # route: `_plan` next
         self.riders = {name: rider[owned] for name, rider in self.riders.items()}
         self.table = torch.where(self.table >= 0, new_id[self.table.clamp_min(0)], -1)
         self.free = self.free[:0]
@@ -312,7 +310,7 @@ class PagedLayer(Layer):
 
     def block_sets(self, dtype: torch.dtype) -> list[Blocks]:
         """The pool as the decoding kernel reads it (one set: the whole pool)."""
-        return [Blocks(self.keys.blocks(dtype), self.values.blocks(dtype), self.bias.to(dtype), self.route)]
+        return [Blocks(self.keys.blocks(dtype), self.values.blocks(dtype), self.positions, self.route)]
 
     def get_seq_length(self) -> int:
         return int(self.lengths.max()) if len(self.lengths) else 0
@@ -329,7 +327,7 @@ class PagedLayer(Layer):
         return self.keys.nbytes() + self.values.nbytes()
 
     def index_nbytes(self) -> int:
-        return sum(t.nbytes for t in (self.positions, self.owner, self.table, self.lengths, self.free, self.bias,
+        return sum(t.nbytes for t in (self.positions, self.owner, self.table, self.lengths, self.free,
                                       self.route, *self.riders.values()))
 
 

@@ -85,29 +85,36 @@ class Decoding(Wrapper):
         scores = self.base.token_scores(layer) if scores is None else scores
         if self.base.decode_accumulates:  # the running sums start with the prompt window's, and follow `keep`
             layer.layer.set_rider(RUNNING, scores.to(torch.promote_types(scores.dtype, torch.float32)))
-        if self.query_window:
-            layer.layer.policy_state = DecodeState(layer.queries(layer.length - self.query_window, layer.length))
+        window = layer.queries(layer.length - self.query_window, layer.length) if self.query_window else None
+        layer.layer.policy_state = DecodeState(window)
         return self.policy.select(layer, scores)
 
     # -- later forwards: one path for every layout, on the layer's grid --
 
     def decode_select(self, layer: LayerState) -> torch.Tensor | None:
         cache_layer = layer.layer
+        state = cache_layer.policy_state if isinstance(cache_layer.policy_state, DecodeState) else DecodeState()
+        tokens = layer.new_queries().shape[-2]
         if self.base.decode_accumulates:
             self._accumulate(layer)
         elif self.query_window:
-            state = cache_layer.policy_state
             recent = layer.new_queries()
-            if isinstance(state, DecodeState):
+            if state.queries is not None:
                 recent = torch.cat([state.queries, recent], dim=-2)
-            cache_layer.policy_state = DecodeState(recent[:, :, -self.query_window:])
-        due = _mean_slots(cache_layer, self.group) >= self.capacity + self.interval  # [B]: each row on its own
-        if not bool(due.any()):
+            state = replace(state, queries=recent[:, :, -self.query_window:])
+        if state.until > tokens:  # no row can be due yet: no need to count
+            cache_layer.policy_state = replace(state, until=state.until - tokens)
             return None
+        mean = _mean_slots(cache_layer, self.group)  # [B]: each row on its own
+        due = mean >= self.capacity + self.interval
+        if not bool(due.any()):  # the fullest row is due in `until` more tokens at the earliest
+            until = int(torch.ceil(self.capacity + self.interval - mean.max()))
+            cache_layer.policy_state = replace(state, until=until)
+            return None
+        cache_layer.policy_state = replace(state, until=0)  # count again after this eviction
         # Under tensor parallelism every rank chooses in the grid one device would: as wide as the longest head.
         view = layer.with_slots(_agreed_width(layer.length, self.group, layer.keys.device))
-        state = cache_layer.policy_state
-        view = replace(view, outputs=None, queries=_latest(view.length, state.queries if state is not None else None))
+        view = replace(view, outputs=None, queries=_latest(view.length, state.queries))
         raw = cache_layer.rider(RUNNING) if self.base.decode_accumulates else self.base.token_scores(view)
         if raw.shape[-1] < view.length:  # a uniform layer's rider, in a wider grid
             raw = torch.cat([raw.new_zeros(*raw.shape[:2], view.length - raw.shape[-1]), raw], dim=-1)
@@ -135,12 +142,17 @@ class Decoding(Wrapper):
         layer.layer.set_rider(RUNNING, added if running is None else running + added)
 
 
-@dataclass
+@dataclass(frozen=True)
 class DecodeState:
-    """What Decoding keeps of a layer between forwards, for policies scored by their latest queries (SnapKV,
-    TOVA): those queries [B, Hq, w, d], post-RoPE, as they passed."""
+    """What Decoding keeps of a layer between forwards (replaced, never changed: a forked cache shares it):
 
-    queries: torch.Tensor
+    - queries: for policies scored by their latest queries (SnapKV, TOVA), those [B, Hq, w, d], post-RoPE, as
+      they passed; None for the others;
+    - until: how many more tokens every row of the layer can take before any is due (a row's mean slots per KV
+      head grow by at most one per token), so that most forwards skip counting the slots; 0: count now."""
+
+    queries: torch.Tensor | None = None
+    until: int = 0
 
 
 #: The rider that holds an accumulating policy's running scores (H2O), per slot.
