@@ -48,6 +48,11 @@ class Observer:
         """Whether `layer_done` should run for this forward (the state costs a little to build)."""
         return True
 
+    def layer_passed(self, record: ForwardRecord, layer_idx: int) -> bool:
+        """Right after layer `layer_idx`'s attention forward (of a forward it `wants`), before its state is built:
+        whether `layer_done` should run for it (by default: yes)."""
+        return True
+
     def layer_done(self, state: LayerState, record: ForwardRecord) -> None:
         """A layer's state right after its attention forward."""
 

@@ -7,7 +7,8 @@
   token scores are recorded (unless a replay scores them), and after the
   prefill's last layer `select_after_prefill` chooses for every layer;
 - after each later forward, for selectors that evict while decoding
-  (`Decoding`): `decode_select(layer)`.
+  (`Decoding`): `decode_step(layer, queries)` for every layer, and
+  `decode_select(layer)` where it asks (the layer's state is built only then).
 """
 
 from __future__ import annotations
@@ -37,6 +38,18 @@ class Evictor(Observer):
 
     def wants(self, record: ForwardRecord) -> bool:
         return record.prefill or self.selector.evicts_while_decoding
+
+    def layer_passed(self, record: ForwardRecord, layer_idx: int) -> bool:
+        if record.prefill:
+            return True
+        queries = record.queries.get(layer_idx)  # recorded by obcache's attention function, always
+        if queries is None:
+            raise RuntimeError(f"layer {layer_idx} ran without obcache's attention function: evict while "
+                               "decoding under `policy.attach(model)` only")
+        start = time.perf_counter()
+        due = self.selector.decode_step(record.cache.layers[layer_idx], queries)
+        record.cache.eviction_seconds += time.perf_counter() - start
+        return due
 
     def layer_done(self, state: LayerState, record: ForwardRecord) -> None:
         start = time.perf_counter()

@@ -160,7 +160,8 @@ class Attachment:
         record = kwargs.get("obcache_forward")
         if record is None:
             return
-        observers = [observer for observer in self.observers if observer.wants(record)]
+        observers = [observer for observer in self.observers
+                     if observer.wants(record) and observer.layer_passed(record, module.layer_idx)]
         if observers:
             state = layer_state(self.adapter, module, args, kwargs, record, num_layers=len(self.attentions),
                                 rotary_emb=getattr(self.decoder, "rotary_emb", None))

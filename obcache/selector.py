@@ -13,8 +13,9 @@ does not override them does:
   `selects_after_all_layers`, once per prefill: `select_layers(layers, scores)`
   from each layer's `token_scores`, or from the scores of extra forwards that
   `replay()` asks for (KVzip's context reconstruction);
-- after every later forward: `decode_select(layer)` (none by default: only
-  `Decoding` evicts while decoding).
+- after every later forward, for each layer: `decode_step(cache_layer, queries)`, before any state is built
+  (note what the policy keeps between forwards; whether to choose now), then, where it says so,
+  `decode_select(layer)` (none by default: only `Decoding` evicts while decoding).
 
 Every keep mask is a bool tensor [B, Hkv, L] over the layer's slots (None = keep all). A selector that also
 chooses how each kept slot is stored (`obcache.Quantized`, `obcache.MixedPrecision`) answers with `Widths`
@@ -146,6 +147,12 @@ class Selector(ABC):
         """How the slots a keep mask keeps are stored: by default as they are (the mask itself); `Widths` for
         the selectors that also choose their precision. `scores`: the layer's token scores, if computed."""
         return mask
+
+    def decode_step(self, cache_layer, new_queries: torch.Tensor) -> bool:
+        """After a forward that follows the prefill, for every layer (`obcache.layouts` layer, this forward's
+        post-RoPE queries [B, Hq, q, d]), before its state is built: note what the selector keeps between
+        forwards, and whether `decode_select` should run now (by default: always)."""
+        return True
 
     def decode_select(self, layer: LayerState) -> torch.Tensor | None:
         """After a forward that follows the prefill: keep mask of the layer's slots, or None to keep them all."""

@@ -191,7 +191,9 @@ class PagedLayer(Layer):
 
     def valid(self, width: int | None = None) -> torch.Tensor:
         """[B, Hkv, W] where the right-aligned grid holds a slot (nothing gathered)."""
-        return self.grid_index(width)[1]
+        width = self.get_seq_length() if width is None else width
+        columns = torch.arange(width, device=self.lengths.device)
+        return (columns >= width - self.lengths[:, None]).view(self.batch, self.heads, width)
 
     def grid(self, width: int | None = None) -> Grid:
         flat, valid = self.grid_index(width)

@@ -117,30 +117,43 @@ class UniformLayer(Layer):
 
     def keep(self, mask: torch.Tensor) -> UniformLayer | PagedLayer:
         """The layer holding the slots of `mask` [B, Hkv, n] (bool; a wider grid, right-aligned, is cut to its last
-        n columns), in new storage of exactly their size.
+        n columns).
 
-        Uniform when every head of every row keeps as many slots (padding slots included); otherwise paged,
-        without padding slots.
+        Uniform when every head of every row keeps as many slots (padding slots included): in new storage of
+        exactly their size when the eviction frees more than a quarter of the storage (the prompt's), else
+        moved to the front of this layer's own storage, in place (a decoding interval's: no new memory, and
+        room for the next appends); otherwise paged, without padding slots.
         """
         mask = mask[..., mask.shape[-1] - self.length:]
         batch, heads, _ = mask.shape
         counts = mask.sum(-1)
-        grid = self.grid()
-        riders = {name: self.rider(name) for name in self.riders}
         if bool((counts == counts[0, 0]).all()):
             kept = int(counts[0, 0])
-            index = mask.nonzero()[:, -1].view(batch, heads, kept)  # row-major: sorted per head
+            capacity, where = self._keys.shape[2], mask.nonzero()  # row-major: sorted per head
+            flat = (where[:, 0] * heads + where[:, 1]) * capacity + where[:, 2]  # in the storage [B * Hkv * capacity]
+            take = lambda x: x.reshape(batch * heads * capacity, -1).index_select(0, flat).view(batch, heads, kept, -1)  # noqa: E731
+            keys, values = take(self._keys), take(self._values)
+            positions = take(self._positions.expand(-1, heads, -1))[..., 0]
+            riders = {name: take(rider)[..., 0] for name, rider in self.riders.items()}
+            if 4 * (capacity - kept) <= capacity and not self._shared:
+                self._keys[:, :, :kept], self._values[:, :, :kept] = keys, values
+                self._positions = self._positions.expand(-1, heads, -1).clone() if self._positions.shape[1] < heads \
+                    else self._positions
+                self._positions[:, :, :kept] = positions
+                for name, rider in riders.items():
+                    self.riders[name][:, :, :kept] = rider
+                self.length = kept
+                self.padded = self.padded and bool((positions < 0).any())
+                return self
             layer = UniformLayer()
             layer.dtype, layer.device, layer.is_initialized = self.dtype, self.device, True
-            layer._keys = grid.keys.gather(2, index.unsqueeze(-1).expand(-1, -1, -1, grid.keys.shape[-1]))
-            layer._values = grid.values.gather(2, index.unsqueeze(-1).expand(-1, -1, -1, grid.values.shape[-1]))
-            layer._positions = grid.positions.gather(2, index)
+            layer._keys, layer._values, layer._positions, layer.riders = keys, values, positions, riders
             layer.length = kept
-            layer.padded = self.padded and bool((layer._positions < 0).any())
-            layer.riders = {name: rider.gather(2, index) for name, rider in riders.items()}
+            layer.padded = self.padded and bool((positions < 0).any())
             layer.policy_state = self.policy_state
             return layer
-        layer = PagedLayer.from_grid(grid, mask & grid.valid, riders)
+        grid = self.grid()
+        layer = PagedLayer.from_grid(grid, mask & grid.valid, {name: self.rider(name) for name in self.riders})
         layer.policy_state = self.policy_state
         return layer
 

@@ -85,36 +85,49 @@ class Decoding(Wrapper):
         scores = self.base.token_scores(layer) if scores is None else scores
         if self.base.decode_accumulates:  # the running sums start with the prompt window's, and follow `keep`
             layer.layer.set_rider(RUNNING, scores.to(torch.promote_types(scores.dtype, torch.float32)))
-        window = layer.queries(layer.length - self.query_window, layer.length) if self.query_window else None
+        window = (layer.queries(layer.length - self.query_window, layer.length),) if self.query_window else ()
         layer.layer.policy_state = DecodeState(window)
         return self.policy.select(layer, scores)
 
     # -- later forwards: one path for every layout, on the layer's grid --
 
+    def decode_step(self, cache_layer, new_queries: torch.Tensor) -> bool:
+        """Keep the latest queries the policy scores with; whether a row of the layer is due (the slots are
+        counted only when one can be: `DecodeState.until`). An accumulating policy (H2O) adds every forward's
+        scores: always."""
+        state = cache_layer.policy_state if isinstance(cache_layer.policy_state, DecodeState) else DecodeState()
+        tokens, queries = new_queries.shape[-2], state.queries
+        if self.query_window:  # the forwards' queries as they passed, the fewest latest that cover the window
+            queries = (*queries, new_queries)
+            held = sum(part.shape[-2] for part in queries)
+            while held - queries[0].shape[-2] >= self.query_window:
+                held -= queries[0].shape[-2]
+                queries = queries[1:]
+        if self.base.decode_accumulates:
+            cache_layer.policy_state = DecodeState(queries, 0)
+            return True
+        if state.until > tokens:  # no row can be due yet
+            cache_layer.policy_state = DecodeState(queries, state.until - tokens)
+            return False
+        mean = _mean_slots(cache_layer, self.group)  # [B]: each row on its own
+        # the fullest row is due in `until` more tokens at the earliest; 0: count again after this eviction
+        due = bool((mean >= self.capacity + self.interval).any())
+        cache_layer.policy_state = DecodeState(queries, 0 if due else int(torch.ceil(self.capacity + self.interval
+                                                                                      - mean.max())))
+        return due
+
     def decode_select(self, layer: LayerState) -> torch.Tensor | None:
         cache_layer = layer.layer
-        state = cache_layer.policy_state if isinstance(cache_layer.policy_state, DecodeState) else DecodeState()
-        tokens = layer.new_queries().shape[-2]
         if self.base.decode_accumulates:
             self._accumulate(layer)
-        elif self.query_window:
-            recent = layer.new_queries()
-            if state.queries is not None:
-                recent = torch.cat([state.queries, recent], dim=-2)
-            state = replace(state, queries=recent[:, :, -self.query_window:])
-        if state.until > tokens:  # no row can be due yet: no need to count
-            cache_layer.policy_state = replace(state, until=state.until - tokens)
+        due = _mean_slots(cache_layer, self.group) >= self.capacity + self.interval  # [B]: each row on its own
+        if not bool(due.any()):
             return None
-        mean = _mean_slots(cache_layer, self.group)  # [B]: each row on its own
-        due = mean >= self.capacity + self.interval
-        if not bool(due.any()):  # the fullest row is due in `until` more tokens at the earliest
-            until = int(torch.ceil(self.capacity + self.interval - mean.max()))
-            cache_layer.policy_state = replace(state, until=until)
-            return None
-        cache_layer.policy_state = replace(state, until=0)  # count again after this eviction
         # Under tensor parallelism every rank chooses in the grid one device would: as wide as the longest head.
         view = layer.with_slots(_agreed_width(layer.length, self.group, layer.keys.device))
-        view = replace(view, outputs=None, queries=_latest(view.length, state.queries))
+        queries = cache_layer.policy_state.queries if isinstance(cache_layer.policy_state, DecodeState) else ()
+        recent = torch.cat(queries, dim=-2)[:, :, -self.query_window:] if queries else None
+        view = replace(view, outputs=None, queries=_latest(view.length, recent))
         raw = cache_layer.rider(RUNNING) if self.base.decode_accumulates else self.base.token_scores(view)
         if raw.shape[-1] < view.length:  # a uniform layer's rider, in a wider grid
             raw = torch.cat([raw.new_zeros(*raw.shape[:2], view.length - raw.shape[-1]), raw], dim=-1)
@@ -146,12 +159,13 @@ class Decoding(Wrapper):
 class DecodeState:
     """What Decoding keeps of a layer between forwards (replaced, never changed: a forked cache shares it):
 
-    - queries: for policies scored by their latest queries (SnapKV, TOVA), those [B, Hq, w, d], post-RoPE, as
-      they passed; None for the others;
+    - queries: for policies scored by their latest queries (SnapKV, TOVA), the forwards' queries [B, Hq, q, d],
+      post-RoPE, as they passed, the fewest latest that cover the window (concatenated at an eviction only);
+      empty for the others;
     - until: how many more tokens every row of the layer can take before any is due (a row's mean slots per KV
       head grow by at most one per token), so that most forwards skip counting the slots; 0: count now."""
 
-    queries: torch.Tensor | None = None
+    queries: tuple[torch.Tensor, ...] = ()
     until: int = 0
 
 
