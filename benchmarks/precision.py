@@ -4,8 +4,9 @@
 On the default model, for each context length: the recommended policy alone, `Quantized(policy, bits=4)`, the
 recommended policy at twice the budget and `MixedPrecision` around it (`--byte-budget`), each prefilled on the
 same needle prompt, then decoded greedily, interleaved round by round (median step time). Prints tok/s, the
-ratio to the same policy unquantized, and the bytes held right after the prompt's compression (`nbytes()`,
-float elements counted at 16 bits; the slot index apart) against the full 16-bit cache and the byte budget:
+ratio to the same policy unquantized, and the bytes held right after the prompt's compression against the full
+16-bit cache and the byte budget: the keys and values (`cache.kv_nbytes()`, float elements counted at 16 bits:
+what the byte budget counts) and, apart, the slot index (`cache.index_nbytes()`; `cache.nbytes()` is both):
 
     flock /tmp/obcache-cpu.lock python benchmarks/precision.py --lengths 4096 8192
 """

@@ -33,7 +33,7 @@ class EvictableCache(Cache):
     Attributes:
         seen_tokens: logical length (tokens fed to the model so far, padding included).
         left_padding: [B] padding tokens before each row's prompt, or None.
-        full_bytes: bytes the evicted layers held before their first eviction.
+        full_bytes: key and value bytes the evicted layers held before their first eviction.
         eviction_seconds: time spent scoring and evicting.
     """
 
@@ -183,11 +183,16 @@ class EvictableCache(Cache):
         return not self.layers[layer_idx].uniform
 
     def nbytes(self) -> int:
-        """Bytes of key and value storage held by every layer (what eviction frees), room for appends included."""
+        """Every byte the cache holds: its keys and values (`kv_nbytes`) and their index (`index_nbytes`)."""
+        return self.kv_nbytes() + self.index_nbytes()
+
+    def kv_nbytes(self) -> int:
+        """Bytes of key and value storage held by every layer (what eviction frees), room for appends included:
+        floats, or packed codes with their scales and zeros (`layouts.MixedLayer`)."""
         return sum(layer.nbytes() for layer in self.layers)
 
     def index_nbytes(self) -> int:
-        """Bytes of the slot bookkeeping (positions, segment lengths)."""
+        """Bytes of the slot bookkeeping (positions, block tables, segment lengths, riders)."""
         return sum(layer.index_nbytes() for layer in self.layers)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:

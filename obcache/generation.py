@@ -221,7 +221,7 @@ def _turn(model, tokenizer, cache: EvictableCache, ids: list[int], rest_ids: lis
         start = time.perf_counter()
         logits = forward_tokens(model, cache, ids)
         prefill_seconds = time.perf_counter() - start if fresh else 0.0
-        kept_per_layer, bytes_kept = cache.kept_tokens(), cache.nbytes()
+        kept_per_layer, bytes_kept = cache.kept_tokens(), cache.kv_nbytes()
         if compress:
             fields["compressed"] = cache.fork()
         generated, pending = continue_greedy(model, cache, logits, rest_ids, eos=eos_token_ids(model, tokenizer),

@@ -47,7 +47,7 @@ def rss_mib() -> float:
 
 def cache_bytes(cache) -> int:
     if hasattr(cache, "nbytes"):
-        return cache.nbytes()
+        return cache.kv_nbytes()
     return sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
 
 

@@ -59,7 +59,7 @@ def test_fan_out_reproduces_generate_exactly(model, tokenizer, query_aware):
                             max_new_tokens=6, answer_prefix=sample.answer_prefix)
         cache = shared.evicted(key)
         assert cache.kept_tokens() == expected.kept_per_layer
-        assert cache.nbytes() == expected.cache_bytes_kept and cache.full_bytes == expected.cache_bytes_full
+        assert cache.kv_nbytes() == expected.cache_bytes_kept and cache.full_bytes == expected.cache_bytes_full
         if policy is not None:  # the same K/V, bit for bit, as the hooks leave after prefill
             reference = EvictableCache(config=model.config)
             with policy.attach(model), torch.no_grad():

@@ -67,7 +67,9 @@ def test_cache_shrinks_to_budget_per_kv_head(budget, kept):
         # a compact copy, not a view of the full-length storage: the memory is released
         assert layer.keys.untyped_storage().nbytes() == layer.keys.nbytes
     assert cache.full_bytes == 2 * 2 * (1 * 2 * PROMPT_LENGTH * 8 * 4)
-    assert cache.nbytes() == cache.full_bytes * kept // PROMPT_LENGTH
+    assert cache.kv_nbytes() == cache.full_bytes * kept // PROMPT_LENGTH
+    # and the index: each row's slot positions, one int32 per kept slot and KV head
+    assert cache.nbytes() == cache.kv_nbytes() + 2 * (1 * 2 * kept * 4) == cache.kv_nbytes() + cache.index_nbytes()
     assert cache.get_seq_length() == PROMPT_LENGTH  # the logical length: tokens seen, not slots held
 
 

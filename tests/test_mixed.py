@@ -111,6 +111,10 @@ def test_quantized_bytes_are_the_codes_scales_zeros_and_16_bit_tokens_held():
     expected = sum(part.block * len(part.owner) * 2 * bytes_per_token(width, 8, GROUP)
                    for width, part in layer.parts.items())
     assert layer.nbytes() == expected
+    # the cache counts every byte held: these, and the index (positions, block tables, lengths of every part)
+    index = sum(sum(t.nbytes for t in (part.positions, part.owner, part.table, part.lengths, part.free, part.route))
+                for layer in cache.layers for part in layer.parts.values())
+    assert cache.index_nbytes() == index and cache.nbytes() == sum(layer.nbytes() for layer in cache.layers) + index
     assert 2 * bytes_per_token(4, 8, GROUP) == 2 * (8 * 4 // 8 + 2 * 2 * 8 // GROUP)  # codes + float16 scale, zero
 
 

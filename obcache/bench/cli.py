@@ -251,7 +251,7 @@ def bench_length(model: nn.Module, length: int, args: argparse.Namespace, plan: 
     configs = decode_configs(model, full, cache, {key: recorder.masks[key] for key in fractions})
     row["decode"] = measure_decode(model, ids[:, -1:], configs, args.new_tokens, device)
     if not args.no_full_history:
-        row["full_history"] = [measure_full_history(recorder.full_state, cache.nbytes(), score, device)
+        row["full_history"] = [measure_full_history(recorder.full_state, cache.kv_nbytes(), score, device)
                                for score in ("attention", "obc-joint")]
     del full, cache, recorder
     if not args.no_memory:

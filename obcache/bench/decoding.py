@@ -6,7 +6,7 @@ same `budget` tokens per KV head; then `new_tokens` greedy steps by hand, one
 token per forward, each timed. Recorded: K/V bytes after the last step (vs
 `budget` tokens' worth), slots per KV head before every step and after the
 last, the eviction seconds the hooks count, and after the prompt and every
-step the K/V bytes held (`cache.nbytes()`: a paged layer's whole pool, free
+step the K/V bytes held (`cache.kv_nbytes()`: a paged layer's whole pool, free
 blocks included) and the paged layers' pool blocks: the pool must stop
 growing once the first evictions have freed blocks for later appends to reuse
 (`report.POOL_WARMUP_INTERVALS` intervals).
@@ -83,7 +83,7 @@ def held(cache) -> float:
 def kv_bytes(cache) -> int:
     """K/V bytes held by any transformers cache."""
     if isinstance(cache, EvictableCache):
-        return cache.nbytes()
+        return cache.kv_nbytes()
     return sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
 
 
@@ -117,7 +117,7 @@ def greedy_steps(
         sync(device)
         seconds.append(time.perf_counter() - start)
         if pool is not None:
-            pool["bytes"].append(cache.nbytes())
+            pool["bytes"].append(cache.kv_nbytes())
             pool["blocks"].append(pool_blocks(cache))
     return seconds, token
 
@@ -136,7 +136,7 @@ def generation(
         token = forward(model, cache, ids).argmax(-1, keepdim=True)
         sync(device)
         prefill_seconds, prefill_eviction = time.perf_counter() - start, cache.eviction_seconds
-        pool = {"bytes": [cache.nbytes()], "blocks": [pool_blocks(cache)]}  # after the prompt, then every step
+        pool = {"bytes": [cache.kv_nbytes()], "blocks": [pool_blocks(cache)]}  # after the prompt, then every step
         seconds, token = greedy_steps(model, cache, token, plan.new_tokens - plan.timed, device, slots, pool)
         snapshot, snapshot_token = copy.deepcopy(cache), token
         last, token = greedy_steps(model, cache, token, plan.timed, device, slots, pool)
@@ -145,7 +145,7 @@ def generation(
         "prefill_seconds": prefill_seconds, "prefill_eviction_seconds": prefill_eviction,
         "step_seconds": seconds + last, "slots": slots,
         "decode_eviction_seconds": cache.eviction_seconds - prefill_eviction,
-        "cache_bytes": cache.nbytes(), "token_bytes": token_bytes(cache), "seen_tokens": cache.seen_tokens,
+        "cache_bytes": cache.kv_nbytes(), "token_bytes": token_bytes(cache), "seen_tokens": cache.seen_tokens,
         "layout": "paged" if cache.is_ragged(0) else "uniform", "pool": pool,
     }
     record["expected_bytes"] = plan.budget * record["token_bytes"]

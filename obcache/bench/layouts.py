@@ -26,7 +26,7 @@ prompt (an obcache cache: a copy-on-write `fork`; a plain one: cropped back),
 decodes one untimed warm-up step, then `steps` timed greedy steps; tokens/s
 counts every row (batch x steps / seconds).
 
-**Bytes** (per cell, right after eviction): `cache.nbytes()` and
+**Bytes** (per cell, right after eviction): `cache.kv_nbytes()` and
 `cache.index_nbytes()` of both layouts against the kept tokens' bytes (the
 real slots of every KV head, keys and values).
 
@@ -139,8 +139,8 @@ def bytes_entry(cache: EvictableCache) -> dict:
     kept = kept_bytes(cache)
     blocks = {getattr(layer, "block", None) for layer in cache.layers} - {None}
     return {
-        "layout": "paged" if cache.is_ragged(0) else "uniform", "cache_bytes": cache.nbytes(),
-        "index_bytes": cache.index_nbytes(), "kept_bytes": kept, "bytes_error": cache.nbytes() / kept - 1,
+        "layout": "paged" if cache.is_ragged(0) else "uniform", "cache_bytes": cache.kv_nbytes(),
+        "index_bytes": cache.index_nbytes(), "kept_bytes": kept, "bytes_error": cache.kv_nbytes() / kept - 1,
         "head_tokens": [int(heads.min()), int(heads.max())], "mean_tokens": float(heads.float().mean()),
         "block_sizes": sorted(blocks),
     }

@@ -157,7 +157,7 @@ def hooked_prefill(model: nn.Module, ids: torch.Tensor, policy: Selector, device
     cache = EvictableCache()
     with policy.attach(model):
         seconds = timed(partial(forward, model, cache, ids), device)[1]
-    return {"seconds": seconds, "eviction_seconds": cache.eviction_seconds, "cache_bytes": cache.nbytes(),
+    return {"seconds": seconds, "eviction_seconds": cache.eviction_seconds, "cache_bytes": cache.kv_nbytes(),
             "index_bytes": cache.index_nbytes(), "full_bytes": cache.full_bytes}
 
 
@@ -166,7 +166,7 @@ def cache_entry(cache: EvictableCache, fraction: float | None) -> dict:
     heads = torch.stack([cache.head_lengths(i) for i in range(len(cache.layers))])  # [layers, B, Hkv]
     first = cache.layers[0]
     entry = {
-        "cache_bytes": cache.nbytes(), "index_bytes": cache.index_nbytes(), "kv_heads": heads.shape[-1],
+        "cache_bytes": cache.kv_nbytes(), "index_bytes": cache.index_nbytes(), "kv_heads": heads.shape[-1],
         "head_tokens": [int(heads.min()), int(heads.max())], "layout": "ragged" if cache.is_ragged(0) else "uniform",
         "kept_shape": None if cache.is_ragged(0) else list(first.keys.shape),
     }

@@ -62,7 +62,7 @@ def memory_worker(config: dict) -> dict:
     with policy.attach(model) if policy is not None else nullcontext():
         result["prefill_seconds"] = timed(lambda: forward(model, cache, ids), device)[1]
     result["peak_bytes"] = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else _read_status("VmHWM")
-    result["cache_bytes"], result["index_bytes"] = cache.nbytes(), cache.index_nbytes()
+    result["cache_bytes"], result["index_bytes"] = cache.kv_nbytes(), cache.index_nbytes()
     result["eviction_seconds"] = cache.eviction_seconds
     return result
 

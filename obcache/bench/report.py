@@ -368,7 +368,7 @@ def _layouts(report: dict) -> list[str]:
     lines = [header, "", *_table(["context, batch", "full", "limit (kept tokens)", "uniform (x limit)",
                                   "paged (x limit)", "paged / uniform", "rounds min-max: limit / uniform / paged"],
                                  speed)]
-    lines += ["", "bytes held right after eviction (cache.nbytes(), cache.index_nbytes()) vs the kept tokens' bytes "
+    lines += ["", "bytes held right after eviction (cache.kv_nbytes(), cache.index_nbytes()) vs the kept tokens' bytes "
               "(the real slots of every KV head, keys and values)", ""]
     rows = []
     for cell in [*cells, *([entry["scale"]] if entry.get("scale") else [])]:

@@ -42,7 +42,7 @@ def policy_fields(key: tuple, policy: Selector | None) -> dict:
 
 
 def byte_fields(cache, model, prompt_tokens: int) -> dict:
-    """What a cache holds (`nbytes`, as stored; `index_nbytes`, its slot bookkeeping), the keys and values with
+    """What a cache holds (`kv_nbytes`, as stored; `index_nbytes`, its slot bookkeeping), the keys and values with
     every float element counted at 16 bits (packed codes, scales and zeros as they are), and the prompt's full
     cache at 16 bits per element."""
     from obcache.layouts.mixed import MixedLayer
@@ -52,7 +52,7 @@ def byte_fields(cache, model, prompt_tokens: int) -> dict:
                 for layer in cache.layers)
     layers, heads = layers_and_kv_heads(model)  # this rank's heads, as the cache holds them
     full = 2 * 2 * prompt_tokens * layers * heads * head_dim(model.config)  # keys and values, 2 bytes an element
-    return {"cache_bytes": cache.nbytes(), "index_bytes": cache.index_nbytes(), "cache_bytes_16": at_16,
+    return {"cache_bytes": cache.kv_nbytes(), "index_bytes": cache.index_nbytes(), "cache_bytes_16": at_16,
             "full_bytes_16": full}
 
 
@@ -190,7 +190,7 @@ class NeedleFamily(TaskFamily):
                 "prediction": " | ".join(predictions), "expected": [v for q in asked for v in q.expected],
                 "correct": sum(map(score_prediction, asked, predictions)) / len(asked),
                 "exact": sum(exact_match(spec.task, q.expected, p) for q, p in zip(asked, predictions)) / len(asked),
-                "kept_tokens": kept, **held, "cache_bytes_full": shared.cache.nbytes(),
+                "kept_tokens": kept, **held, "cache_bytes_full": shared.cache.kv_nbytes(),
                 "prefill_seconds": shared.prefill_seconds, "select_seconds": shared.select_seconds[key],
                 "decode_seconds": decode_seconds,
             })

@@ -106,7 +106,7 @@ def evaluate_fidelity(
     results: dict[Hashable, Fidelity] = {}
     for key in policies:
         cache = shared.evicted(key)
-        kept, nbytes = cache.kept_tokens()[0], cache.nbytes()
+        kept, nbytes = cache.kept_tokens()[0], cache.kv_nbytes()
         held = {"cache_bytes": nbytes} if measure is None else measure(cache)
         start = time.perf_counter()
         evicted = teacher_forced(model, cache, future)

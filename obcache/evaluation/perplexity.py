@@ -64,4 +64,4 @@ def stream(model, ids: list[int], policy: Selector | None, *, chunk: int = 64) -
                 nll.append(-float(last[targets[0]]))
             nll.extend((-log_probs[:-1].gather(-1, targets[1:, None])[:, 0]).tolist())
             last = log_probs[-1]
-    return Stream(nll, sum(cache.kept_tokens()) / len(cache.layers), cache.nbytes(), time.perf_counter() - start)
+    return Stream(nll, sum(cache.kept_tokens()) / len(cache.layers), cache.kv_nbytes(), time.perf_counter() - start)

@@ -10,7 +10,8 @@ re-allocates the widths (`Widths`, from `obcache.policies.mixed`). The
 decoding kernel reads every part's blocks, dequantized on the fly, in one
 batched computation (`attention.decode_blocks`: one set per part);
 `grid()` gives the parts' slots as one right-aligned grid sorted by position.
-`nbytes()` counts every byte held: codes, scales, zeros and 16-bit parts.
+`nbytes()` counts the keys and values held: codes, scales, zeros and 16-bit parts; `index_nbytes()` the
+parts' slot index (the cache's `nbytes()` sums both).
 """
 
 from __future__ import annotations
