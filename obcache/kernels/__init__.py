@@ -66,6 +66,8 @@ def _library() -> ctypes.CDLL | None:
     pointer, count = ctypes.c_void_p, ctypes.c_int64
     library.accumulate.argtypes = [pointer] * 5 + [count] * 5 + [ctypes.c_float] + [pointer] * 3
     library.accumulate.restype = None
+    library.start.argtypes = [count, count, pointer, pointer, pointer]
+    library.finish.argtypes = [count, count, pointer, pointer]
     return library
 
 
@@ -87,13 +89,15 @@ def paged_decode(query: torch.Tensor, sets, heads: int, scaling: float) -> torch
     segments, group = batch * heads, query_heads // heads
     queries = query.reshape(segments, group, dim).contiguous()
     value_dim = sets[0].values.shape[-1]
-    top = torch.full((segments, group), float("-inf"))
-    total = torch.zeros(segments, group)
-    acc = torch.zeros(segments, group, value_dim)
+    rows = segments * group
+    state = torch.empty(rows * (value_dim + 2), dtype=torch.float32)  # top [S, G], total [S, G], acc [S, G, dv]: set by `start`
+    top, total, acc = state.data_ptr(), state.data_ptr() + 4 * rows, state.data_ptr() + 8 * rows
+    library.start(rows, value_dim, top, total, acc)
     for blocks in sets:
         keys, values = blocks.keys.contiguous(), blocks.values.contiguous()
         positions, route = blocks.positions.contiguous(), blocks.route.to(torch.int64).contiguous()
         library.accumulate(queries.data_ptr(), keys.data_ptr(), values.data_ptr(), positions.data_ptr(),
                            route.data_ptr(), keys.shape[0], keys.shape[1], group, dim, value_dim, scaling,
-                           top.data_ptr(), total.data_ptr(), acc.data_ptr())
-    return acc.div_(total[..., None]).view(batch, 1, query_heads, value_dim)
+                           top, total, acc)
+    library.finish(rows, value_dim, total, acc)
+    return state[2 * rows:].view(batch, 1, query_heads, value_dim)

@@ -116,3 +116,15 @@ void accumulate(const float *queries, const float *keys, const float *values, co
         }
     }
 }
+
+/* Start the state of `rows` = S x G queries: top -inf, total and acc 0. */
+void start(int64_t rows, int64_t value_dim, float *top, float *total, float *acc) {
+    for (int64_t r = 0; r < rows; r++) top[r] = -INFINITY, total[r] = 0.0f;
+    memset(acc, 0, sizeof(float) * rows * value_dim);
+}
+
+/* out = acc / total, in place. */
+void finish(int64_t rows, int64_t value_dim, const float *total, float *acc) {
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t i = 0; i < value_dim; i++) acc[r * value_dim + i] /= total[r];
+}
