@@ -208,3 +208,22 @@ def test_the_fused_kernel_applies_to_float32_on_the_cpu_only(monkeypatch):
     assert kernels.paged_decode(query.double(), [blocks], 4, 1.0) is None
     monkeypatch.setenv("OBCACHE_CPU_KERNEL", "0")
     assert kernels.paged_decode(query, [blocks], 4, 1.0) is None
+
+
+def test_without_a_compiler_the_kernel_warns_and_the_torch_path_runs(monkeypatch, tmp_path):
+    monkeypatch.setenv("CC", "no-such-compiler-obcache")
+    monkeypatch.setenv("OBCACHE_KERNEL_DIR", str(tmp_path))
+    kernels._library.cache_clear()
+    try:
+        blocks = Blocks(torch.randn(4, 2, 8), torch.randn(4, 2, 8), torch.zeros(4, 2, dtype=torch.int32),
+                        torch.arange(4))
+        with pytest.warns(UserWarning, match="no C compiler"):
+            assert kernels.paged_decode(torch.randn(1, 4, 1, 8), [blocks], 4, 1.0) is None
+        layer = uniform_layer(40)
+        paged = PagedLayer.from_grid(layer.grid(), random_kept(40), {}, block=4)
+        paged.update(torch.randn(B, HKV, 1, D), torch.randn(B, HKV, 1, D), torch.full((B, 1), 40, dtype=torch.int32))
+        query = torch.randn(B, HKV * G, 1, D)
+        torch.testing.assert_close(paged_attention(query, paged, torch.tensor([40]), 0.3).double(),
+                                   reference(query, paged, torch.tensor([40]), 0.3), rtol=1e-5, atol=1e-6)
+    finally:
+        kernels._library.cache_clear()  # the next caller builds (or finds) the real one
