@@ -76,8 +76,8 @@ def available() -> bool:
 
 
 def paged_decode(query: torch.Tensor, sets, heads: int, scaling: float) -> torch.Tensor | None:
-    """softmax(s q k^T) v of each segment over the slots of its blocks with a position >= 0 in every set (`layouts.Blocks`), query
-    [B, Hq, 1, d] -> [B, 1, Hq, dv]; None where the kernel does not apply."""
+    """softmax(s q k^T) v of each segment over the slots of its blocks with a position >= 0, in every set
+    (`layouts.Blocks`); query [B, Hq, 1, d] -> [B, 1, Hq, dv]; None where the kernel does not apply."""
     if query.device.type != "cpu" or query.dtype != torch.float32 or not enabled():
         return None
     if any(s.keys.dtype != torch.float32 or s.positions.dtype != torch.int32 for s in sets):
@@ -90,7 +90,7 @@ def paged_decode(query: torch.Tensor, sets, heads: int, scaling: float) -> torch
     queries = query.reshape(segments, group, dim).contiguous()
     value_dim = sets[0].values.shape[-1]
     rows = segments * group
-    state = torch.empty(rows * (value_dim + 2), dtype=torch.float32)  # top [S, G], total [S, G], acc [S, G, dv]: set by `start`
+    state = torch.empty(rows * (value_dim + 2), dtype=torch.float32)  # top, total [S, G]; acc [S, G, dv]: `start`
     top, total, acc = state.data_ptr(), state.data_ptr() + 4 * rows, state.data_ptr() + 8 * rows
     library.start(rows, value_dim, top, total, acc)
     for blocks in sets:

@@ -11,16 +11,6 @@
 #include <stdint.h>
 #include <string.h>
 
-static float dot(const float *a, const float *b, int64_t n) {
-    float lanes[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8)
-        for (int j = 0; j < 8; j++) lanes[j] += a[i + j] * b[i + j];
-    float total = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
-    for (; i < n; i++) total += a[i] * b[i];
-    return total;
-}
-
 /* e^x for x <= 0 (the weights), branch-free so that loops of it vectorize: x = n ln 2 + r, |r| <= ln 2 / 2
  * (Cody-Waite), e^r by Cephes' degree-6 polynomial (relative error ~1e-7, as expf), 2^n from the exponent bits;
  * x below -87 gives 0 (e^-87 ~ 1.6e-38, below what float32 holds at full precision). */

@@ -19,6 +19,14 @@ class Grid(NamedTuple):
     positions: torch.Tensor
 
 
+def right_aligned(lengths: torch.Tensor, batch: int, heads: int, width: int | None = None) -> torch.Tensor:
+    """[B, Hkv, W] bool: where a right-aligned grid of segments holding `lengths` [S] slots (s = row x Hkv + head)
+    has a slot; W: `width`, default the longest segment."""
+    width = int(lengths.max()) if width is None else width
+    columns = torch.arange(width, device=lengths.device)
+    return (columns >= width - lengths[:, None]).view(batch, heads, width)
+
+
 class Layer(CacheLayerMixin):
     """What both layouts share: copy on write, riders in grid coordinates, the policy's state."""
 

@@ -20,7 +20,7 @@ from functools import partial
 
 import torch
 
-from obcache.layouts.base import Grid, Layer
+from obcache.layouts.base import Grid, Layer, right_aligned
 from obcache.layouts.paged import Blocks, FloatStore, PagedLayer
 from obcache.quantization import SCALE_DTYPE, QuantizedTensor, quantize
 from obcache.selector import Widths
@@ -146,9 +146,7 @@ class MixedLayer(Layer):
     def valid(self, width: int | None = None) -> torch.Tensor:
         """[B, Hkv, W] where the right-aligned grid holds a slot (nothing gathered)."""
         lengths = torch.stack([part.lengths for part in self.parts.values()]).sum(0)  # [S]
-        width = int(lengths.max()) if width is None else width
-        columns = torch.arange(width, device=lengths.device)
-        return (columns >= width - lengths[:, None]).view(self.batch, self.heads, width)
+        return right_aligned(lengths, self.batch, self.heads, width)
 
     def bits(self, width: int | None = None) -> torch.Tensor:
         """[B, Hkv, W]: the width each slot of `grid(width)` is stored at (0 where invalid)."""

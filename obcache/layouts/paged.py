@@ -7,7 +7,7 @@ from typing import NamedTuple
 
 import torch
 
-from obcache.layouts.base import Grid, Layer
+from obcache.layouts.base import Grid, Layer, right_aligned
 
 
 class Blocks(NamedTuple):
@@ -162,11 +162,8 @@ class PagedLayer(Layer):
         if int(need.max()) > self.table.shape[1]:
             self.table = torch.cat([self.table, self.table.new_full((len(need), int(need.max()) - self.table.shape[1]), -1)], 1)
         ids = self._allocate(count)
-        if count == len(extra) and int(extra.max()) == 1:  # one block each: a decoding plan
-            segment, column = torch.arange(count, device=extra.device), have
-        else:
-            segment = torch.arange(len(extra), device=extra.device).repeat_interleave(extra)
-            column = have[segment] + torch.arange(count, device=extra.device) - (torch.cumsum(extra, 0) - extra)[segment]
+        segment = torch.arange(len(extra), device=extra.device).repeat_interleave(extra)
+        column = have[segment] + torch.arange(count, device=extra.device) - (torch.cumsum(extra, 0) - extra)[segment]
         self.table[segment, column] = ids
         self.owner[ids] = segment
         self.route = self.owner.clamp_min(0)
@@ -191,9 +188,7 @@ class PagedLayer(Layer):
 
     def valid(self, width: int | None = None) -> torch.Tensor:
         """[B, Hkv, W] where the right-aligned grid holds a slot (nothing gathered)."""
-        width = self.get_seq_length() if width is None else width
-        columns = torch.arange(width, device=self.lengths.device)
-        return (columns >= width - self.lengths[:, None]).view(self.batch, self.heads, width)
+        return right_aligned(self.lengths, self.batch, self.heads, self.get_seq_length() if width is None else width)
 
     def grid(self, width: int | None = None) -> Grid:
         flat, valid = self.grid_index(width)

@@ -103,30 +103,29 @@ class Decoding(Wrapper):
             while held - queries[0].shape[-2] >= self.query_window:
                 held -= queries[0].shape[-2]
                 queries = queries[1:]
-        if self.base.decode_accumulates:
-            cache_layer.policy_state = DecodeState(queries, 0)
-            return True
         if state.until > tokens:  # no row can be due yet
             cache_layer.policy_state = DecodeState(queries, state.until - tokens)
-            return False
+            return self.base.decode_accumulates
         mean = _mean_slots(cache_layer, self.group)  # [B]: each row on its own
-        # the fullest row is due in `until` more tokens at the earliest; 0: count again after this eviction
-        due = bool((mean >= self.capacity + self.interval).any())
-        cache_layer.policy_state = DecodeState(queries, 0 if due else int(torch.ceil(self.capacity + self.interval
-                                                                                      - mean.max())))
-        return due
+        due = mean >= self.capacity + self.interval
+        if bool(due.any()):  # 0: count again after this eviction
+            cache_layer.policy_state = DecodeState(queries, 0, due)
+            return True
+        # the fullest row is due in `until` more tokens at the earliest
+        cache_layer.policy_state = DecodeState(queries, int(torch.ceil(self.capacity + self.interval - mean.max())))
+        return self.base.decode_accumulates
 
     def decode_select(self, layer: LayerState) -> torch.Tensor | None:
         cache_layer = layer.layer
         if self.base.decode_accumulates:
             self._accumulate(layer)
-        due = _mean_slots(cache_layer, self.group) >= self.capacity + self.interval  # [B]: each row on its own
-        if not bool(due.any()):
+        state = cache_layer.policy_state if isinstance(cache_layer.policy_state, DecodeState) else DecodeState()
+        due = state.due  # [B], from `decode_step`: each row on its own
+        if due is None:
             return None
         # Under tensor parallelism every rank chooses in the grid one device would: as wide as the longest head.
         view = layer.with_slots(_agreed_width(layer.length, self.group, layer.keys.device))
-        queries = cache_layer.policy_state.queries if isinstance(cache_layer.policy_state, DecodeState) else ()
-        recent = torch.cat(queries, dim=-2)[:, :, -self.query_window:] if queries else None
+        recent = torch.cat(state.queries, dim=-2)[:, :, -self.query_window:] if state.queries else None
         view = replace(view, outputs=None, queries=_latest(view.length, recent))
         raw = cache_layer.rider(RUNNING) if self.base.decode_accumulates else self.base.token_scores(view)
         if raw.shape[-1] < view.length:  # a uniform layer's rider, in a wider grid
@@ -163,10 +162,12 @@ class DecodeState:
       post-RoPE, as they passed, the fewest latest that cover the window (concatenated at an eviction only);
       empty for the others;
     - until: how many more tokens every row of the layer can take before any is due (a row's mean slots per KV
-      head grow by at most one per token), so that most forwards skip counting the slots; 0: count now."""
+      head grow by at most one per token), so that most forwards skip counting the slots; 0: count now;
+    - due: [B] the rows due at this forward, where one is (counted by `decode_step`), else None."""
 
     queries: tuple[torch.Tensor, ...] = ()
     until: int = 0
+    due: torch.Tensor | None = None
 
 
 #: The rider that holds an accumulating policy's running scores (H2O), per slot.
