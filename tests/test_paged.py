@@ -95,6 +95,38 @@ def test_appends_are_written_in_place_and_freed_blocks_are_reused():
     assert paged.keys is pool and len(paged.owner) == blocks  # the same storage, written in place
 
 
+@pytest.mark.parametrize("fused", [True, False])
+def test_decoding_appends_write_each_row_at_its_own_position(fused, monkeypatch):
+    """Decoding steps (the fused append kernel where it builds, else the torch writes) put each segment's new key
+    and value after its kept slots, at its row's position, across plans of `block` steps."""
+    if fused and not kernels.available():
+        pytest.skip("no C compiler for the fused CPU kernel")
+    if not fused:
+        monkeypatch.setenv("OBCACHE_CPU_KERNEL", "0")
+    layer, kept = uniform_layer(30), random_kept(30, seed=5)
+    paged = PagedLayer.from_grid(layer.grid(), kept, {}, block=4)
+    start = layer.grid()
+    expected = {name: [[getattr(start, name)[row, head][kept[row, head]] for head in range(HKV)] for row in range(B)]
+                for name in ("keys", "values", "positions")}
+    generator = torch.Generator().manual_seed(6)
+    for step in range(11):  # three plans of 4 steps: new blocks taken twice
+        keys, values = torch.randn(2, B, HKV, 1, D, generator=generator)
+        positions = torch.tensor([[30 + step], [70 + step]], dtype=torch.int32)  # each row its own position
+        paged.update(keys, values, positions)
+        for row in range(B):
+            for head in range(HKV):
+                for name, new in (("keys", keys[row, head]), ("values", values[row, head]),
+                                  ("positions", positions[row])):
+                    expected[name][row][head] = torch.cat([expected[name][row][head], new])
+    grid = paged.grid()
+    for row in range(B):
+        for head in range(HKV):
+            held = grid.valid[row, head]
+            for name in ("keys", "values", "positions"):
+                assert torch.equal(getattr(grid, name)[row, head][held], expected[name][row][head]), name
+    assert paged.lengths.tolist() == (kept.sum(-1).flatten() + 11).tolist()
+
+
 def test_riders_follow_the_slots_and_start_at_zero():
     layer = uniform_layer(20)
     running = torch.arange(B * HKV * 20, dtype=torch.float32).view(B, HKV, 20)

@@ -1,10 +1,13 @@
-"""Fused CPU kernels, compiled on first use with the system's C compiler and called through ctypes.
+"""Fused CPU kernels of the paged layout, compiled on first use with the system's C compiler, called through ctypes.
 
-`paged_decode(query, sets, heads, scaling)`: one decoding step over every block of a paged pool in a single
-call (`paged_decode.c`: each block's scores, merged into its segment's running softmax), where the torch
-formulation (`attention.decode_blocks`) takes about fifteen small kernels per layer. It returns None where it
-does not apply (not the CPU, not float32, no compiler), and the caller uses the torch path: same numbers, to
-float rounding. The library is built once per source and machine into `$OBCACHE_KERNEL_DIR` (default
+- `paged_decode(query, sets, heads, scaling)`: one decoding step over every block of a paged pool in a single
+  call (`paged_decode.c`: each block's scores, merged into its segment's running softmax), where the torch
+  formulation (`attention.decode_blocks`) takes about fifteen small kernels per layer;
+- `append(...)`: a decoding step's new keys, values and positions written into their planned pool slots, and
+  the lengths counted, in one call instead of five small kernels.
+
+Each returns None (or False) where it does not apply (not the CPU, not float32, no compiler), and the caller
+uses its torch path: same numbers, to float rounding. The library is built once per source and machine into `$OBCACHE_KERNEL_DIR` (default
 `~/.cache/obcache/kernels`); `OBCACHE_CPU_KERNEL=0` turns it off.
 """
 
@@ -68,6 +71,10 @@ def _library() -> ctypes.CDLL | None:
     library.accumulate.restype = None
     library.start.argtypes = [count, count, pointer, pointer, pointer]
     library.finish.argtypes = [count, count, pointer, pointer]
+    library.decode.argtypes = [pointer] * 5 + [count] * 6 + [ctypes.c_float, pointer]
+    library.decode.restype = None
+    library.append.argtypes = [pointer] * 8 + [count] * 5
+    library.append.restype = None
     return library
 
 
@@ -80,7 +87,7 @@ def paged_decode(query: torch.Tensor, sets, heads: int, scaling: float) -> torch
     (`layouts.Blocks`); query [B, Hq, 1, d] -> [B, 1, Hq, dv]; None where the kernel does not apply."""
     if query.device.type != "cpu" or query.dtype != torch.float32 or not enabled():
         return None
-    if any(s.keys.dtype != torch.float32 or s.positions.dtype != torch.int32 for s in sets):
+    if not all(_fits(blocks) for blocks in sets):
         return None
     library = _library()
     if library is None:
@@ -89,15 +96,43 @@ def paged_decode(query: torch.Tensor, sets, heads: int, scaling: float) -> torch
     segments, group = batch * heads, query_heads // heads
     queries = query.reshape(segments, group, dim).contiguous()
     value_dim = sets[0].values.shape[-1]
+    out = torch.empty(batch, 1, query_heads, value_dim, dtype=torch.float32)  # [S, G, dv] in the kernel
+    if len(sets) == 1:
+        blocks = sets[0]
+        library.decode(queries.data_ptr(), blocks.keys.data_ptr(), blocks.values.data_ptr(),
+                       blocks.positions.data_ptr(), blocks.route.data_ptr(), segments, blocks.keys.shape[0],
+                       blocks.keys.shape[1], group, dim, value_dim, scaling, out.data_ptr())
+        return out
     rows = segments * group
-    state = torch.empty(rows * (value_dim + 2), dtype=torch.float32)  # top, total [S, G]; acc [S, G, dv]: `start`
-    top, total, acc = state.data_ptr(), state.data_ptr() + 4 * rows, state.data_ptr() + 8 * rows
-    library.start(rows, value_dim, top, total, acc)
+    state = torch.empty(2 * rows, dtype=torch.float32)  # each query's running max and sum
+    top, total = state.data_ptr(), state.data_ptr() + 4 * rows
+    library.start(rows, value_dim, top, total, out.data_ptr())
     for blocks in sets:
-        keys, values = blocks.keys.contiguous(), blocks.values.contiguous()
-        positions, route = blocks.positions.contiguous(), blocks.route.to(torch.int64).contiguous()
-        library.accumulate(queries.data_ptr(), keys.data_ptr(), values.data_ptr(), positions.data_ptr(),
-                           route.data_ptr(), keys.shape[0], keys.shape[1], group, dim, value_dim, scaling,
-                           top, total, acc)
-    library.finish(rows, value_dim, total, acc)
-    return state[2 * rows:].view(batch, 1, query_heads, value_dim)
+        library.accumulate(queries.data_ptr(), blocks.keys.data_ptr(), blocks.values.data_ptr(),
+                           blocks.positions.data_ptr(), blocks.route.data_ptr(), blocks.keys.shape[0],
+                           blocks.keys.shape[1], group, dim, value_dim, scaling, top, total, out.data_ptr())
+    library.finish(rows, value_dim, total, out.data_ptr())
+    return out
+
+
+def _fits(blocks) -> bool:
+    """Whether the kernel reads this block set as it is: float32, int32 positions, int64 route, contiguous."""
+    return (blocks.keys.dtype == blocks.values.dtype == torch.float32 and blocks.positions.dtype == torch.int32
+            and blocks.route.dtype == torch.int64 and all(t.is_contiguous() for t in blocks))
+
+
+def append(keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, lengths: torch.Tensor,
+           slots: torch.Tensor, new_keys: torch.Tensor, new_values: torch.Tensor, new_positions: torch.Tensor) -> bool:
+    """Write a decoding step's new rows [B, Hkv, 1, d] into the pool slots `slots` [S] of keys/values [N, block, d]
+    and positions [N, block] (each row's from `new_positions` [B, 1] int32), lengths [S] += 1; False (nothing
+    written) where the kernel does not apply."""
+    if keys.dtype != torch.float32 or keys.device.type != "cpu" or new_keys.dtype != torch.float32 or not enabled():
+        return False
+    library = _library()
+    if library is None:
+        return False
+    new_keys, new_values = new_keys.contiguous(), new_values.contiguous()
+    library.append(keys.data_ptr(), values.data_ptr(), positions.data_ptr(), lengths.data_ptr(), slots.data_ptr(),
+                   new_keys.data_ptr(), new_values.data_ptr(), new_positions.data_ptr(), new_positions.stride(0),
+                   len(slots), new_keys.shape[1], keys.shape[-1], values.shape[-1])
+    return True

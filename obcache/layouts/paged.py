@@ -7,6 +7,7 @@ from typing import NamedTuple
 
 import torch
 
+from obcache import kernels
 from obcache.layouts.base import Grid, Layer, right_aligned
 
 
@@ -148,7 +149,7 @@ class PagedLayer(Layer):
         """Take the blocks the next `block` slots of every segment need; `plan` their pool slots, step by step."""
         self._take_blocks(self.lengths + self.block)
         slot = self.lengths + torch.arange(self.block, device=self.device)[:, None]  # [block, S]: each step's slot
-        self.plan = self.table.gather(1, (slot // self.block).t()).t() * self.block + slot % self.block
+        self.plan = (self.table.gather(1, (slot // self.block).t()).t() * self.block + slot % self.block).contiguous()
         self.planned = 0
 
     def _take_blocks(self, lengths: torch.Tensor) -> None:
@@ -243,11 +244,15 @@ class PagedLayer(Layer):
                 self._plan_appends()
             flat = self.plan[self.planned]
             self.planned += 1
-            if not padded and not self.riders:  # three copies
-                self.keys.write(flat, key_states)
-                self.values.write(flat, value_states)
-                self.positions.view(-1).index_copy_(0, flat, positions.to(torch.int32).expand(-1, heads).reshape(-1))
-                self.lengths += 1
+            if not padded and not self.riders:  # three copies (one fused call where the CPU kernel applies)
+                positions = positions.to(torch.int32)
+                if not (isinstance(self.keys, FloatStore) and isinstance(self.values, FloatStore) and kernels.append(
+                        self.keys.data, self.values.data, self.positions, self.lengths, flat, key_states,
+                        value_states, positions)):
+                    self.keys.write(flat, key_states)
+                    self.values.write(flat, value_states)
+                    self.positions.view(-1).index_copy_(0, flat, positions.expand(-1, heads).reshape(-1))
+                    self.lengths += 1
                 return key_states, value_states  # not read: obcache's attention reads the pool
         else:
             self._take_blocks(self.lengths + q)
