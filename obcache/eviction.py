@@ -7,7 +7,7 @@
   token scores are recorded (unless a replay scores them), and after the
   prefill's last layer `select_after_prefill` chooses for every layer;
 - after each later forward, for selectors that evict while decoding
-  (`Decoding`): `decode_step(layer, queries)` for every layer, and
+  (`Decoding`): `decode_step(layer, queries, outputs)` for every layer, and
   `decode_select(layer)` where it asks (the layer's state is built only then).
 """
 
@@ -47,7 +47,10 @@ class Evictor(Observer):
             raise RuntimeError(f"layer {layer_idx} ran without obcache's attention function: evict while "
                                "decoding under `policy.attach(model)` only")
         start = time.perf_counter()
-        due = self.selector.decode_step(record.cache.layers[layer_idx], queries)
+        outputs = record.outputs.get(layer_idx)  # [B, q, Hq * dv] at the output projection, if it has one
+        if outputs is not None:
+            outputs = outputs.view(*outputs.shape[:2], queries.shape[1], -1).transpose(1, 2)
+        due = self.selector.decode_step(record.cache.layers[layer_idx], queries, outputs)
         record.cache.eviction_seconds += time.perf_counter() - start
         return due
 

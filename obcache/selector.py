@@ -13,7 +13,7 @@ does not override them does:
   `selects_after_all_layers`, once per prefill: `select_layers(layers, scores)`
   from each layer's `token_scores`, or from the scores of extra forwards that
   `replay()` asks for (KVzip's context reconstruction);
-- after every later forward, for each layer: `decode_step(cache_layer, queries)`, before any state is built
+- after every later forward, for each layer: `decode_step(cache_layer, queries, outputs)`, before any state is built
   (note what the policy keeps between forwards; whether to choose now), then, where it says so,
   `decode_select(layer)` (none by default: only `Decoding` evicts while decoding).
 
@@ -148,10 +148,11 @@ class Selector(ABC):
         the selectors that also choose their precision. `scores`: the layer's token scores, if computed."""
         return mask
 
-    def decode_step(self, cache_layer, new_queries: torch.Tensor) -> bool:
+    def decode_step(self, cache_layer, new_queries: torch.Tensor, new_outputs: torch.Tensor | None = None) -> bool:
         """After a forward that follows the prefill, for every layer (`obcache.layouts` layer, this forward's
-        post-RoPE queries [B, Hq, q, d]), before its state is built: note what the selector keeps between
-        forwards, and whether `decode_select` should run now (by default: always)."""
+        post-RoPE queries [B, Hq, q, d] and, where captured, attention outputs [B, Hq, q, dv]), before its state is
+        built: note what the selector keeps between forwards, and whether `decode_select` should run now (by
+        default: always)."""
         return True
 
     def decode_select(self, layer: LayerState) -> torch.Tensor | None:

@@ -138,6 +138,46 @@ def test_h2o_running_scores_equal_a_float64_recomputation():
     torch.testing.assert_close(running.double(), expected, rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.parametrize("interval, padded", [(4, False), (4, True), (2, False), (3, True)])
+def test_decode_scoring_uses_captured_outputs_only_where_they_are_exact(monkeypatch, interval, padded):
+    """Every window a policy scores with comes with attention outputs equal to a float64 recomputation over the
+    slots the view holds: the ones the model computed (kept since the layer's last eviction) where still exact,
+    and recomputed otherwise (an interval shorter than the window: some of its queries saw slots evicted since);
+    once the window has passed since an eviction, the captured ones are used."""
+    from obcache.policies.base import ScoredPolicy
+
+    calls, saliency = [], ScoredPolicy.saliency
+
+    def spy(self, queries, keys, values, scaling, **options):
+        scores = saliency(self, queries, keys, values, scaling, **options)
+        calls.append((queries, keys, values, scaling, options.get("outputs"), options.get("key_mask")))
+        return scores
+
+    monkeypatch.setattr(ScoredPolicy, "saliency", spy)
+    model = tiny_model()
+    ids, mask = left_padded_pair() if padded else (prompt(), None)
+    policy = Decoding(SnapKV(budget=16, window=4, score="obc-joint"), capacity=12, interval=interval)
+    decode_by_hand(model, policy, ids, 24, mask)
+    prefill_calls = len(model.model.layers)
+    captured = 0
+    for queries, keys, values, scaling, outputs, key_mask in calls:
+        if outputs is None:
+            continue
+        captured += 1
+        width, length, group = queries.shape[2], keys.shape[2], queries.shape[1] // keys.shape[1]
+        seen = torch.arange(length)[None, :] <= torch.arange(length - width, length)[:, None]  # [W, L]
+        if key_mask is not None:
+            seen = seen & (key_mask[:, None, None] if key_mask.dim() == 2 else key_mask[:, :, None]).bool()
+        keys, values = keys.double().repeat_interleave(group, 1), values.double().repeat_interleave(group, 1)
+        logits = scaling * queries.double() @ keys.transpose(-1, -2)
+        expected = logits.masked_fill(~seen, float("-inf")).softmax(-1) @ values
+        torch.testing.assert_close(outputs.double(), expected, rtol=1e-5, atol=1e-5)
+    decode_calls = calls[prefill_calls:]
+    assert len(decode_calls) >= 4 * len(model.model.layers)  # evictions while decoding, in every layer
+    used = sum(outputs is not None for *_, outputs, _ in decode_calls)
+    assert used >= 3 * len(model.model.layers) if interval >= 4 else used == 0
+
+
 # ---------------------------------------------------------------- continuing on an evicted cache
 
 CONTINUATION = {

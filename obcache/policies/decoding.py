@@ -24,7 +24,8 @@ scoring and the copy.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import ClassVar
+from functools import cached_property
+from typing import ClassVar, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -71,7 +72,7 @@ class Decoding(Wrapper):
     def evicts_while_decoding(self) -> bool:
         return True
 
-    @property
+    @cached_property
     def query_window(self) -> int:
         """How many of the latest queries the policy scores with during decoding (0: none, or accumulated)."""
         base = self.base
@@ -86,33 +87,37 @@ class Decoding(Wrapper):
         if self.base.decode_accumulates:  # the running sums start with the prompt window's, and follow `keep`
             layer.layer.set_rider(RUNNING, scores.to(torch.promote_types(scores.dtype, torch.float32)))
         window = (layer.queries(layer.length - self.query_window, layer.length),) if self.query_window else ()
-        layer.layer.policy_state = DecodeState(window)
+        layer.layer.policy_state = DecodeState(window, window[0].shape[-2] if window else 0)
         return self.policy.select(layer, scores)
 
     # -- later forwards: one path for every layout, on the layer's grid --
 
-    def decode_step(self, cache_layer, new_queries: torch.Tensor) -> bool:
-        """Keep the latest queries the policy scores with; whether a row of the layer is due (the slots are
-        counted only when one can be: `DecodeState.until`). An accumulating policy (H2O) adds every forward's
-        scores: always."""
+    def decode_step(self, cache_layer, new_queries: torch.Tensor, new_outputs: torch.Tensor | None = None) -> bool:
+        """Keep the latest queries the policy scores with, and their attention outputs since the layer's last
+        eviction; whether a row of the layer is due (the slots are counted only when one can be:
+        `DecodeState.until`). An accumulating policy (H2O) adds every forward's scores: always. Runs after every
+        layer of every decoding step: kept to a few Python operations."""
         state = cache_layer.policy_state if isinstance(cache_layer.policy_state, DecodeState) else DecodeState()
-        tokens, queries = new_queries.shape[-2], state.queries
-        if self.query_window:  # the forwards' queries as they passed, the fewest latest that cover the window
-            queries = (*queries, new_queries)
-            held = sum(part.shape[-2] for part in queries)
-            while held - queries[0].shape[-2] >= self.query_window:
+        tokens, queries, held = new_queries.shape[-2], state.queries, state.held
+        window, outputs = self.query_window, ()
+        if window:  # the forwards' queries as they passed, the fewest latest that cover the window
+            queries, held = (*queries, new_queries), held + tokens
+            while held - queries[0].shape[-2] >= window:
                 held -= queries[0].shape[-2]
                 queries = queries[1:]
+            if new_outputs is not None:  # an eviction at the last forward changed what the earlier ones saw
+                outputs = (*(state.outputs if state.due is None else ()), new_outputs)[-len(queries):]
         if state.until > tokens:  # no row can be due yet
-            cache_layer.policy_state = DecodeState(queries, state.until - tokens)
+            cache_layer.policy_state = DecodeState(queries, held, state.until - tokens, None, outputs)
             return self.base.decode_accumulates
         mean = _mean_slots(cache_layer, self.group)  # [B]: each row on its own
         due = mean >= self.capacity + self.interval
         if bool(due.any()):  # 0: count again after this eviction
-            cache_layer.policy_state = DecodeState(queries, 0, due)
+            cache_layer.policy_state = DecodeState(queries, held, 0, due, outputs)
             return True
         # the fullest row is due in `until` more tokens at the earliest
-        cache_layer.policy_state = DecodeState(queries, int(torch.ceil(self.capacity + self.interval - mean.max())))
+        until = int(torch.ceil(self.capacity + self.interval - mean.max()))
+        cache_layer.policy_state = DecodeState(queries, held, until, None, outputs)
         return self.base.decode_accumulates
 
     def decode_select(self, layer: LayerState) -> torch.Tensor | None:
@@ -126,7 +131,10 @@ class Decoding(Wrapper):
         # Under tensor parallelism every rank chooses in the grid one device would: as wide as the longest head.
         view = layer.with_slots(_agreed_width(layer.length, self.group, layer.keys.device))
         recent = torch.cat(state.queries, dim=-2)[:, :, -self.query_window:] if state.queries else None
-        view = replace(view, outputs=None, queries=_latest(view.length, recent))
+        outputs = None  # the window's attention outputs as the model computed them, if still exact (else recomputed)
+        if state.queries and len(state.outputs) == len(state.queries):
+            outputs = _latest(view.length, torch.cat(state.outputs, dim=-2)[:, :, -self.query_window:])
+        view = replace(view, outputs=outputs, queries=_latest(view.length, recent))
         raw = cache_layer.rider(RUNNING) if self.base.decode_accumulates else self.base.token_scores(view)
         if raw.shape[-1] < view.length:  # a uniform layer's rider, in a wider grid
             raw = torch.cat([raw.new_zeros(*raw.shape[:2], view.length - raw.shape[-1]), raw], dim=-1)
@@ -154,20 +162,24 @@ class Decoding(Wrapper):
         layer.layer.set_rider(RUNNING, added if running is None else running + added)
 
 
-@dataclass(frozen=True)
-class DecodeState:
+class DecodeState(NamedTuple):
     """What Decoding keeps of a layer between forwards (replaced, never changed: a forked cache shares it):
 
     - queries: for policies scored by their latest queries (SnapKV, TOVA), the forwards' queries [B, Hq, q, d],
       post-RoPE, as they passed, the fewest latest that cover the window (concatenated at an eviction only);
-      empty for the others;
+      empty for the others; held: how many queries they hold in all;
     - until: how many more tokens every row of the layer can take before any is due (a row's mean slots per KV
       head grow by at most one per token), so that most forwards skip counting the slots; 0: count now;
-    - due: [B] the rows due at this forward, where one is (counted by `decode_step`), else None."""
+    - due: [B] the rows due at this forward, where one is (counted by `decode_step`), else None;
+    - outputs: the attention outputs [B, Hq, q, dv] of the latest forwards since the layer's last eviction (at
+      most as many as `queries`): where they cover the window, the slots each query saw are all still there, and
+      scoring needs no W x L product to recompute them."""
 
     queries: tuple[torch.Tensor, ...] = ()
+    held: int = 0
     until: int = 0
     due: torch.Tensor | None = None
+    outputs: tuple[torch.Tensor, ...] = ()
 
 
 #: The rider that holds an accumulating policy's running scores (H2O), per slot.
