@@ -4,7 +4,9 @@
   call (`paged_decode.c`: each block's scores, merged into its segment's running softmax), where the torch
   formulation (`attention.decode_blocks`) takes about fifteen small kernels per layer;
 - `append(...)`: a decoding step's new keys, values and positions written into their planned pool slots, and
-  the lengths counted, in one call instead of five small kernels.
+  the lengths counted, in one call instead of five small kernels;
+- `plan(...)`: the pool slots of the next appends, taking the blocks they need, in one call instead of
+  some thirty small kernels.
 
 Each returns None (or False) where it does not apply (not the CPU, not float32, no compiler), and the caller
 uses its torch path: same numbers, to float rounding. The library is built once per source and machine into `$OBCACHE_KERNEL_DIR` (default
@@ -75,6 +77,8 @@ def _library() -> ctypes.CDLL | None:
     library.decode.restype = None
     library.append.argtypes = [pointer] * 8 + [count] * 5
     library.append.restype = None
+    library.plan.argtypes = [pointer, count, pointer, pointer, pointer, count, pointer, count, count, count, pointer]
+    library.plan.restype = count
     return library
 
 
@@ -136,3 +140,20 @@ def append(keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, le
                    new_keys.data_ptr(), new_values.data_ptr(), new_positions.data_ptr(), new_positions.stride(0),
                    len(slots), new_keys.shape[1], keys.shape[-1], values.shape[-1])
     return True
+
+
+def plan(table: torch.Tensor, owner: torch.Tensor, route: torch.Tensor, free: torch.Tensor, lengths: torch.Tensor,
+         block: int, steps: int) -> tuple[torch.Tensor, int] | None:
+    """The pool slots [steps, S] of every segment's next `steps` slots, and how many of the `free` block ids
+    (taken from its end) are left, or minus how many it needs when too few (nothing changed then); blocks taken
+    are written into `table` [S, width] (wide enough), `owner` and `route` [N]. None where the kernel does not
+    apply. All int64, contiguous, on the CPU."""
+    if table.device.type != "cpu" or not enabled():
+        return None
+    library = _library()
+    if library is None:
+        return None
+    out = torch.empty(steps, len(lengths), dtype=torch.int64)
+    left = library.plan(table.data_ptr(), table.shape[1], owner.data_ptr(), route.data_ptr(), free.data_ptr(),
+                        len(free), lengths.data_ptr(), len(lengths), block, steps, out.data_ptr())
+    return out, left

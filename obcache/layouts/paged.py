@@ -146,7 +146,20 @@ class PagedLayer(Layer):
         self.plan, self.planned = None, 0
 
     def _plan_appends(self) -> None:
-        """Take the blocks the next `block` slots of every segment need; `plan` their pool slots, step by step."""
+        """Take the blocks the next `block` slots of every segment need; `plan` their pool slots, step by step
+        (one call of the fused CPU kernel where it applies)."""
+        width = -(-(int(self.lengths.max()) + self.block) // self.block)
+        if width > self.table.shape[1]:
+            self.table = torch.cat([self.table, self.table.new_full((len(self.table), width - self.table.shape[1]), -1)], 1)
+        planned = kernels.plan(self.table, self.owner, self.route, self.free, self.lengths, self.block, self.block)
+        if planned is not None and planned[1] < 0:  # too few free blocks: grow the pool
+            self._grow(-planned[1])
+            self.route = self.owner.clamp_min(0)
+            planned = kernels.plan(self.table, self.owner, self.route, self.free, self.lengths, self.block, self.block)
+        if planned is not None:
+            self.plan, left = planned
+            self.free, self.planned = self.free[:left], 0
+            return
         self._take_blocks(self.lengths + self.block)
         slot = self.lengths + torch.arange(self.block, device=self.device)[:, None]  # [block, S]: each step's slot
         self.plan = (self.table.gather(1, (slot // self.block).t()).t() * self.block + slot % self.block).contiguous()
@@ -215,6 +228,12 @@ class PagedLayer(Layer):
 
     def _allocate(self, count: int) -> torch.Tensor:
         """Ids of `count` free blocks, growing the pool (by at least an eighth) when too few are free."""
+        self._grow(count)
+        taken, self.free = self.free[len(self.free) - count:], self.free[: len(self.free) - count]
+        return taken
+
+    def _grow(self, count: int) -> None:
+        """At least `count` free blocks: the pool grows (by at least an eighth) when fewer are free."""
         if len(self.free) < count:
             grow = max(count - len(self.free), len(self.owner) // 8, 1)
             start = len(self.owner)
@@ -225,8 +244,6 @@ class PagedLayer(Layer):
             self.riders = {name: extend(rider, 0) for name, rider in self.riders.items()}
             self.owner = extend(self.owner, -1)
             self.free = torch.cat([self.free, torch.arange(start, start + grow, device=self.free.device)])
-        taken, self.free = self.free[len(self.free) - count:], self.free[: len(self.free) - count]
-        return taken
 
     def update(self, key_states, value_states, positions: torch.Tensor | None = None, *args, padded: bool | None = None,
                **kwargs):
