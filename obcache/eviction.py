@@ -48,8 +48,6 @@ class Evictor(Observer):
                                "decoding under `policy.attach(model)` only")
         start = time.perf_counter()
         outputs = record.outputs.get(layer_idx)  # [B, q, Hq * dv] at the output projection, if it has one
-        if outputs is not None:
-            outputs = outputs.view(*outputs.shape[:2], queries.shape[1], -1).transpose(1, 2)
         due = self.selector.decode_step(record.cache.layers[layer_idx], queries, outputs)
         record.cache.eviction_seconds += time.perf_counter() - start
         return due

@@ -150,9 +150,9 @@ class Selector(ABC):
 
     def decode_step(self, cache_layer, new_queries: torch.Tensor, new_outputs: torch.Tensor | None = None) -> bool:
         """After a forward that follows the prefill, for every layer (`obcache.layouts` layer, this forward's
-        post-RoPE queries [B, Hq, q, d] and, where captured, attention outputs [B, Hq, q, dv]), before its state is
-        built: note what the selector keeps between forwards, and whether `decode_select` should run now (by
-        default: always)."""
+        post-RoPE queries [B, Hq, q, d] and, where captured, attention outputs as the output projection received
+        them [B, q, Hq x dv]), before its state is built: note what the selector keeps between forwards, and
+        whether `decode_select` should run now (by default: always)."""
         return True
 
     def decode_select(self, layer: LayerState) -> torch.Tensor | None:

@@ -159,6 +159,8 @@ class UniformLayer(Layer):
 
     def head_lengths(self) -> torch.Tensor:
         """[B, Hkv] real slots per head."""
+        if not self.padded:
+            return torch.full(self._keys.shape[:2], self.length, device=self.device)
         return (self.positions >= 0).sum(-1).expand(-1, self.keys.shape[1])
 
     def nbytes(self) -> int:

@@ -133,7 +133,9 @@ class Decoding(Wrapper):
         recent = torch.cat(state.queries, dim=-2)[:, :, -self.query_window:] if state.queries else None
         outputs = None  # the window's attention outputs as the model computed them, if still exact (else recomputed)
         if state.queries and len(state.outputs) == len(state.queries):
-            outputs = _latest(view.length, torch.cat(state.outputs, dim=-2)[:, :, -self.query_window:])
+            kept = torch.cat(state.outputs, dim=1)[:, -self.query_window:]  # [B, W, Hq x dv]
+            heads = recent.shape[1]
+            outputs = _latest(view.length, kept.view(*kept.shape[:2], heads, -1).transpose(1, 2))
         view = replace(view, outputs=outputs, queries=_latest(view.length, recent))
         raw = cache_layer.rider(RUNNING) if self.base.decode_accumulates else self.base.token_scores(view)
         if raw.shape[-1] < view.length:  # a uniform layer's rider, in a wider grid
@@ -171,7 +173,7 @@ class DecodeState(NamedTuple):
     - until: how many more tokens every row of the layer can take before any is due (a row's mean slots per KV
       head grow by at most one per token), so that most forwards skip counting the slots; 0: count now;
     - due: [B] the rows due at this forward, where one is (counted by `decode_step`), else None;
-    - outputs: the attention outputs [B, Hq, q, dv] of the latest forwards since the layer's last eviction (at
+    - outputs: the attention outputs [B, q, Hq x dv] of the latest forwards since the layer's last eviction (at
       most as many as `queries`): where they cover the window, the slots each query saw are all still there, and
       scoring needs no W x L product to recompute them."""
 
@@ -210,8 +212,9 @@ def _agreed_width(width: int, group, device) -> int:
 def _mean_slots(cache_layer, group=None) -> torch.Tensor:
     """[B] real slots per KV head, averaged over the heads of each row of a layer (of every rank's heads with a
     process `group`, so that all ranks evict at the same step)."""
-    lengths = cache_layer.head_lengths().to(torch.float64)  # [B, Hkv]
-    both = torch.stack([lengths.sum(-1), torch.full_like(lengths[:, 0], lengths.shape[1])])
-    if group is not None:
-        dist.all_reduce(both, group=group)
+    lengths = cache_layer.head_lengths()  # [B, Hkv]
+    if group is None:
+        return lengths.sum(-1) / lengths.shape[1]
+    both = torch.stack([lengths.sum(-1), torch.full_like(lengths[:, 0], lengths.shape[1])]).to(torch.float64)
+    dist.all_reduce(both, group=group)
     return both[0] / both[1]
