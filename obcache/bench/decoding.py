@@ -11,8 +11,11 @@ blocks included) and the paged layers' pool blocks: the pool must stop
 growing once the first evictions have freed blocks for later appends to reuse
 (`report.POOL_WARMUP_INTERVALS` intervals).
 
-Then `rounds` interleaved **rounds** time the last `timed` steps again, each
-configuration on a fresh copy of its cache, after one untimed warm-up step:
+Then `rounds` **rounds** time the last `timed` steps again, each configuration
+on a fresh copy of its cache, after one untimed warm-up step, the
+configurations interleaved burst by burst (`interval` steps of the evicting
+and full caches, which continue, then K of each static one): a drift of the
+machine's speed falls on all of them alike.
 
 - `evicting K`: the generation's cache as it was `timed` steps before the
   end, under `Decoding(..., interval=K)`, for every K of `intervals`;
@@ -153,31 +156,43 @@ def generation(
     return record, snapshot, snapshot_token
 
 
-#: A timed configuration: `make() -> (a fresh cache, the context to decode it in)`, and the burst length (steps
-#: per fresh cache).
-Config = tuple[Callable[[], tuple[object, AbstractContextManager]], int]
+@dataclass
+class Timed:
+    """A timed configuration: `new_cache()` a fresh copy of its cache, `context()` what it decodes in, and its
+    bursts: `burst` steps each, on a fresh cache each time if `fresh` (a static cache), else continuing one."""
+
+    new_cache: Callable[[], object]
+    context: Callable[[], AbstractContextManager]
+    burst: int
+    fresh: bool = False
 
 
 @torch.no_grad()
-def time_config(model: nn.Module, make: Callable[[], tuple[object, AbstractContextManager]], token: torch.Tensor,
-                steps: int, burst: int, device: torch.device) -> dict:
-    """One round of one configuration: a warm-up step, then `steps` timed steps in bursts of `burst`, each burst
-    on a fresh cache from `make()`. Seconds of every step, slots before each, eviction seconds, bytes at the end."""
-    seconds, slots, eviction = [], [], 0.0
-    cache, context = make()
-    with context:
-        greedy_steps(model, cache, token, 1, device)
-    done = 0
-    while done < steps:
-        cache, context = make()
-        before = getattr(cache, "eviction_seconds", 0.0)
-        with context:
-            part, _ = greedy_steps(model, cache, token, min(burst, steps - done), device, slots)
-        eviction += getattr(cache, "eviction_seconds", 0.0) - before
-        seconds += part
-        done += len(part)
-    return {"seconds": sum(seconds), "step_seconds": seconds, "slots": slots, "eviction_seconds": eviction,
-            "cache_bytes": kv_bytes(cache)}
+def time_round(model: nn.Module, configs: dict[str, Timed], token: torch.Tensor, steps: int,
+               device: torch.device) -> dict[str, dict]:
+    """One round: every configuration's warm-up step, then `steps` timed steps of each, interleaved burst by
+    burst (the configuration with the fewest steps done goes next), so that the machine's drifts fall on all
+    alike. Per configuration: seconds of every step, slots before each, eviction seconds, bytes at the end."""
+    for config in configs.values():
+        with config.context():
+            greedy_steps(model, config.new_cache(), token, 1, device)
+    results = {key: {"step_seconds": [], "slots": [], "eviction_seconds": 0.0} for key in configs}
+    caches = {key: (config.new_cache(), token) for key, config in configs.items()}
+    while pending := [key for key in configs if len(results[key]["step_seconds"]) < steps]:
+        key = min(pending, key=lambda k: len(results[k]["step_seconds"]))
+        config, result = configs[key], results[key]
+        cache, next_token = caches[key]
+        if config.fresh and result["step_seconds"]:
+            cache, next_token = config.new_cache(), token
+        before, count = getattr(cache, "eviction_seconds", 0.0), min(config.burst, steps - len(result["step_seconds"]))
+        with config.context():
+            part, next_token = greedy_steps(model, cache, next_token, count, device, result["slots"])
+        result["eviction_seconds"] += getattr(cache, "eviction_seconds", 0.0) - before
+        result["step_seconds"] += part
+        caches[key] = cache, next_token
+    for key, result in results.items():
+        result["seconds"], result["cache_bytes"] = sum(result["step_seconds"]), kv_bytes(caches[key][0])
+    return results
 
 
 @torch.no_grad()
@@ -190,14 +205,16 @@ def measure_decoding(model: nn.Module, plan: DecodePlan, device: torch.device) -
     static = EvictableCache()
     with plan.policy.attach(model):
         forward(model, static, ids)
-    configs: dict[str, Config] = {"full": (lambda: (copy.deepcopy(full), nullcontext()), plan.timed)}
+    configs = {"full": Timed(lambda: copy.deepcopy(full), nullcontext, plan.interval)}
     for interval, policy in plan.evicting.items():
-        configs[f"evicting {interval}"] = (lambda p=policy: (copy.deepcopy(snapshot), p.attach(model)), plan.timed)
-        configs[f"static {interval}"] = (lambda: (copy.deepcopy(static), attach(model)), interval)
+        configs[f"evicting {interval}"] = Timed(lambda: copy.deepcopy(snapshot), lambda p=policy: p.attach(model),
+                                                plan.interval)
+        configs[f"static {interval}"] = Timed(lambda: copy.deepcopy(static), lambda: attach(model), interval,
+                                              fresh=True)
     rounds: dict[str, list[dict]] = {key: [] for key in configs}
     for _ in range(plan.rounds):
-        for key, (make, burst) in configs.items():
-            rounds[key].append(time_config(model, make, token, plan.timed, burst, device))
+        for key, result in time_round(model, configs, token, plan.timed, device).items():
+            rounds[key].append(result)
     decode = {}
     for key, results in rounds.items():
         best = min(results, key=lambda r: r["seconds"])
