@@ -95,8 +95,8 @@ class Decoding(Wrapper):
     def decode_step(self, cache_layer, new_queries: torch.Tensor, new_outputs: torch.Tensor | None = None) -> bool:
         """Keep the latest queries the policy scores with, and their attention outputs since the layer's last
         eviction; whether a row of the layer is due (the slots are counted only when one can be:
-        `DecodeState.until`). An accumulating policy (H2O) adds every forward's scores: always. Runs after every
-        layer of every decoding step: kept to a few Python operations."""
+        `DecodeState.until`, set for after this forward's eviction too). An accumulating policy (H2O) adds every
+        forward's scores: always. Runs after every layer of every decoding step: kept to a few Python operations."""
         state = cache_layer.policy_state if isinstance(cache_layer.policy_state, DecodeState) else DecodeState()
         tokens, queries, held = new_queries.shape[-2], state.queries, state.held
         window, outputs = self.query_window, ()
@@ -112,13 +112,13 @@ class Decoding(Wrapper):
             return self.base.decode_accumulates
         mean = _mean_slots(cache_layer, self.group)  # [B]: each row on its own
         due = mean >= self.capacity + self.interval
-        if bool(due.any()):  # 0: count again after this eviction
-            cache_layer.policy_state = DecodeState(queries, held, 0, due, outputs)
-            return True
+        evicting = bool(due.any())
+        if evicting:  # the due rows will hold `capacity` per head at most (fewer real slots where padded)
+            mean = mean.masked_fill(due, self.capacity)
         # the fullest row is due in `until` more tokens at the earliest
         until = int(torch.ceil(self.capacity + self.interval - mean.max()))
-        cache_layer.policy_state = DecodeState(queries, held, until, None, outputs)
-        return self.base.decode_accumulates
+        cache_layer.policy_state = DecodeState(queries, held, until, due if evicting else None, outputs)
+        return evicting or self.base.decode_accumulates
 
     def decode_select(self, layer: LayerState) -> torch.Tensor | None:
         cache_layer = layer.layer
