@@ -116,10 +116,10 @@ class EvictableCache(Cache):
 
     # -- eviction --
 
-    def keep(self, layer_idx: int, mask: torch.Tensor | Widths | None) -> None:
+    def keep(self, layer_idx: int, mask: torch.Tensor | Widths | None, room: int = 0) -> None:
         """Keep, in layer `layer_idx`, the slots of `mask` [B, Hkv, W] (in the layer's grid, `layouts.Grid`), or store
         them at `Widths` (`packed.MixedLayer`); None keeps every slot (the layer is recorded as visited). The
-        dropped slots are freed.
+        dropped slots are freed; `room`: slots per KV head to hold for the appends before the next eviction.
         """
         layer = self.layers[layer_idx]
         if layer_idx not in self.evicted_layers:
@@ -130,7 +130,7 @@ class EvictableCache(Cache):
                                                           {name: layer.rider(name) for name in layer.rider_names()})
             self.layers[layer_idx].policy_state = layer.policy_state
         elif mask is not None:
-            self.layers[layer_idx] = layer.keep(mask)
+            self.layers[layer_idx] = layer.keep(mask, room)
 
     def fork(self) -> EvictableCache:
         """A cache that continues from this one as it is now, leaving this one unchanged.

@@ -59,7 +59,8 @@ class Evictor(Observer):
                 self._scores.append(self.selector.token_scores(state))
         else:
             mask = self.selector.select(state) if record.prefill else self.selector.decode_select(state)
-            record.cache.keep(state.layer_idx, mask)  # None: keeps all (the layer is recorded as visited)
+            # None: keeps all (the layer is recorded as visited)
+            record.cache.keep(state.layer_idx, mask, self.selector.decode_room)
         record.cache.eviction_seconds += time.perf_counter() - start
 
     def forward_done(self, record: ForwardRecord, engine: Engine) -> None:

@@ -148,6 +148,12 @@ class Selector(ABC):
         the selectors that also choose their precision. `scores`: the layer's token scores, if computed."""
         return mask
 
+    @property
+    def decode_room(self) -> int:
+        """Slots per KV head that an evicted layer should hold room for: the appends before this selector evicts
+        it again (0: it never does; `Decoding`: its interval)."""
+        return 0
+
     def decode_step(self, cache_layer, new_queries: torch.Tensor, new_outputs: torch.Tensor | None = None) -> bool:
         """After a forward that follows the prefill, for every layer (`obcache.layouts` layer, this forward's
         post-RoPE queries [B, Hq, q, d] and, where captured, attention outputs as the output projection received

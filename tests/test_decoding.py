@@ -82,6 +82,24 @@ def test_decode_time_eviction_matches_the_masked_reference(family, name):
         assert cache.kept_tokens()[layer] <= policy.capacity + policy.interval
 
 
+def test_a_uniform_layer_under_decoding_holds_capacity_plus_interval_slots():
+    """Evicted (the prompt, then every interval) to `capacity`, a uniform layer is given room for the `interval`
+    appends before its next eviction once, and never grows: K/V bytes = (capacity + interval) slots' worth."""
+    model = tiny_model()
+    capacity, interval = 12, 4
+    policy = Decoding(SnapKV(budget=capacity, window=4, score="obc-joint"), capacity=capacity, interval=interval)
+    config = model.config
+    slot_bytes = 2 * config.num_key_value_heads * config.head_dim * 4 * config.num_hidden_layers  # K and V, float32
+    cache = EvictableCache()
+    with policy.attach(model), torch.no_grad():
+        token = model(input_ids=prompt(), past_key_values=cache).logits[:, -1:].argmax(-1)
+        for _ in range(3 * interval + 1):
+            assert cache.kv_nbytes() == (capacity + interval) * slot_bytes
+            assert not any(cache.is_ragged(layer) for layer in range(len(cache.layers)))
+            token = model(input_ids=token, past_key_values=cache).logits[:, -1:].argmax(-1)
+        assert all(capacity <= n <= capacity + interval for n in cache.kept_tokens())
+
+
 def test_decode_budget_larger_than_everything_is_plain_generation(family):
     model = tiny_model(family)
     ids = prompt()
@@ -150,7 +168,9 @@ def test_decode_scoring_uses_captured_outputs_only_where_they_are_exact(monkeypa
 
     def spy(self, queries, keys, values, scaling, **options):
         scores = saliency(self, queries, keys, values, scaling, **options)
-        calls.append((queries, keys, values, scaling, options.get("outputs"), options.get("key_mask")))
+        outputs, key_mask = options.get("outputs"), options.get("key_mask")
+        calls.append((queries, keys.clone(), values.clone(), scaling,  # views of storage compacted in place later
+                      None if outputs is None else outputs.clone(), key_mask))
         return scores
 
     monkeypatch.setattr(ScoredPolicy, "saliency", spy)

@@ -180,8 +180,9 @@ class MixedLayer(Layer):
         """New tokens enter the 16-bit part."""
         return self.parts[16].update(key_states, value_states, positions, padded=padded)
 
-    def keep(self, choice: torch.Tensor | Widths) -> MixedLayer:
-        """The layer holding the slots of a keep mask [B, Hkv, W] (each at its width), or re-stored at `Widths`."""
+    def keep(self, choice: torch.Tensor | Widths, room: int = 0) -> MixedLayer:
+        """The layer holding the slots of a keep mask [B, Hkv, W] (each at its width), or re-stored at `Widths`
+        (`room` is not needed: its 16-bit part takes blocks as appends go)."""
         grid = self.grid(choice.bits.shape[-1] if isinstance(choice, Widths) else choice.shape[-1])
         if not isinstance(choice, Widths):
             choice = Widths(self.bits(choice.shape[-1]).masked_fill(~choice, 0), self.group_size)

@@ -282,9 +282,10 @@ class PagedLayer(Layer):
         self.padded = self.padded or padded
         return key_states, value_states  # not read: obcache's attention reads the pool
 
-    def keep(self, mask: torch.Tensor) -> PagedLayer:
+    def keep(self, mask: torch.Tensor, room: int = 0) -> PagedLayer:
         """Keep the slots of `mask` [B, Hkv, W] (the grid of `grid()`): each segment's kept slots move, in order,
-        into its first blocks; the blocks it no longer needs return to the pool."""
+        into its first blocks; the blocks it no longer needs return to the pool (`room` is not needed: appends
+        take blocks as they go)."""
         self._own()
         flat, valid = self.grid_index(mask.shape[-1])
         kept = mask & valid

@@ -115,14 +115,14 @@ class UniformLayer(Layer):
             self.riders[name] = grid.new_zeros(*self._keys.shape[:3])
         self.riders[name][:, :, : self.length] = grid
 
-    def keep(self, mask: torch.Tensor) -> UniformLayer | PagedLayer:
+    def keep(self, mask: torch.Tensor, room: int = 0) -> UniformLayer | PagedLayer:
         """The layer holding the slots of `mask` [B, Hkv, n] (bool; a wider grid, right-aligned, is cut to its last
         n columns).
 
         Uniform when every head of every row keeps as many slots (padding slots included): in new storage of
-        exactly their size when the eviction frees more than a quarter of the storage (the prompt's), else
-        moved to the front of this layer's own storage, in place (a decoding interval's: no new memory, and
-        room for the next appends); otherwise paged, without padding slots.
+        their size plus `room` slots for the appends to come when the eviction frees more than a quarter of the
+        storage (the prompt's), else moved to the front of this layer's own storage, in place (a decoding
+        interval's: no new memory, and room for the next appends); otherwise paged, without padding slots.
         """
         mask = mask[..., mask.shape[-1] - self.length:]
         batch, heads, _ = mask.shape
@@ -147,9 +147,13 @@ class UniformLayer(Layer):
                 return self
             layer = UniformLayer()
             layer.dtype, layer.device, layer.is_initialized = self.dtype, self.device, True
+            layer.padded = self.padded and bool((positions < 0).any())
+            if room:
+                extend = lambda x, fill: torch.cat([x, x.new_full((*x.shape[:2], room, *x.shape[3:]), fill)], 2)  # noqa: E731
+                keys, values, positions = extend(keys, 0), extend(values, 0), extend(positions, -1)
+                riders = {name: extend(rider, 0) for name, rider in riders.items()}
             layer._keys, layer._values, layer._positions, layer.riders = keys, values, positions, riders
             layer.length = kept
-            layer.padded = self.padded and bool((positions < 0).any())
             layer.policy_state = self.policy_state
             return layer
         grid = self.grid()

@@ -72,6 +72,11 @@ class Decoding(Wrapper):
     def evicts_while_decoding(self) -> bool:
         return True
 
+    @property
+    def decode_room(self) -> int:
+        """Evicted back to `capacity`, a layer takes `interval` appends before its next eviction."""
+        return self.interval
+
     @cached_property
     def query_window(self) -> int:
         """How many of the latest queries the policy scores with during decoding (0: none, or accumulated)."""
@@ -107,17 +112,18 @@ class Decoding(Wrapper):
                 queries = queries[1:]
             if new_outputs is not None:  # an eviction at the last forward changed what the earlier ones saw
                 outputs = (*(state.outputs if state.due is None else ()), new_outputs)[-len(queries):]
-        if state.until > tokens:  # no row can be due yet
-            cache_layer.policy_state = DecodeState(queries, held, state.until - tokens, None, outputs)
+        limit = self.capacity + self.interval
+        if state.until > tokens and state.limit == limit:  # no row can be due yet (counted for these settings)
+            cache_layer.policy_state = DecodeState(queries, held, state.until - tokens, None, outputs, limit)
             return self.base.decode_accumulates
         mean = _mean_slots(cache_layer, self.group)  # [B]: each row on its own
-        due = mean >= self.capacity + self.interval
+        due = mean >= limit
         evicting = bool(due.any())
         if evicting:  # the due rows will hold `capacity` per head at most (fewer real slots where padded)
             mean = mean.masked_fill(due, self.capacity)
         # the fullest row is due in `until` more tokens at the earliest
-        until = int(torch.ceil(self.capacity + self.interval - mean.max()))
-        cache_layer.policy_state = DecodeState(queries, held, until, due if evicting else None, outputs)
+        until = int(torch.ceil(limit - mean.max()))
+        cache_layer.policy_state = DecodeState(queries, held, until, due if evicting else None, outputs, limit)
         return evicting or self.base.decode_accumulates
 
     def decode_select(self, layer: LayerState) -> torch.Tensor | None:
@@ -171,7 +177,8 @@ class DecodeState(NamedTuple):
       post-RoPE, as they passed, the fewest latest that cover the window (concatenated at an eviction only);
       empty for the others; held: how many queries they hold in all;
     - until: how many more tokens every row of the layer can take before any is due (a row's mean slots per KV
-      head grow by at most one per token), so that most forwards skip counting the slots; 0: count now;
+      head grow by at most one per token), so that most forwards skip counting the slots; 0: count now; limit:
+      the capacity + interval it was counted for (a cache continued under other settings counts again);
     - due: [B] the rows due at this forward, where one is (counted by `decode_step`), else None;
     - outputs: the attention outputs [B, q, Hq x dv] of the latest forwards since the layer's last eviction (at
       most as many as `queries`): where they cover the window, the slots each query saw are all still there, and
@@ -182,6 +189,7 @@ class DecodeState(NamedTuple):
     until: int = 0
     due: torch.Tensor | None = None
     outputs: tuple[torch.Tensor, ...] = ()
+    limit: int = 0
 
 
 #: The rider that holds an accumulating policy's running scores (H2O), per slot.
@@ -189,7 +197,8 @@ RUNNING = "running_scores"
 
 
 def _latest(length: int, recent: torch.Tensor | None):
-    """queries(start, end) of a layer's latest slots (`length` in all), from `recent` [B, Hq, w, d] kept as they passed."""
+    """rows(start, end) of a layer's latest slots (`length` in all), from `recent` [B, Hq, w, ...] (their queries
+    or attention outputs, kept as they passed)."""
 
     def queries(start: int, end: int) -> torch.Tensor:
         first = length - (recent.shape[-2] if recent is not None else 0)
