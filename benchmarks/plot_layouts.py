@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Plot `obcache bench --layouts` results: decode tok/s of each layout as a ratio to the limit, per cell.
 
-    python benchmarks/plot_layouts.py benchmarks/results-cpu-layouts.json docs/results/layouts-cpu.png [more.json ...]
+    python benchmarks/plot_layouts.py benchmarks/results-cpu-layouts-quiet.json docs/results/layouts/layouts-cpu.png [more.json ...]
 
 Several JSON files (e.g. the same run at 1 and 2 threads) give one panel each.
 """
@@ -29,7 +29,8 @@ def panel(axis, report: dict) -> None:
     axis.axhline(1.0, color="k", linewidth=0.8)
     axis.axhline(0.97, color="tab:red", linestyle="--", linewidth=0.8, label="target 0.97x (paged)")
     axis.set_xticks(list(x), labels, rotation=45)
-    axis.set_ylim(0, 1.15)
+    speeds = [c["tokens_per_second"] for c in cells]
+    axis.set_ylim(0, max(1.15, 1.05 * max(s[k] / s["limit"] for s in speeds for k in ("uniform", "paged"))))
     axis.set_ylabel("decode tok/s / limit")
     axis.set_title(f"{report['model']}, {report['machine']['torch_threads']} thread(s), "
                    f"{entry['budget']:.0%} kept", fontsize=9)

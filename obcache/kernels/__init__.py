@@ -8,8 +8,9 @@
 - `plan(...)`: the pool slots of the next appends, taking the blocks they need, in one call instead of
   some thirty small kernels.
 
-Each returns None (or False) where it does not apply (not the CPU, not float32, no compiler), and the caller
-uses its torch path: same numbers, to float rounding. The library is built once per source and machine into `$OBCACHE_KERNEL_DIR` (default
+Each returns None (or False) where it does not apply (not the CPU, not float32, not the index types and
+contiguous tensors it reads, no compiler), and the caller uses its torch path: same numbers, to float
+rounding. The library is built once per source and machine into `$OBCACHE_KERNEL_DIR` (default
 `~/.cache/obcache/kernels`); `OBCACHE_CPU_KERNEL=0` turns it off.
 """
 
@@ -125,12 +126,20 @@ def _fits(blocks) -> bool:
             and blocks.route.dtype == torch.int64 and all(t.is_contiguous() for t in blocks))
 
 
+def _typed(*tensors: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether every tensor is of `dtype` and contiguous (the kernels write through raw pointers)."""
+    return all(t.dtype == dtype and t.is_contiguous() for t in tensors)
+
+
 def append(keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, lengths: torch.Tensor,
            slots: torch.Tensor, new_keys: torch.Tensor, new_values: torch.Tensor, new_positions: torch.Tensor) -> bool:
     """Write a decoding step's new rows [B, Hkv, 1, d] into the pool slots `slots` [S] of keys/values [N, block, d]
     and positions [N, block] (each row's from `new_positions` [B, 1] int32), lengths [S] += 1; False (nothing
     written) where the kernel does not apply."""
     if keys.dtype != torch.float32 or keys.device.type != "cpu" or new_keys.dtype != torch.float32 or not enabled():
+        return False
+    if not (_typed(positions, new_positions, dtype=torch.int32) and _typed(lengths, slots, dtype=torch.int64)
+            and keys.is_contiguous() and values.is_contiguous() and new_positions.stride(-1) in (0, 1)):
         return False
     library = _library()
     if library is None:
@@ -148,7 +157,7 @@ def plan(table: torch.Tensor, owner: torch.Tensor, route: torch.Tensor, free: to
     (taken from its end) are left, or minus how many it needs when too few (nothing changed then); blocks taken
     are written into `table` [S, width] (wide enough), `owner` and `route` [N]. None where the kernel does not
     apply. All int64, contiguous, on the CPU."""
-    if table.device.type != "cpu" or not enabled():
+    if table.device.type != "cpu" or not enabled() or not _typed(table, owner, route, free, lengths, dtype=torch.int64):
         return None
     library = _library()
     if library is None:

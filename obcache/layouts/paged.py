@@ -150,7 +150,8 @@ class PagedLayer(Layer):
         (one call of the fused CPU kernel where it applies)."""
         width = -(-(int(self.lengths.max()) + self.block) // self.block)
         if width > self.table.shape[1]:
-            self.table = torch.cat([self.table, self.table.new_full((len(self.table), width - self.table.shape[1]), -1)], 1)
+            more = self.table.new_full((len(self.table), width - self.table.shape[1]), -1)
+            self.table = torch.cat([self.table, more], 1)
         planned = kernels.plan(self.table, self.owner, self.route, self.free, self.lengths, self.block, self.block)
         if planned is not None and planned[1] < 0:  # too few free blocks: grow the pool
             self._grow(-planned[1])
