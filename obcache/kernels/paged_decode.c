@@ -34,26 +34,6 @@ static inline float sum_lanes(vec v) {
     return (q[0] + q[2]) + (q[1] + q[3]);
 }
 
-/* e^x for x <= 0 (a running softmax's rescale factor): x = n ln 2 + r, |r| <= ln 2 / 2
- * (Cody-Waite), e^r by Cephes' degree-6 polynomial (relative error ~1e-7, as expf), 2^n from the exponent bits;
- * x below -87 gives 0 (e^-87 ~ 1.6e-38, below what float32 holds at full precision). */
-static inline float exp_negative(float x) {
-    float clamped = x < -87.0f ? -87.0f : x;
-    float n = floorf(clamped * 1.44269504088896341f + 0.5f);
-    float r = clamped - n * 0.693359375f + n * 2.12194440e-4f;
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.0f;
-    int32_t bits = ((int32_t)n + 127) << 23;
-    float power;
-    memcpy(&power, &bits, sizeof power);
-    return x < -87.0f ? 0.0f : p * power;
-}
-
 /* The lane sums of four vectors, [sum a, sum b, sum c, sum d], by a tree of shuffles. */
 static inline quarter sum_lanes4(vec a, vec b, vec c, vec d) {
     vec ab = __builtin_shufflevector(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23)
@@ -67,7 +47,9 @@ static inline quarter sum_lanes4(vec a, vec b, vec c, vec d) {
     return __builtin_shufflevector(h, h, 0, 2, 4, 6) + __builtin_shufflevector(h, h, 1, 3, 5, 7);
 }
 
-/* exp_negative on 16 lanes at once (the weights): n rounded by the 1.5 x 2^23 shift, selections by lane masks. */
+/* e^x for x <= 0, on 16 lanes at once (the weights): x = n ln 2 + r, |r| <= ln 2 / 2 (Cody-Waite; n rounded by
+ * the 1.5 x 2^23 shift), e^r by Cephes' degree-6 polynomial (relative error ~1e-7, as expf), 2^n from the exponent
+ * bits; x below -87 gives 0 (e^-87 ~ 1.6e-38, below what float32 holds at full precision), by lane masks. */
 static inline vec exp_negative_lanes(vec x) {
     const vec floor_limit = (vec){0} - 87.0f, shift = (vec){0} + 12582912.0f;
     ivec low = x < floor_limit;  /* -1 where the weight underflows (or x = -inf) */
@@ -84,6 +66,9 @@ static inline vec exp_negative_lanes(vec x) {
     vec power = (vec)((__builtin_convertvector(n, ivec) + 127) << 23);
     return (vec)((ivec)(p * power) & ~low);
 }
+
+/* The same for one number (a running softmax's rescale factor). */
+static inline float exp_negative(float x) { return exp_negative_lanes((vec){0} + x)[0]; }
 
 /* One block of a segment: its slots' scores z [G, block] for the segment's G queries q [G, d], four slots at a
  * time; merged into the G running softmaxes (top, total [G], acc [G, dv]): the weights' exponentials over whole
