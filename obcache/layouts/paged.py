@@ -7,7 +7,7 @@ from typing import NamedTuple
 
 import torch
 
-from obcache import kernels
+import obcache.kernels as kernels
 from obcache.layouts.base import Grid, Layer, right_aligned
 
 
