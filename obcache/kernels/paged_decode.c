@@ -27,6 +27,7 @@ typedef int32_t iquarter __attribute__((vector_size(LANES)));
 /* Unaligned loads and stores (memcpy compiles to one move), and the sum of a vector's lanes as a tree. */
 static inline vec load(const float *p) { vec v; memcpy(&v, p, sizeof v); return v; }
 static inline void store(float *p, vec v) { memcpy(p, &v, sizeof v); }
+#if defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 12)  /* __builtin_shufflevector */
 static inline float sum_lanes(vec v) {
     half h = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7)
            + __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
@@ -46,6 +47,16 @@ static inline quarter sum_lanes4(vec a, vec b, vec c, vec d) {
            + __builtin_shufflevector(abcd, abcd, 2, 3, 6, 7, 10, 11, 14, 15);
     return __builtin_shufflevector(h, h, 0, 2, 4, 6) + __builtin_shufflevector(h, h, 1, 3, 5, 7);
 }
+#else  /* older compilers: the same sums lane by lane */
+static inline float sum_lanes(vec v) {
+    float sum = 0.0f;
+    for (int j = 0; j < LANES; j++) sum += v[j];
+    return sum;
+}
+static inline quarter sum_lanes4(vec a, vec b, vec c, vec d) {
+    return (quarter){sum_lanes(a), sum_lanes(b), sum_lanes(c), sum_lanes(d)};
+}
+#endif
 
 /* e^x for x <= 0, on 16 lanes at once (the weights): x = n ln 2 + r, |r| <= ln 2 / 2 (Cody-Waite; n rounded by
  * the 1.5 x 2^23 shift), e^r by Cephes' degree-6 polynomial (relative error ~1e-7, as expf), 2^n from the exponent
