@@ -235,12 +235,12 @@ void append(float *keys, float *values, int32_t *positions, int64_t *lengths, co
 }
 
 /* Plan a paged pool's next `steps` appends: for every step t and segment s, the pool slot of the segment's slot
- * lengths[s] + t, written to plan [steps, S]; a block the segment lacks (table [S, width], -1 past its last) is
+ * lengths[s] + t, written to slots [steps, S]; a block the segment lacks (table [S, width], -1 past its last) is
  * popped from the free ids [free_count] (owner and route [N] set to s). Returns the free ids left, or, when they
  * are too few, -(how many it needs) with nothing changed: the caller grows the pool and plans again. */
 int64_t plan(int64_t *table, int64_t width, int64_t *owner, int64_t *route, const int64_t *free_ids,
              int64_t free_count, const int64_t *lengths, int64_t segments, int64_t block, int64_t steps,
-             int64_t *plan) {
+             int64_t *slots) {
     int64_t needed = 0;
     for (int64_t s = 0; s < segments; s++)
         for (int64_t column = lengths[s] / block; column <= (lengths[s] + steps - 1) / block; column++)
@@ -253,7 +253,7 @@ int64_t plan(int64_t *table, int64_t width, int64_t *owner, int64_t *route, cons
                 int64_t id = free_ids[--free_count];
                 *cell = id, owner[id] = s, route[id] = s;
             }
-            plan[t * segments + s] = *cell * block + slot % block;
+            slots[t * segments + s] = *cell * block + slot % block;
         }
     return free_count;
 }

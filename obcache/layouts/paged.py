@@ -148,14 +148,10 @@ class PagedLayer(Layer):
     def _plan_appends(self) -> None:
         """Take the blocks the next `block` slots of every segment need; `plan` their pool slots, step by step
         (one call of the fused CPU kernel where it applies)."""
-        width = -(-(int(self.lengths.max()) + self.block) // self.block)
-        if width > self.table.shape[1]:
-            more = self.table.new_full((len(self.table), width - self.table.shape[1]), -1)
-            self.table = torch.cat([self.table, more], 1)
+        self._widen_table(-(-(int(self.lengths.max()) + self.block) // self.block))
         planned = kernels.plan(self.table, self.owner, self.route, self.free, self.lengths, self.block, self.block)
         if planned is not None and planned[1] < 0:  # too few free blocks: grow the pool
             self._grow(-planned[1])
-            self.route = self.owner.clamp_min(0)
             planned = kernels.plan(self.table, self.owner, self.route, self.free, self.lengths, self.block, self.block)
         if planned is not None:
             self.plan, left = planned
@@ -174,14 +170,19 @@ class PagedLayer(Layer):
         count = int(extra.sum())
         if not count:
             return
-        if int(need.max()) > self.table.shape[1]:
-            self.table = torch.cat([self.table, self.table.new_full((len(need), int(need.max()) - self.table.shape[1]), -1)], 1)
+        self._widen_table(int(need.max()))
         ids = self._allocate(count)
         segment = torch.arange(len(extra), device=extra.device).repeat_interleave(extra)
         column = have[segment] + torch.arange(count, device=extra.device) - (torch.cumsum(extra, 0) - extra)[segment]
         self.table[segment, column] = ids
         self.owner[ids] = segment
         self.route = self.owner.clamp_min(0)
+
+    def _widen_table(self, columns: int) -> None:
+        """A block table of at least `columns` columns (the new ones -1)."""
+        if columns > self.table.shape[1]:
+            more = self.table.new_full((len(self.table), columns - self.table.shape[1]), -1)
+            self.table = torch.cat([self.table, more], 1)
 
     def _copy_storage(self) -> None:
         for name in ("keys", "values", "positions", "owner", "table", "lengths", "free", "route"):
@@ -244,6 +245,7 @@ class PagedLayer(Layer):
             self.positions = extend(self.positions, -1)
             self.riders = {name: extend(rider, 0) for name, rider in self.riders.items()}
             self.owner = extend(self.owner, -1)
+            self.route = self.owner.clamp_min(0)  # free blocks: segment 0, to which they add nothing
             self.free = torch.cat([self.free, torch.arange(start, start + grow, device=self.free.device)])
 
     def update(self, key_states, value_states, positions: torch.Tensor | None = None, *args, padded: bool | None = None,

@@ -47,11 +47,10 @@ class UniformLayer(Layer):
         capacity = self._keys.shape[2]
         if needed <= capacity:
             return
-        capacity = max(needed, capacity + max(16, capacity // 8))
-        grow = lambda x, fill: torch.cat([x, x.new_full((*x.shape[:2], capacity - x.shape[2], *x.shape[3:]), fill)], 2)  # noqa: E731
-        self._keys, self._values = grow(self._keys, 0), grow(self._values, 0)
-        self._positions = grow(self._positions, -1)
-        self.riders = {name: grow(rider, 0) for name, rider in self.riders.items()}
+        more = max(needed, capacity + max(16, capacity // 8)) - capacity
+        self._keys, self._values = _extended(self._keys, more, 0), _extended(self._values, more, 0)
+        self._positions = _extended(self._positions, more, -1)
+        self.riders = {name: _extended(rider, more, 0) for name, rider in self.riders.items()}
 
     def update(self, key_states, value_states, positions: torch.Tensor | None = None, *args, padded: bool | None = None,
                **kwargs):
@@ -149,9 +148,9 @@ class UniformLayer(Layer):
             layer.dtype, layer.device, layer.is_initialized = self.dtype, self.device, True
             layer.padded = self.padded and bool((positions < 0).any())
             if room:
-                extend = lambda x, fill: torch.cat([x, x.new_full((*x.shape[:2], room, *x.shape[3:]), fill)], 2)  # noqa: E731
-                keys, values, positions = extend(keys, 0), extend(values, 0), extend(positions, -1)
-                riders = {name: extend(rider, 0) for name, rider in riders.items()}
+                keys, values = _extended(keys, room, 0), _extended(values, room, 0)
+                positions = _extended(positions, room, -1)
+                riders = {name: _extended(rider, room, 0) for name, rider in riders.items()}
             layer._keys, layer._values, layer._positions, layer.riders = keys, values, positions, riders
             layer.length = kept
             layer.policy_state = self.policy_state
@@ -173,3 +172,8 @@ class UniformLayer(Layer):
 
     def index_nbytes(self) -> int:
         return self._positions.nbytes + sum(rider.nbytes for rider in self.riders.values()) if self.is_initialized else 0
+
+
+def _extended(storage: torch.Tensor, count: int, fill) -> torch.Tensor:
+    """`storage` [B, H, C, ...] with `count` more slots of `fill` after its C."""
+    return torch.cat([storage, storage.new_full((*storage.shape[:2], count, *storage.shape[3:]), fill)], 2)
